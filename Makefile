@@ -1,0 +1,45 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything else here serves them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch that lies on these machines' disk; without the pin pip would fetch a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: venv venv-test demo test lint typecheck unit clean
+
+venv: $(VENV)/.core-installed
+
+venv-test: $(VENV)/.test-installed
+
+# Each stamp depends on pyproject.toml, so `make venv` is a no-op until the dependencies change.
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	touch $@
+
+$(VENV)/.core-installed: pyproject.toml $(VENV)/.created
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml $(VENV)/.created
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev,lightning,tinker]"
+	touch $@ $(VENV)/.core-installed
+
+demo: venv
+	$(BIN)/python examples/recovery_simulated.py
+
+lint: venv-test
+	$(BIN)/ruff check tinkex_recovery integrations tests examples benchmarks
+	$(BIN)/ruff format --check tinkex_recovery integrations
+
+typecheck: venv-test
+	$(BIN)/mypy tinkex_recovery integrations
+
+# pytest exits 5 when it collected nothing: that is a broken suite, never a pass.
+unit: venv-test
+	@$(BIN)/pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,84 @@
+"""tinkex-recovery: keeps Tinker training runs alive.
+
+A :class:`RecoveryEngine` polls watched runs; when Tinker marks one ``corrupted``, it restores a new run from
+a checkpoint chosen by the :class:`RecoveryPolicy`, keeps watching the new run, and reports every step as a
+:class:`RecoveryEvent`. Framework wrappers live in :mod:`tinkex_recovery.integrations`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._clock import Clock, FakeClock, SystemClock
+from ._engine import EngineState, RecoveryEngine, RunHandle, RunState
+from ._events import EventKind, RecoveryEvent
+from ._exceptions import (
+    AuthenticationError,
+    EngineClosed,
+    InvalidTinkerPath,
+    MalformedResponse,
+    PermissionDenied,
+    RecoveryDisabled,
+    RecoveryExhausted,
+    RunNotFound,
+    TinkerAPIError,
+    TinkerConnectionError,
+    TinkerStatusError,
+    TinkexRecoveryError,
+)
+from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun
+from ._policy import RecoveryPolicy
+from ._recovery import LINEAGE_KEYS, Recovery
+
+if TYPE_CHECKING:
+    from .integrations import recovery_guard
+    from .integrations.lightning import TinkexRecovery
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LINEAGE_KEYS",
+    "AuthenticationError",
+    "Checkpoint",
+    "CheckpointList",
+    "Clock",
+    "Cursor",
+    "EngineClosed",
+    "EngineState",
+    "EventKind",
+    "FakeClock",
+    "InvalidTinkerPath",
+    "MalformedResponse",
+    "PermissionDenied",
+    "Recovery",
+    "RecoveryDisabled",
+    "RecoveryEngine",
+    "RecoveryEvent",
+    "RecoveryExhausted",
+    "RecoveryPolicy",
+    "RunHandle",
+    "RunNotFound",
+    "RunState",
+    "SystemClock",
+    "TinkerAPIError",
+    "TinkerConnectionError",
+    "TinkerPath",
+    "TinkerStatusError",
+    "TinkexRecovery",
+    "TinkexRecoveryError",
+    "TrainingRun",
+    "recovery_guard",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The integrations are imported on first use: the Lightning one pulls in torch.
+    if name == "recovery_guard":
+        from .integrations import recovery_guard
+
+        return recovery_guard
+    if name == "TinkexRecovery":
+        from .integrations.lightning import TinkexRecovery
+
+        return TinkexRecovery
+    raise AttributeError(f"module 'tinkex_recovery' has no attribute {name!r}")

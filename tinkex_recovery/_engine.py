@@ -1,0 +1,453 @@
+"""The recovery engine: watches runs, detects corruption, and hands each detection to the executor.
+
+Threads, all owned by the engine and all gone when :meth:`RecoveryEngine.close` returns: one poller, a fixed
+pool of poll workers (so the thread count does not grow with the number of runs), the executor's dispatcher,
+and one short-lived thread per running restore attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import TracebackType
+from typing import Any, Self
+
+from ._clock import Clock, SystemClock
+from ._events import EventBus, EventKind, RecoveryEvent, Subscriber, call_safely
+from ._exceptions import EngineClosed, RecoveryDisabled, RecoveryExhausted
+from ._executor import Executor
+from ._futures import resolve
+from ._models import Checkpoint, TrainingRun
+from ._policy import RecoveryPolicy
+from ._recovery import Recovery, RecoveryJob
+from ._retry import describe
+
+__all__ = ["EngineState", "RecoveryEngine", "RunHandle", "RunState"]
+
+logger = logging.getLogger("tinkex_recovery")
+
+_RUN_ID = re.compile(r"^[^\s/]+$")
+_SERVICE_METHODS = ("create_training_client_from_state", "create_training_client_from_state_with_optimizer")
+_STATUS_METHODS = ("get_training_run", "list_checkpoints")
+
+
+class EngineState(Enum):
+    """The engine's lifecycle: it starts once and closes once."""
+
+    UNOPENED = "unopened"
+    OPENED = "opened"
+    CLOSED = "closed"
+
+
+class RunState(Enum):
+    """Where a watched lineage stands."""
+
+    WATCHING = "watching"
+    RECOVERING = "recovering"
+    EXHAUSTED = "exhausted"
+    UNWATCHED = "unwatched"
+
+
+def validate_run_id(run_id: object) -> str:
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise ValueError(f"invalid run id {run_id!r}: expected a non-empty string without '/' or whitespace")
+    return run_id
+
+
+def require_methods(obj: object, names: Iterable[str], role: str) -> None:
+    missing = [n for n in names if not callable(getattr(obj, n, None))]
+    if missing:
+        raise TypeError(f"{role} {type(obj).__name__} lacks the method(s) {', '.join(missing)}")
+
+
+@dataclass(eq=False)
+class _Lineage:
+    """One watched run and every run recovered from it. Guarded by the engine's lock."""
+
+    run_id: str
+    service: Any
+    status: Any
+    metadata: dict[str, str]
+    client: Any = None
+    state: RunState = RunState.WATCHING
+    recoveries: list[Recovery] = field(default_factory=list)
+    rejected: set[str] = field(default_factory=set)
+    inherited: list[Checkpoint] = field(default_factory=list)
+    failed_polls: int = 0
+    exhausted: RecoveryExhausted | None = None
+    consumed: int = 0  # recoveries already returned by wait_for_recovery()
+
+
+class RunHandle:
+    """The caller's view of a watched run and its recoveries. Thread-safe."""
+
+    def __init__(self, engine: RecoveryEngine, lineage: _Lineage) -> None:
+        self._engine = engine
+        self._lineage = lineage
+
+    @property
+    def run_id(self) -> str:
+        """The newest run of the lineage (changes after each recovery)."""
+        with self._engine._cond:
+            return self._lineage.run_id
+
+    @property
+    def client(self) -> Any:
+        """The newest recovered training client, or None before the first recovery."""
+        with self._engine._cond:
+            return self._lineage.client
+
+    @property
+    def state(self) -> RunState:
+        with self._engine._cond:
+            return self._lineage.state
+
+    @property
+    def recoveries(self) -> tuple[Recovery, ...]:
+        with self._engine._cond:
+            return tuple(self._lineage.recoveries)
+
+    def check_now(self) -> bool:
+        """Poll this run now, on the calling thread; True if a recovery is under way (or just finished
+        one not yet collected by :meth:`wait_for_recovery`)."""
+        self._engine._poll_one(self._lineage)
+        with self._engine._cond:
+            lineage = self._lineage
+            return lineage.state is RunState.RECOVERING or len(lineage.recoveries) > lineage.consumed
+
+    def wait_for_recovery(self, timeout: float | None = None) -> Recovery:
+        """Block until the next recovery not yet returned by this method completes, and return it.
+
+        Raises :class:`RecoveryExhausted` if the lineage gave up, :class:`TimeoutError` after ``timeout``
+        seconds, :class:`EngineClosed` if the engine closes first.
+        """
+        cond = self._engine._cond
+        lineage = self._lineage
+        with cond:
+            done = cond.wait_for(
+                lambda: (
+                    len(lineage.recoveries) > lineage.consumed
+                    or lineage.exhausted is not None
+                    or self._engine.state is EngineState.CLOSED
+                ),
+                timeout,
+            )
+            if len(lineage.recoveries) > lineage.consumed:
+                lineage.consumed += 1
+                return lineage.recoveries[lineage.consumed - 1]
+            if lineage.exhausted is not None:
+                raise lineage.exhausted
+            if not done:
+                raise TimeoutError(f"no recovery of run {lineage.run_id} within {timeout}s")
+            raise EngineClosed("the engine closed while waiting for a recovery")
+
+    def unwatch(self) -> None:
+        """Stop polling this lineage (a recovery already under way still finishes)."""
+        self._engine._unwatch(self._lineage)
+
+    def __repr__(self) -> str:
+        return f"<RunHandle run_id={self.run_id!r} state={self.state.value} recoveries={len(self.recoveries)}>"
+
+
+class RecoveryEngine:
+    """Watches Tinker training runs and restores corrupted ones from checkpoints.
+
+    ``status`` is anything with ``get_training_run(run_id)`` and ``list_checkpoints(run_id)`` (values or
+    futures); when omitted, each watched service's ``create_rest_client()`` is used. ``clock`` and ``rng``
+    are injectable for tests. Use as a context manager, or call :meth:`start` and :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        policy: RecoveryPolicy,
+        *,
+        status: Any = None,
+        max_concurrent: int = 1,
+        poll_concurrency: int = 16,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not isinstance(policy, RecoveryPolicy):
+            raise TypeError(f"policy must be a RecoveryPolicy, got {type(policy).__name__}")
+        if status is not None:
+            require_methods(status, _STATUS_METHODS, "status")
+        if not isinstance(poll_concurrency, int) or poll_concurrency < 1:
+            raise ValueError(f"poll_concurrency must be an integer >= 1, got {poll_concurrency!r}")
+        self.policy = policy
+        self._status = status
+        self._clock = clock or SystemClock()
+        self._rng = rng or random.Random()
+        self._bus = EventBus()
+        self._executor = Executor(
+            max_concurrent=max_concurrent, attempt_timeout=policy.attempt_timeout, clock=self._clock
+        )
+        self._cond = threading.Condition()
+        self._state = EngineState.UNOPENED
+        self._watched: dict[str, _Lineage] = {}
+        self._rest_clients: dict[int, tuple[Any, Any]] = {}
+        self._poll_requested = False
+        self._threads: list[threading.Thread] = []
+        self._poll_queue: queue.SimpleQueue[tuple[_Lineage, threading.Semaphore] | None] = queue.SimpleQueue()
+        self._poll_concurrency = poll_concurrency
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def start(self) -> Self:
+        """Start the poller, the poll workers and the executor. A closed engine cannot restart."""
+        with self._cond:
+            if self._state is EngineState.CLOSED:
+                raise EngineClosed("a closed RecoveryEngine cannot be started again")
+            if self._state is EngineState.OPENED:
+                return self
+            self._state = EngineState.OPENED
+            self._executor.start()
+            self._threads = [threading.Thread(target=self._poller, name="tinkex-recovery-poller", daemon=True)]
+            self._threads += [
+                threading.Thread(target=self._poll_worker, name=f"tinkex-recovery-poll-{i}", daemon=True)
+                for i in range(self._poll_concurrency)
+            ]
+            for t in self._threads:
+                t.start()
+        return self
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop every thread; no event or callback fires afterwards. Idempotent."""
+        with self._cond:
+            if self._state is EngineState.CLOSED:
+                return
+            self._state = EngineState.CLOSED
+            self._cond.notify_all()
+            for _ in self._threads[1:]:
+                self._poll_queue.put(None)
+        self._bus.close()
+        self._executor.close(timeout)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+
+    def __enter__(self) -> Self:
+        if self._state is not EngineState.UNOPENED:
+            raise RuntimeError(f"a RecoveryEngine is single-use; this one is {self._state.value}")
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- public API -----------------------------------------------------------------------------------
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Call ``fn(event)`` for every event (on the engine's threads); returns an unsubscribe function."""
+        return self._bus.subscribe(fn)
+
+    def watch(self, run_id: str, service: Any, metadata: Mapping[str, str] | None = None) -> RunHandle:
+        """Start watching ``run_id``; ``service`` restores it (anything with the two
+        ``create_training_client_from_state*`` methods). ``metadata`` is added to every recovered run's
+        user_metadata, next to the old run's own."""
+        run_id = validate_run_id(run_id)
+        if not self.policy.enabled:
+            raise RecoveryDisabled("the policy has enabled=False; pass RecoveryPolicy(enabled=True) to opt in")
+        require_methods(service, _SERVICE_METHODS, "service")
+        pinned = self.policy.specific_path
+        if pinned is not None and pinned.run_id != run_id:
+            raise ValueError(
+                f"checkpoint_strategy {self.policy.checkpoint_strategy!r} belongs to run {pinned.run_id}, "
+                f"not to the watched run {run_id}"
+            )
+        meta = dict(metadata or {})
+        bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"metadata must map str to str (Tinker's user_metadata); bad keys: {bad!r}")
+        status = self._status_for(service)
+        with self._cond:
+            if self._state is EngineState.CLOSED:
+                raise EngineClosed("the engine is closed")
+            if run_id in self._watched:
+                raise ValueError(f"run {run_id} is already watched by this engine")
+            lineage = _Lineage(run_id=run_id, service=service, status=status, metadata=meta)
+            self._watched[run_id] = lineage
+        return RunHandle(self, lineage)
+
+    def poll_once(self) -> None:
+        """Poll every watched run once, now, through the poll workers (or inline before start)."""
+        done = threading.Semaphore(0)
+        with self._cond:
+            lineages = [lin for lin in self._watched.values() if lin.state is RunState.WATCHING]
+            started = self._state is EngineState.OPENED
+            if started:
+                # Enqueued under the lock, so close() (which takes it first) queues its stop markers after these.
+                for lineage in lineages:
+                    self._poll_queue.put((lineage, done))
+        if not started:
+            for lineage in lineages:
+                self._poll_one(lineage)
+            return
+        for _ in lineages:
+            done.acquire()
+
+    @property
+    def watched_runs(self) -> list[str]:
+        with self._cond:
+            return list(self._watched)
+
+    # -- polling --------------------------------------------------------------------------------------
+    def _status_for(self, service: Any) -> Any:
+        if self._status is not None:
+            return self._status
+        with self._cond:
+            cached = self._rest_clients.get(id(service))
+        if cached is not None:
+            return cached[1]
+        factory = getattr(service, "create_rest_client", None)
+        if not callable(factory):
+            raise TypeError(f"service {type(service).__name__} has no create_rest_client(); pass status= to the engine")
+        status = resolve(factory())
+        require_methods(status, _STATUS_METHODS, "status")
+        with self._cond:
+            self._rest_clients[id(service)] = (service, status)
+        return status
+
+    def _poller(self) -> None:
+        next_at = self._clock.monotonic()
+        while True:
+            with self._cond:
+                while self._state is EngineState.OPENED:
+                    now = self._clock.monotonic()
+                    if now >= next_at:
+                        break
+                    self._clock.wait(self._cond, next_at - now)
+                if self._state is not EngineState.OPENED:
+                    return
+            self.poll_once()
+            now = self._clock.monotonic()
+            next_at += self.policy.poll_interval
+            if next_at <= now:  # a cycle overran the interval: skip the missed ticks rather than burst
+                next_at = now + self.policy.poll_interval
+
+    def _poll_worker(self) -> None:
+        while (item := self._poll_queue.get()) is not None:
+            lineage, done = item
+            try:
+                self._poll_one(lineage)
+            finally:
+                done.release()
+
+    def _poll_one(self, lineage: _Lineage) -> None:
+        with self._cond:
+            if lineage.state is not RunState.WATCHING or self._state is EngineState.CLOSED:
+                return
+            run_id = lineage.run_id
+        try:
+            run = TrainingRun.coerce(
+                resolve(lineage.status.get_training_run(run_id), timeout=min(self.policy.poll_interval, 60.0))
+            )
+        except Exception as exc:
+            self._poll_failed(lineage, run_id, exc)
+            return
+        with self._cond:
+            if lineage.failed_polls >= self.policy.degraded_after:
+                logger.info("run %s: polls answer again after %d failures", run_id, lineage.failed_polls)
+            lineage.failed_polls = 0
+        if run.corrupted:
+            self._detect(lineage, run)
+
+    def _poll_failed(self, lineage: _Lineage, run_id: str, exc: Exception) -> None:
+        with self._cond:
+            if lineage.run_id != run_id:
+                return
+            lineage.failed_polls += 1
+            failures = lineage.failed_polls
+        error = describe(exc)
+        self._bus.emit(RecoveryEvent(EventKind.POLL_ERROR, run_id, error=error))
+        if failures == self.policy.degraded_after:
+            self._bus.emit(
+                RecoveryEvent(EventKind.POLL_DEGRADED, run_id, error=f"{failures} polls failed in a row: {error}")
+            )
+
+    # -- recovery -------------------------------------------------------------------------------------
+    def _detect(self, lineage: _Lineage, run: TrainingRun) -> None:
+        with self._cond:
+            if (
+                lineage.state is not RunState.WATCHING
+                or lineage.run_id != run.training_run_id
+                or self._state is not EngineState.OPENED
+            ):
+                return
+            lineage.state = RunState.RECOVERING
+            job = RecoveryJob(
+                run=run,
+                service=lineage.service,
+                status=lineage.status,
+                policy=self.policy,
+                clock=self._clock,
+                bus=self._bus,
+                rng=self._rng,
+                metadata=lineage.metadata,
+                rejected=lineage.rejected,
+                inherited=lineage.inherited,
+                number=len(lineage.recoveries) + 1,
+                detected_at=self._clock.monotonic(),
+                on_done=lambda job, recovery: self._completed(lineage, job, recovery),
+                on_exhausted=lambda job, error: self._exhausted(lineage, error),
+            )
+        self._bus.emit(RecoveryEvent(EventKind.DETECTED, run.training_run_id, since_detected=0.0))
+        if not self._executor.submit(job):
+            logger.warning("run %s: a recovery is already pending; duplicate request refused", job.run_id)
+
+    def _completed(self, lineage: _Lineage, job: RecoveryJob, recovery: Recovery) -> None:
+        restored = recovery.checkpoint
+        older = [c for c in [*(job.listed or []), *job.inherited] if c.time < restored.time]
+        with self._cond:
+            if self._state is EngineState.CLOSED:
+                return
+            self._watched.pop(lineage.run_id, None)
+            lineage.run_id = recovery.new_run_id
+            lineage.client = recovery.client
+            lineage.recoveries.append(recovery)
+            lineage.rejected = job.rejected
+            # The new run has no checkpoint of its own yet; if it is lost too, these are what it can use.
+            lineage.inherited = [restored, *(c for c in older if c.tinker_path not in job.rejected)]
+            lineage.failed_polls = 0
+            if lineage.state is RunState.RECOVERING:
+                lineage.state = RunState.WATCHING
+                self._watched[recovery.new_run_id] = lineage
+            self._cond.notify_all()
+        self._bus.emit(
+            RecoveryEvent(
+                EventKind.COMPLETED,
+                recovery.old_run_id,
+                attempt=recovery.attempts,
+                since_detected=recovery.seconds,
+                checkpoint=restored.tinker_path,
+                new_run_id=recovery.new_run_id,
+            )
+        )
+        if self.policy.on_recovery is not None:
+            call_safely(self.policy.on_recovery, recovery, what="on_recovery callback")
+
+    def _exhausted(self, lineage: _Lineage, error: RecoveryExhausted) -> None:
+        with self._cond:
+            if self._state is EngineState.CLOSED:
+                return
+            lineage.state = RunState.EXHAUSTED
+            lineage.exhausted = error
+            self._cond.notify_all()
+        self._bus.emit(RecoveryEvent(EventKind.EXHAUSTED, error.run_id, attempt=error.attempts, error=error.last_error))
+        if self.policy.on_failure is not None:
+            call_safely(self.policy.on_failure, error, what="on_failure callback")
+
+    def _unwatch(self, lineage: _Lineage) -> None:
+        with self._cond:
+            if self._watched.get(lineage.run_id) is lineage:
+                del self._watched[lineage.run_id]
+            if lineage.state is not RunState.EXHAUSTED:
+                lineage.state = RunState.UNWATCHED  # a recovery under way still finishes, unwatched

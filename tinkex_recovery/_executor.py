@@ -1,0 +1,199 @@
+"""The bounded executor: at most ``max_concurrent`` recovery attempts at once, first come first served.
+
+The executor knows nothing of Tinker. A :class:`Job` runs one attempt at a time on a short-lived thread and
+decides, from each :class:`Outcome`, whether and when to try again; the executor only keeps the slots, the
+FIFO queue, the retries waiting out their backoff (they hold no slot) and the per-attempt deadline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from ._clock import Clock
+
+__all__ = ["Executor", "Job", "Outcome", "OutcomeKind"]
+
+logger = logging.getLogger("tinkex_recovery")
+
+
+class OutcomeKind(Enum):
+    DONE = "done"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended."""
+
+    kind: OutcomeKind
+    value: Any = None
+    error: BaseException | None = None
+
+
+class Job(Protocol):
+    """One recovery, as the executor sees it."""
+
+    @property
+    def key(self) -> str:
+        """At most one job per key is queued or running."""
+
+    def run_attempt(self, deadline: float) -> Outcome:
+        """Run one attempt (on a worker thread); ``deadline`` is the clock time it must end by."""
+
+    def on_outcome(self, outcome: Outcome) -> float | None:
+        """Digest an attempt's outcome (on the dispatcher thread): seconds until the next attempt, or None
+        when the job is finished."""
+
+
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    deadline: float
+    outcome: Outcome | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+class Executor:
+    """Runs :class:`Job` attempts with bounded concurrency, on one dispatcher thread."""
+
+    def __init__(self, *, max_concurrent: int, attempt_timeout: float, clock: Clock) -> None:
+        if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be an integer >= 1, got {max_concurrent!r}")
+        self._max = max_concurrent
+        self._timeout = attempt_timeout
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._ready: deque[Job] = deque()
+        self._delayed: list[tuple[float, int, Job]] = []
+        self._running: list[_Running] = []
+        self._abandoned: list[threading.Thread] = []
+        self._keys: set[str] = set()
+        self._seq = itertools.count()
+        self._closed = False
+        self._dispatcher: threading.Thread | None = None
+        self.peak_running = 0
+
+    # -- public ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._dispatcher is not None or self._closed:
+                return
+            self._dispatcher = threading.Thread(target=self._dispatch, name="tinkex-recovery-executor", daemon=True)
+            self._dispatcher.start()
+
+    def submit(self, job: Job) -> bool:
+        """Queue ``job``; False (refused) if a job with the same key is already queued or running."""
+        with self._cond:
+            if self._closed or job.key in self._keys:
+                return False
+            self._keys.add(job.key)
+            self._ready.append(job)
+            self._cond.notify_all()
+            return True
+
+    def pending(self, key: str) -> bool:
+        with self._cond:
+            return key in self._keys
+
+    @property
+    def running(self) -> int:
+        with self._cond:
+            return len(self._running)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop dispatching; wait up to ``timeout`` for running attempts. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._ready.clear()
+            self._delayed.clear()
+            threads = [r.thread for r in self._running if r.thread] + self._abandoned
+            dispatcher = self._dispatcher
+            self._cond.notify_all()
+        if dispatcher is not None and dispatcher is not threading.current_thread():
+            dispatcher.join(timeout)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            logger.warning("restore call(s) still blocked at close, left as daemon threads: %s", stuck)
+
+    # -- dispatcher -----------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = self._clock.monotonic()
+                finished = self._take_finished(now)
+                if not finished:
+                    self._promote_due(now)
+                    self._start_ready(now)
+                    self._clock.wait(self._cond, self._next_wake(now))
+                    continue
+            for job, outcome in finished:
+                delay = job.on_outcome(outcome)
+                with self._cond:
+                    if delay is None or self._closed:
+                        self._keys.discard(job.key)
+                    elif delay <= 0:
+                        self._ready.appendleft(job)  # a retry keeps its place at the head of the queue
+                    else:
+                        due = self._clock.monotonic() + delay
+                        heapq.heappush(self._delayed, (due, next(self._seq), job))
+
+    def _take_finished(self, now: float) -> list[tuple[Job, Outcome]]:
+        finished: list[tuple[Job, Outcome]] = []
+        for slot in list(self._running):
+            if slot.outcome is not None:
+                outcome = slot.outcome
+            elif now >= slot.deadline:
+                outcome = Outcome(OutcomeKind.TIMED_OUT)
+                if slot.thread is not None:
+                    self._abandoned.append(slot.thread)
+            else:
+                continue
+            self._running.remove(slot)
+            finished.append((slot.job, outcome))
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        return finished
+
+    def _promote_due(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            self._ready.append(heapq.heappop(self._delayed)[2])
+
+    def _start_ready(self, now: float) -> None:
+        while self._ready and len(self._running) < self._max:
+            slot = _Running(self._ready.popleft(), deadline=now + self._timeout)
+            slot.thread = threading.Thread(
+                target=self._attempt,
+                args=(slot,),
+                name=f"tinkex-recovery-attempt[{slot.job.key}]",
+                daemon=True,
+            )
+            self._running.append(slot)
+            self.peak_running = max(self.peak_running, len(self._running))
+            slot.thread.start()
+
+    def _next_wake(self, now: float) -> float | None:
+        times = [r.deadline for r in self._running if r.outcome is None]
+        if self._delayed:
+            times.append(self._delayed[0][0])
+        return min(times) - now if times else None
+
+    def _attempt(self, slot: _Running) -> None:
+        try:
+            outcome = slot.job.run_attempt(slot.deadline)
+        except BaseException as exc:  # an attempt never kills its thread noisily; the job decides
+            outcome = Outcome(OutcomeKind.FAILED, error=exc)
+        with self._cond:
+            slot.outcome = outcome
+            self._cond.notify_all()

@@ -1,0 +1,61 @@
+"""Retry decisions as small pure pieces: classify a failure, compute a backoff delay.
+
+Failures are classified by duck typing (``status_code``, ``response.status_code``, ``category``), so errors
+from the official SDK, from httpx or from the simulated Tinker are all understood without importing them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+__all__ = ["FailureKind", "backoff_delay", "classify", "describe"]
+
+_TRANSIENT_STATUS = frozenset({408, 429})
+
+
+class FailureKind(Enum):
+    """Whether retrying the same checkpoint can help."""
+
+    TRANSIENT = "transient"  # connection error, timeout, 408/429/5xx, or unknown: retry the same checkpoint
+    CHECKPOINT = "checkpoint"  # the server rejected this checkpoint: never try it again for this run
+
+
+def status_code_of(exc: BaseException) -> int | None:
+    """The HTTP status an error carries, if any."""
+    for candidate in (exc, getattr(exc, "response", None)):
+        code = getattr(candidate, "status_code", None)
+        if isinstance(code, int):
+            return code
+    return None
+
+
+def classify(exc: BaseException) -> FailureKind:
+    """Decide whether a failed restore belongs to the checkpoint or is worth retrying as it is."""
+    code = status_code_of(exc)
+    if code is not None:
+        if 400 <= code < 500 and code not in _TRANSIENT_STATUS:
+            return FailureKind.CHECKPOINT
+        return FailureKind.TRANSIENT
+    category: Any = getattr(exc, "category", None)
+    if category is not None and str(getattr(category, "value", category)).lower() == "user":
+        return FailureKind.CHECKPOINT
+    return FailureKind.TRANSIENT
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, jitter: float, u: float) -> float:
+    """Delay before retry number ``attempt`` (1-based): ``min(base * 2**(attempt-1), cap)``, shortened by
+    up to ``jitter`` of itself (``u`` in [0, 1) picks where). For a fixed ``u`` the schedule is monotone."""
+    if attempt < 1:
+        raise ValueError("attempt is 1-based")
+    nominal = min(base * 2.0 ** min(attempt - 1, 62), cap)
+    return nominal * (1.0 - jitter * u)
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of an error for events and logs (redacted)."""
+    from ._redact import redact
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    return redact(f"{name}: {text}" if text else name)[:500]

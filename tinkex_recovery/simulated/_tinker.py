@@ -1,0 +1,425 @@
+"""An in-memory Tinker: training runs, checkpoints, corruption, restores, and faults on demand.
+
+It keeps the books a test needs: :meth:`SimulatedTinker.lineage` is the exact list of data items a run's
+weights have been trained on (items of ``forward_backward`` calls committed by ``optim_step``, followed back
+through the checkpoint each run was restored from), so "nothing trained twice, nothing lost" is checkable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from .._clock import Clock, SystemClock
+from .._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
+
+__all__ = [
+    "ForwardBackwardResult",
+    "OptimStepResult",
+    "SaveStateResult",
+    "SimulatedAPIError",
+    "SimulatedRequestFailedError",
+    "SimulatedRestClient",
+    "SimulatedTinker",
+    "SimulatedTrainingClient",
+]
+
+
+class SimulatedAPIError(Exception):
+    """An HTTP error status from the simulated service (the SDK's ``APIStatusError`` counterpart)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        self.status_code = status_code
+        super().__init__(f"Error code: {status_code} - {message}")
+
+
+class SimulatedRequestFailedError(Exception):
+    """A request that reached the server and failed there (the SDK's ``RequestFailedError`` counterpart)."""
+
+    def __init__(self, message: str, *, category: str = "server") -> None:
+        self.category = category
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBackwardResult:
+    loss: float
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class OptimStepResult:
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class SaveStateResult:
+    path: str
+
+
+@dataclass
+class _Checkpoint:
+    name: str
+    path: str
+    time: datetime
+    trained: tuple[Any, ...]
+    user_metadata: dict[str, str] | None
+    expires_at: datetime | None
+    broken: int | None = None  # a status code the server answers a restore with
+
+    def model(self) -> Checkpoint:
+        return Checkpoint(
+            checkpoint_id=f"weights/{self.name}",
+            checkpoint_type="training",
+            time=self.time,
+            tinker_path=self.path,
+            size_bytes=1024,
+            user_metadata=dict(self.user_metadata) if self.user_metadata is not None else None,
+            expires_at=self.expires_at,
+        )
+
+
+@dataclass
+class _Run:
+    run_id: str
+    base_model: str
+    lora_rank: int
+    user_metadata: dict[str, str] | None
+    created: datetime
+    trained: list[Any]
+    pending: list[Any] = field(default_factory=list)
+    checkpoints: list[_Checkpoint] = field(default_factory=list)
+    corrupted: bool = False
+    deleted: bool = False
+    last_request: datetime | None = None
+    steps: int = 0
+    fail_next_calls: int = 0
+
+
+def _done(value: Any) -> Future[Any]:
+    fut: Future[Any] = Future()
+    fut.set_result(value)
+    return fut
+
+
+def _failed(exc: BaseException) -> Future[Any]:
+    fut: Future[Any] = Future()
+    fut.set_exception(exc)
+    return fut
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"user_metadata must map str to str; bad keys: {bad!r}")
+    return dict(metadata)
+
+
+class SimulatedTinker:
+    """A Tinker service in memory: a ``ServiceClient`` look-alike plus controls for tests and demos.
+
+    Service methods: ``create_lora_training_client``, ``create_training_client_from_state``,
+    ``create_training_client_from_state_with_optimizer`` (futures of clients, as in SDK 0.38) and
+    ``create_rest_client``. Controls: :meth:`corrupt`, :meth:`lineage`, and the fault injectors.
+    """
+
+    def __init__(self, *, clock: Clock | None = None, session_id: str | None = None) -> None:
+        self._clock = clock or SystemClock()
+        self._lock = threading.RLock()
+        self._session = session_id or str(uuid.uuid4())
+        self._seq = itertools.count()
+        self._runs: dict[str, _Run] = {}
+        self._last_time: datetime | None = None
+        self._restore_failures: list[int] = []
+        self._poll_failures: list[int] = []
+        self._hangs = 0
+        self._released = threading.Event()
+        self.restore_calls: list[tuple[str, bool, dict[str, str] | None]] = []
+        self.poll_count = 0
+
+    # -- time -----------------------------------------------------------------------------------------
+    def _now(self) -> datetime:
+        """Strictly increasing timestamps, so 'newest' is never a tie."""
+        now = self._clock.now()
+        if self._last_time is not None and now <= self._last_time:
+            now = self._last_time + timedelta(microseconds=1)
+        self._last_time = now
+        return now
+
+    # -- service API ----------------------------------------------------------------------------------
+    def create_lora_training_client(
+        self, base_model: str, rank: int = 32, user_metadata: Mapping[str, str] | None = None, **_: Any
+    ) -> SimulatedTrainingClient:
+        """A fresh LoRA run with nothing trained yet."""
+        with self._lock:
+            run = self._new_run(base_model, rank, _check_metadata(user_metadata), trained=())
+        return SimulatedTrainingClient(self, run.run_id)
+
+    def create_training_client_from_state(
+        self,
+        path: str,
+        base_model: str | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+        **_: Any,
+    ) -> Future[SimulatedTrainingClient]:
+        """A new run holding the checkpoint's weights (optimizer state reset)."""
+        return self._restore(path, user_metadata, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(
+        self,
+        path: str,
+        base_model: str | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+        **_: Any,
+    ) -> Future[SimulatedTrainingClient]:
+        """A new run holding the checkpoint's weights and optimizer state."""
+        return self._restore(path, user_metadata, with_optimizer=True)
+
+    def create_rest_client(self) -> SimulatedRestClient:
+        return SimulatedRestClient(self)
+
+    # -- inspection -----------------------------------------------------------------------------------
+    def lineage(self, run_id: str) -> list[Any]:
+        """The data items the run's weights were trained on, in order, through every restore."""
+        with self._lock:
+            return list(self._run(run_id).trained)
+
+    def get_training_run(self, run_id: str) -> TrainingRun:
+        with self._lock:
+            self.poll_count += 1
+            if self._poll_failures:
+                code = self._poll_failures.pop(0)
+                raise SimulatedAPIError(code, "simulated poll failure")
+            run = self._run(run_id)
+            last = max(run.checkpoints, key=lambda c: c.time, default=None)
+            return TrainingRun(
+                training_run_id=run.run_id,
+                base_model=run.base_model,
+                model_owner="simulated",
+                is_lora=True,
+                corrupted=run.corrupted,
+                lora_rank=run.lora_rank,
+                last_request_time=run.last_request or run.created,
+                last_checkpoint=last.model() if last else None,
+                user_metadata=dict(run.user_metadata) if run.user_metadata is not None else None,
+            )
+
+    def list_checkpoints(self, run_id: str) -> CheckpointList:
+        with self._lock:
+            run = self._run(run_id)
+            return CheckpointList(checkpoints=[c.model() for c in reversed(run.checkpoints)])
+
+    @property
+    def run_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._runs)
+
+    # -- controls and faults --------------------------------------------------------------------------
+    def corrupt(self, run_id: str) -> None:
+        """Mark the run corrupted: polls report it, and its client fails every call from now on."""
+        with self._lock:
+            run = self._run(run_id)
+            run.corrupted = True
+            run.pending.clear()
+
+    def delete_run(self, run_id: str) -> None:
+        """Polls of the run answer 404 from now on."""
+        with self._lock:
+            self._run(run_id).deleted = True
+
+    def fail_restores(self, n: int = 1, *, status_code: int = 503) -> None:
+        """The next ``n`` restores fail with ``status_code`` (503: transient; a 4xx rejects the checkpoint)."""
+        with self._lock:
+            self._restore_failures += [status_code] * n
+
+    def fail_polls(self, n: int = 1, *, status_code: int = 503) -> None:
+        """The next ``n`` ``get_training_run`` calls fail with ``status_code``."""
+        with self._lock:
+            self._poll_failures += [status_code] * n
+
+    def fail_next_calls(self, run_id: str, n: int = 1) -> None:
+        """The run's client fails its next ``n`` training calls with a transient 503 (the run stays healthy)."""
+        with self._lock:
+            self._run(run_id).fail_next_calls += n
+
+    def hang_restores(self, n: int = 1) -> None:
+        """The next ``n`` restore calls block until :meth:`release` (or :meth:`close`), then fail with 504."""
+        with self._lock:
+            self._hangs += n
+            self._released.clear()
+
+    def release(self) -> None:
+        """Unblock every hung restore."""
+        self._released.set()
+
+    close = release
+
+    def break_checkpoint(self, path: str, *, status_code: int = 400) -> None:
+        """Restores from ``path`` are rejected with ``status_code`` (the checkpoint is invalid)."""
+        with self._lock:
+            self._checkpoint(path).broken = status_code
+
+    def expire_checkpoint(self, path: str) -> None:
+        """The checkpoint's TTL has run out: it is listed as expired and restores from it get a 404."""
+        with self._lock:
+            self._checkpoint(path).expires_at = self._clock.now() - timedelta(seconds=1)
+
+    # -- internals used by the clients ----------------------------------------------------------------
+    def _run(self, run_id: str) -> _Run:
+        run = self._runs.get(run_id)
+        if run is None or run.deleted:
+            raise SimulatedAPIError(404, f"training run {run_id!r} not found")
+        return run
+
+    def _checkpoint(self, path: str) -> _Checkpoint:
+        parsed = TinkerPath.parse(path)
+        for c in self._run(parsed.run_id).checkpoints:
+            if c.path == path:
+                return c
+        raise SimulatedAPIError(404, f"checkpoint {path!r} not found")
+
+    def _new_run(
+        self, base_model: str, rank: int, user_metadata: dict[str, str] | None, trained: Sequence[Any]
+    ) -> _Run:
+        run_id = f"{self._session}:train:{next(self._seq)}"
+        now = self._now()
+        run = _Run(run_id, base_model, rank, user_metadata, created=now, trained=list(trained))
+        self._runs[run_id] = run
+        return run
+
+    def _restore(
+        self, path: str, user_metadata: Mapping[str, str] | None, *, with_optimizer: bool
+    ) -> Future[SimulatedTrainingClient]:
+        metadata = _check_metadata(user_metadata)
+        with self._lock:
+            self.restore_calls.append((path, with_optimizer, metadata))
+            hang = self._hangs > 0
+            if hang:
+                self._hangs -= 1
+        if hang:
+            self._released.wait()
+            return _failed(SimulatedAPIError(504, "restore timed out at the gateway"))
+        with self._lock:
+            if self._restore_failures:
+                code = self._restore_failures.pop(0)
+                return _failed(SimulatedAPIError(code, f"simulated restore failure from {path}"))
+            try:
+                parsed = TinkerPath.parse(path)
+            except ValueError as exc:
+                return _failed(SimulatedAPIError(400, str(exc)))
+            if not parsed.restorable:
+                return _failed(SimulatedAPIError(400, f"{path} is a sampler checkpoint"))
+            try:
+                checkpoint = self._checkpoint(path)
+            except SimulatedAPIError as exc:
+                return _failed(exc)
+            if checkpoint.broken is not None:
+                return _failed(SimulatedAPIError(checkpoint.broken, f"checkpoint {path} is invalid"))
+            if checkpoint.expires_at is not None and checkpoint.expires_at <= self._clock.now():
+                return _failed(SimulatedAPIError(404, f"checkpoint {path} has expired"))
+            source = self._runs[parsed.run_id]
+            run = self._new_run(source.base_model, source.lora_rank, metadata, trained=checkpoint.trained)
+        return _done(SimulatedTrainingClient(self, run.run_id))
+
+    def _call(self, run_id: str) -> _Run | BaseException:
+        """The run a training call acts on, or the error the call must fail with."""
+        try:
+            run = self._run(run_id)
+        except SimulatedAPIError as exc:
+            return exc
+        if run.corrupted:
+            return SimulatedRequestFailedError(f"training run {run_id} is corrupted", category="server")
+        if run.fail_next_calls:
+            run.fail_next_calls -= 1
+            return SimulatedAPIError(503, "simulated transient failure")
+        run.last_request = self._now()
+        return run
+
+
+class SimulatedTrainingClient:
+    """A ``TrainingClient`` look-alike bound to one simulated run; every call returns a future."""
+
+    def __init__(self, sim: SimulatedTinker, model_id: str) -> None:
+        self._sim = sim
+        self.model_id = model_id
+
+    def forward_backward(
+        self, data: Sequence[Any], loss_fn: str = "cross_entropy", loss_fn_config: Any = None
+    ) -> Future[ForwardBackwardResult]:
+        """Queue ``data`` for the next ``optim_step``; the loss is a deterministic stand-in."""
+        with self._sim._lock:
+            run = self._sim._call(self.model_id)
+            if isinstance(run, BaseException):
+                return _failed(run)
+            run.pending.extend(data)
+            loss = 1.0 / (1.0 + len(run.trained) + len(run.pending))
+        return _done(ForwardBackwardResult(loss=loss, metrics={"loss:mean": loss}))
+
+    def optim_step(self, adam_params: Any = None) -> Future[OptimStepResult]:
+        """Commit every queued item to the run's weights."""
+        with self._sim._lock:
+            run = self._sim._call(self.model_id)
+            if isinstance(run, BaseException):
+                return _failed(run)
+            run.trained.extend(run.pending)
+            run.pending.clear()
+            run.steps += 1
+            return _done(OptimStepResult(step=run.steps))
+
+    def save_state(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> Future[SaveStateResult]:
+        """Save the weights trained so far as ``tinker://{model_id}/weights/{name}``."""
+        metadata = _check_metadata(user_metadata)
+        sim = self._sim
+        with sim._lock:
+            run = sim._call(self.model_id)
+            if isinstance(run, BaseException):
+                return _failed(run)
+            path = f"tinker://{self.model_id}/weights/{name}"
+            try:
+                TinkerPath.parse(path)
+            except ValueError as exc:
+                return _failed(SimulatedAPIError(400, str(exc)))
+            existing = [c for c in run.checkpoints if c.name == name]
+            if existing and not overwrite:
+                return _failed(SimulatedAPIError(409, f"checkpoint {name!r} already exists"))
+            run.checkpoints = [c for c in run.checkpoints if c.name != name]
+            now = sim._now()
+            expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
+            run.checkpoints.append(_Checkpoint(name, path, now, tuple(run.trained), metadata, expires))
+        return _done(SaveStateResult(path=path))
+
+    def __repr__(self) -> str:
+        return f"<SimulatedTrainingClient model_id={self.model_id!r}>"
+
+
+class SimulatedRestClient:
+    """A ``RestClient`` look-alike: methods return ``concurrent.futures.Future``s, as in the SDK."""
+
+    def __init__(self, sim: SimulatedTinker) -> None:
+        self._sim = sim
+
+    def get_training_run(self, run_id: str) -> Future[TrainingRun]:
+        try:
+            return _done(self._sim.get_training_run(run_id))
+        except SimulatedAPIError as exc:
+            return _failed(exc)
+
+    def list_checkpoints(self, run_id: str) -> Future[CheckpointList]:
+        try:
+            return _done(self._sim.list_checkpoints(run_id))
+        except SimulatedAPIError as exc:
+            return _failed(exc)
