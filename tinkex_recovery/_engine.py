@@ -81,6 +81,7 @@ class _Lineage:
     inherited: list[Checkpoint] = field(default_factory=list)
     failed_polls: int = 0
     exhausted: RecoveryExhausted | None = None
+    announced: int = 0  # recoveries whose events and callbacks have run: wait_for_recovery() may return them
     consumed: int = 0  # recoveries already returned by wait_for_recovery()
 
 
@@ -132,13 +133,13 @@ class RunHandle:
         with cond:
             done = cond.wait_for(
                 lambda: (
-                    len(lineage.recoveries) > lineage.consumed
+                    lineage.announced > lineage.consumed
                     or lineage.exhausted is not None
                     or self._engine.state is EngineState.CLOSED
                 ),
                 timeout,
             )
-            if len(lineage.recoveries) > lineage.consumed:
+            if lineage.announced > lineage.consumed:
                 lineage.consumed += 1
                 return lineage.recoveries[lineage.consumed - 1]
             if lineage.exhausted is not None:
@@ -249,10 +250,18 @@ class RecoveryEngine:
         """Call ``fn(event)`` for every event (on the engine's threads); returns an unsubscribe function."""
         return self._bus.subscribe(fn)
 
-    def watch(self, run_id: str, service: Any, metadata: Mapping[str, str] | None = None) -> RunHandle:
+    def watch(
+        self,
+        run_id: str,
+        service: Any,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        inherited: Iterable[Checkpoint] = (),
+    ) -> RunHandle:
         """Start watching ``run_id``; ``service`` restores it (anything with the two
         ``create_training_client_from_state*`` methods). ``metadata`` is added to every recovered run's
-        user_metadata, next to the old run's own."""
+        user_metadata, next to the old run's own. ``inherited`` are checkpoints of earlier runs (e.g. the
+        one ``run_id`` was restored from) that a recovery may fall back on while the run has none of its own."""
         run_id = validate_run_id(run_id)
         if not self.policy.enabled:
             raise RecoveryDisabled("the policy has enabled=False; pass RecoveryPolicy(enabled=True) to opt in")
@@ -267,13 +276,14 @@ class RecoveryEngine:
         bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise TypeError(f"metadata must map str to str (Tinker's user_metadata); bad keys: {bad!r}")
+        fallback = [Checkpoint.coerce(c) for c in inherited]
         status = self._status_for(service)
         with self._cond:
             if self._state is EngineState.CLOSED:
                 raise EngineClosed("the engine is closed")
             if run_id in self._watched:
                 raise ValueError(f"run {run_id} is already watched by this engine")
-            lineage = _Lineage(run_id=run_id, service=service, status=status, metadata=meta)
+            lineage = _Lineage(run_id=run_id, service=service, status=status, metadata=meta, inherited=fallback)
             self._watched[run_id] = lineage
         return RunHandle(self, lineage)
 
@@ -330,8 +340,7 @@ class RecoveryEngine:
             self.poll_once()
             now = self._clock.monotonic()
             next_at += self.policy.poll_interval
-            if next_at <= now:  # a cycle overran the interval: skip the missed ticks rather than burst
-                next_at = now + self.policy.poll_interval
+            next_at = max(next_at, now)  # a cycle that overran its interval: poll again at once, not in a burst
 
     def _poll_worker(self) -> None:
         while (item := self._poll_queue.get()) is not None:
@@ -420,7 +429,6 @@ class RecoveryEngine:
             if lineage.state is RunState.RECOVERING:
                 lineage.state = RunState.WATCHING
                 self._watched[recovery.new_run_id] = lineage
-            self._cond.notify_all()
         self._bus.emit(
             RecoveryEvent(
                 EventKind.COMPLETED,
@@ -433,17 +441,21 @@ class RecoveryEngine:
         )
         if self.policy.on_recovery is not None:
             call_safely(self.policy.on_recovery, recovery, what="on_recovery callback")
+        with self._cond:  # waiters wake once the events and callbacks have run
+            lineage.announced += 1
+            self._cond.notify_all()
 
     def _exhausted(self, lineage: _Lineage, error: RecoveryExhausted) -> None:
         with self._cond:
             if self._state is EngineState.CLOSED:
                 return
             lineage.state = RunState.EXHAUSTED
-            lineage.exhausted = error
-            self._cond.notify_all()
         self._bus.emit(RecoveryEvent(EventKind.EXHAUSTED, error.run_id, attempt=error.attempts, error=error.last_error))
         if self.policy.on_failure is not None:
             call_safely(self.policy.on_failure, error, what="on_failure callback")
+        with self._cond:  # waiters wake once the event and callback have run
+            lineage.exhausted = error
+            self._cond.notify_all()
 
     def _unwatch(self, lineage: _Lineage) -> None:
         with self._cond:

@@ -11,6 +11,7 @@ from enum import StrEnum
 __all__ = ["EventKind", "RecoveryEvent"]
 
 logger = logging.getLogger("tinkex_recovery")
+logger.addHandler(logging.NullHandler())  # the application decides where log lines go
 
 
 class EventKind(StrEnum):

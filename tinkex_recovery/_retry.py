@@ -48,7 +48,7 @@ def backoff_delay(attempt: int, *, base: float, cap: float, jitter: float, u: fl
     up to ``jitter`` of itself (``u`` in [0, 1) picks where). For a fixed ``u`` the schedule is monotone."""
     if attempt < 1:
         raise ValueError("attempt is 1-based")
-    nominal = min(base * 2.0 ** min(attempt - 1, 62), cap)
+    nominal = min(base * 2.0 ** min(attempt - 1, 1023), cap)  # the min keeps 2**n a finite float
     return nominal * (1.0 - jitter * u)
 
 

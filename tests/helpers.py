@@ -1,0 +1,61 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from tinkex_recovery import EventKind, RecoveryEvent
+from tinkex_recovery.simulated import SimulatedTinker, SimulatedTrainingClient
+
+#: Generous bound for waiting on another thread's progress. Never a sleep: waits end as soon as it happens.
+WAIT = 10.0
+
+
+class EventLog:
+    """Records events; lets a test wait (on a condition, not a sleep) until some have arrived."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.events: list[RecoveryEvent] = []
+
+    def __call__(self, event: RecoveryEvent) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def kinds(self) -> list[str]:
+        with self._cond:
+            return [e.kind.value for e in self.events]
+
+    def of(self, kind: EventKind | str) -> list[RecoveryEvent]:
+        with self._cond:
+            return [e for e in self.events if e.kind == kind]
+
+    def wait_for(self, kind: EventKind | str, count: int = 1, timeout: float = WAIT) -> list[RecoveryEvent]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: sum(e.kind == kind for e in self.events) >= count, timeout)
+        assert ok, f"waited for {count} {kind!s} event(s); got {self.kinds()}"
+        return self.of(kind)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+        with self._cond:
+            assert self._cond.wait_for(predicate, timeout), f"condition not met; events: {self.kinds()}"
+
+
+def train(client: SimulatedTrainingClient, items: range | list[int]) -> None:
+    """One optim step per item."""
+    for item in items:
+        client.forward_backward([item], "cross_entropy").result()
+        client.optim_step().result()
+
+
+def run_with_checkpoints(sim: SimulatedTinker, steps: int = 4, every: int = 2) -> SimulatedTrainingClient:
+    """A run trained for ``steps`` steps with a checkpoint (name = step, metadata step/loss) every ``every``."""
+    client = sim.create_lora_training_client(base_model="Qwen/Qwen3-8B")
+    for step in range(steps):
+        train(client, [step])
+        if (step + 1) % every == 0:
+            n = step + 1
+            client.save_state(f"{n:04d}", user_metadata={"step": str(n), "loss": str(1.0 / n)}).result()
+    return client
