@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 import time
 
-from tinkex_recovery import RecoveryEngine, RecoveryEvent, RecoveryPolicy
-from tinkex_recovery.simulated import SimulatedTinker
+from tinkex_recovery import RecoveryEngine, RecoveryEvent, RecoveryPolicy, TinkerRest
+from tinkex_recovery.simulated import SimulatedTinker, serve
 
 T0 = time.monotonic()
+API_KEY = "tml-simulated-demo-key"  # the loopback server's key: never printed or logged
 
 
 def show(event: RecoveryEvent) -> None:
@@ -39,7 +40,12 @@ def main() -> int:
             print(f"seeded checkpoint {path}")
 
     policy = RecoveryPolicy(enabled=True, poll_interval=0.2, backoff=0.1, max_backoff=0.4, attempt_timeout=5)
-    with RecoveryEngine(policy) as engine:
+    # The engine polls over real HTTP, exactly as against the real service: TinkerRest -> loopback server.
+    with (
+        serve(sim, api_key=API_KEY) as server,
+        TinkerRest(base_url=server.base_url, api_key=API_KEY) as rest,
+        RecoveryEngine(policy, status=rest) as engine,
+    ):
         engine.subscribe(show)
         handle = engine.watch(client.model_id, sim, metadata={"experiment": "demo"})
         print(f"watching run {client.model_id} (poll every {policy.poll_interval}s)")

@@ -477,7 +477,9 @@ def test_no_callback_after_close(sim: SimulatedTinker, clock: FakeClock, events:
     calls: list[object] = []
     client = run_with_checkpoints(sim)
     sim.hang_restores(1)
-    engine = RecoveryEngine(RecoveryPolicy(enabled=True, on_failure=calls.append, on_recovery=calls.append), clock=clock)
+    engine = RecoveryEngine(
+        RecoveryPolicy(enabled=True, on_failure=calls.append, on_recovery=calls.append), clock=clock
+    )
     engine.subscribe(events)
     with engine:
         handle = engine.watch(client.model_id, sim)

@@ -158,3 +158,39 @@ def test_never_more_than_max_concurrent(max_concurrent: int, failures: list[int]
         assert len(tracker.started) == len(failures) + sum(failures)
     finally:
         ex.close()
+
+
+class PerKeyTracker(Tracker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_key: dict[str, int] = {}
+        self.overlap = False
+
+
+class PerKeyJob(ScriptedJob):
+    def run_attempt(self, deadline: float) -> Outcome:
+        t = self.tracker
+        assert isinstance(t, PerKeyTracker)
+        with t.cond:
+            t.per_key[self.key] = t.per_key.get(self.key, 0) + 1
+            t.overlap |= t.per_key[self.key] > 1
+        try:
+            return super().run_attempt(deadline)
+        finally:
+            with t.cond:
+                t.per_key[self.key] -= 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 2)), min_size=1, max_size=15))
+def test_a_key_is_never_in_two_recoveries_at_once(requests: list[tuple[str, int]]) -> None:
+    clock = FakeClock()
+    tracker = PerKeyTracker()
+    ex = Executor(max_concurrent=3, attempt_timeout=30.0, clock=clock)
+    ex.start()
+    try:
+        accepted = sum(ex.submit(PerKeyJob(key, tracker, failures=n)) for key, n in requests)
+        tracker.wait(lambda: sum(k is OutcomeKind.DONE for _, k in tracker.outcomes) == accepted, "all done")
+        assert not tracker.overlap and 1 <= accepted <= len(requests)
+    finally:
+        ex.close()

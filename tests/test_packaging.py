@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_python(python: str | Path, code: str, cwd: Path) -> str:
-    out = subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -27,7 +27,9 @@ def test_import_pulls_in_neither_torch_lightning_nor_tinker(tmp_path: Path) -> N
 
 
 def test_editable_install_maps_integrations_under_the_package(tmp_path: Path) -> None:
-    code = "import tinkex_recovery.integrations as i, importlib.util as u; print(i.__name__, u.find_spec('integrations'))"
+    code = (
+        "import tinkex_recovery.integrations as i, importlib.util as u; print(i.__name__, u.find_spec('integrations'))"
+    )
     assert run_python(sys.executable, code, tmp_path).split() == ["tinkex_recovery.integrations", "None"]
 
 
@@ -51,10 +53,15 @@ def test_built_wheel_installs_and_imports(tmp_path: Path) -> None:
     # The wheel's copy comes first on the path, ahead of the editable install of the same package.
     code = (
         "import tinkex_recovery, tinkex_recovery.integrations, tinkex_recovery.simulated, importlib.util as u;"
-        "print(tinkex_recovery.integrations.__file__.startswith(%r), u.find_spec('integrations'))" % str(site)
+        f"print(tinkex_recovery.integrations.__file__.startswith({str(site)!r}), u.find_spec('integrations'))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(site)},
     )
     assert out.returncode == 0, out.stderr

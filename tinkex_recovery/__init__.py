@@ -17,6 +17,7 @@ from ._exceptions import (
     EngineClosed,
     InvalidTinkerPath,
     MalformedResponse,
+    MissingAPIKey,
     PermissionDenied,
     RecoveryDisabled,
     RecoveryExhausted,
@@ -29,6 +30,7 @@ from ._exceptions import (
 from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun
 from ._policy import RecoveryPolicy
 from ._recovery import LINEAGE_KEYS, Recovery
+from .rest import TinkerRest
 
 if TYPE_CHECKING:
     from .integrations import recovery_guard
@@ -49,6 +51,7 @@ __all__ = [
     "FakeClock",
     "InvalidTinkerPath",
     "MalformedResponse",
+    "MissingAPIKey",
     "PermissionDenied",
     "Recovery",
     "RecoveryDisabled",
@@ -63,6 +66,7 @@ __all__ = [
     "TinkerAPIError",
     "TinkerConnectionError",
     "TinkerPath",
+    "TinkerRest",
     "TinkerStatusError",
     "TinkexRecovery",
     "TinkexRecoveryError",

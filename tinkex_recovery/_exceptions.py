@@ -5,6 +5,7 @@
     ├── RecoveryDisabled                        watch() on an engine whose policy has enabled=False
     ├── EngineClosed                            the engine was used after close()
     ├── RecoveryExhausted                       every attempt or checkpoint was tried; the run stays lost
+    ├── MissingAPIKey (also ValueError)         no API key was given and TINKER_API_KEY is unset
     └── TinkerAPIError                          the REST client could not get an answer
         ├── TinkerConnectionError               connection refused, dropped, or timed out (after retries)
         ├── MalformedResponse                   the body was not the JSON Tinker sends
@@ -23,6 +24,7 @@ __all__ = [
     "EngineClosed",
     "InvalidTinkerPath",
     "MalformedResponse",
+    "MissingAPIKey",
     "PermissionDenied",
     "RecoveryDisabled",
     "RecoveryExhausted",
@@ -59,6 +61,10 @@ class RecoveryExhausted(TinkexRecoveryError):
         self.last_error = last_error
         detail = f": {last_error}" if last_error else ""
         super().__init__(f"recovery of run {run_id} exhausted after {attempts} attempt(s){detail}")
+
+
+class MissingAPIKey(TinkexRecoveryError, ValueError):
+    """No Tinker API key: pass ``api_key=`` or set ``TINKER_API_KEY``. Raised at construction, not on the first call."""
 
 
 class TinkerAPIError(TinkexRecoveryError):

@@ -1,5 +1,7 @@
-"""A simulated Tinker for offline examples and tests: :class:`SimulatedTinker` holds runs in memory."""
+"""A simulated Tinker for offline examples and tests: :class:`SimulatedTinker` holds runs in memory, and
+:func:`serve` puts it behind real loopback HTTP."""
 
+from ._server import ServedRequest, SimulatedServer, serve
 from ._tinker import (
     ForwardBackwardResult,
     OptimStepResult,
@@ -15,9 +17,12 @@ __all__ = [
     "ForwardBackwardResult",
     "OptimStepResult",
     "SaveStateResult",
+    "ServedRequest",
     "SimulatedAPIError",
     "SimulatedRequestFailedError",
     "SimulatedRestClient",
+    "SimulatedServer",
     "SimulatedTinker",
     "SimulatedTrainingClient",
+    "serve",
 ]

@@ -36,6 +36,7 @@ class SimulatedAPIError(Exception):
 
     def __init__(self, status_code: int, message: str) -> None:
         self.status_code = status_code
+        self.detail = message
         super().__init__(f"Error code: {status_code} - {message}")
 
 
@@ -138,7 +139,7 @@ class SimulatedTinker:
         self._seq = itertools.count()
         self._runs: dict[str, _Run] = {}
         self._last_time: datetime | None = None
-        self._restore_failures: list[int] = []
+        self._restore_failures: list[tuple[str | None, int]] = []  # (only restores from this run, status)
         self._poll_failures: list[int] = []
         self._hangs = 0
         self._released = threading.Event()
@@ -235,10 +236,11 @@ class SimulatedTinker:
         with self._lock:
             self._run(run_id).deleted = True
 
-    def fail_restores(self, n: int = 1, *, status_code: int = 503) -> None:
-        """The next ``n`` restores fail with ``status_code`` (503: transient; a 4xx rejects the checkpoint)."""
+    def fail_restores(self, n: int = 1, *, status_code: int = 503, from_run: str | None = None) -> None:
+        """The next ``n`` restores (from ``from_run``'s checkpoints only, if given) fail with ``status_code``
+        (503: transient; a 4xx rejects the checkpoint)."""
         with self._lock:
-            self._restore_failures += [status_code] * n
+            self._restore_failures += [(from_run, status_code)] * n
 
     def fail_polls(self, n: int = 1, *, status_code: int = 503) -> None:
         """The next ``n`` ``get_training_run`` calls fail with ``status_code``."""
@@ -308,9 +310,11 @@ class SimulatedTinker:
             self._released.wait()
             return _failed(SimulatedAPIError(504, "restore timed out at the gateway"))
         with self._lock:
-            if self._restore_failures:
-                code = self._restore_failures.pop(0)
-                return _failed(SimulatedAPIError(code, f"simulated restore failure from {path}"))
+            source_run_id = path[len("tinker://") :].split("/", 1)[0]
+            for i, (only, code) in enumerate(self._restore_failures):
+                if only is None or only == source_run_id:
+                    del self._restore_failures[i]
+                    return _failed(SimulatedAPIError(code, f"simulated restore failure from {path}"))
             try:
                 parsed = TinkerPath.parse(path)
             except ValueError as exc:
