@@ -1,0 +1,51 @@
+"""Shutdown during an in-flight recovery: every thread gone within a second, nothing fires afterwards."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tinkex_recovery import EventKind, FakeClock, RecoveryEngine, RecoveryPolicy
+from tinkex_recovery.simulated import SimulatedTinker
+
+from ..helpers import EventLog, run_with_checkpoints
+
+
+def engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tinkex-recovery")]
+
+
+@pytest.mark.parametrize("stage", ["backoff", "restore"])
+def test_close_during_a_recovery_stops_every_thread_within_a_second(
+    sim: SimulatedTinker, clock: FakeClock, events: EventLog, stage: str
+) -> None:
+    callbacks: list[object] = []
+    client = run_with_checkpoints(sim)
+    if stage == "backoff":
+        sim.fail_restores(1)  # the recovery waits out its backoff when the engine closes
+    policy = RecoveryPolicy(enabled=True, on_recovery=callbacks.append, on_failure=callbacks.append)
+    engine = RecoveryEngine(policy, clock=clock)
+    engine.subscribe(events)
+    engine.start()
+    engine.watch(client.model_id, sim)
+    gate = threading.Event()
+    if stage == "restore":
+        real = sim.create_training_client_from_state_with_optimizer
+
+        def slow_restore(path: str, **kw: object) -> object:
+            gate.wait(5)  # an in-flight restore call, released only after close() has returned
+            return real(path, **kw)  # type: ignore[arg-type]
+
+        sim.create_training_client_from_state_with_optimizer = slow_restore  # type: ignore[method-assign]
+    sim.corrupt(client.model_id)
+    engine.poll_once()
+    events.wait_for(EventKind.FAILED if stage == "backoff" else EventKind.CHECKPOINT_SELECTED)
+    started = time.monotonic()
+    engine.close(timeout=1.0)
+    seen = len(events.events)
+    gate.set()
+    alive = [t for t in engine_threads() if (t.join(1.0), t.is_alive())[1]]
+    assert not alive and time.monotonic() - started < 2.5
+    assert len(events.events) == seen and callbacks == []
