@@ -327,7 +327,7 @@ class RecoveryEngine:
         return status
 
     def _poller(self) -> None:
-        next_at = self._clock.monotonic()
+        next_at = self._clock.monotonic() + self.policy.poll_interval  # the first poll one interval after start
         while True:
             with self._cond:
                 while self._state is EngineState.OPENED:

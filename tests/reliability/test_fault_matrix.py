@@ -1,0 +1,232 @@
+"""The fault matrix: each fault, injected over the loopback HTTP server, and the outcome it must lead to.
+
+The table in ``docs/fault-matrix.md`` is generated from ``MATRIX`` below; a test keeps it in step
+(``UPDATE_DOCS=1 make test`` rewrites it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tinkex_recovery import EventKind, FakeClock, RecoveryEngine, RecoveryExhausted, RecoveryPolicy, TinkerRest
+from tinkex_recovery.simulated import SimulatedServer, SimulatedTinker, serve
+
+from ..helpers import WAIT, EventLog, run_with_checkpoints
+from ..http_support import KEY, FakeTime
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "fault-matrix.md"
+
+
+@dataclass
+class Harness:
+    """A corrupted-or-healthy run watched by an engine that polls over loopback HTTP."""
+
+    sim: SimulatedTinker
+    server: SimulatedServer
+    engine: RecoveryEngine
+    events: EventLog
+    clock: FakeClock
+    run_id: str
+
+    def polls(self) -> int:
+        return sum(1 for r in self.server.requests if r.path.endswith(self.run_id))
+
+    def recover(self) -> str:
+        self.sim.corrupt(self.run_id)
+        self.engine.poll_once()
+        return self.engine_handle.wait_for_recovery(WAIT).checkpoint.path.name
+
+    engine_handle: object = None  # set by the fixture
+
+
+@pytest.fixture
+def harness(sim: SimulatedTinker, clock: FakeClock, events: EventLog) -> Iterator[Harness]:
+    client = run_with_checkpoints(sim, steps=6, every=2)
+    policy = RecoveryPolicy(enabled=True, jitter=0.0, attempt_timeout=20.0, degraded_after=3)
+    fake_time = FakeTime()
+    with (
+        serve(sim, api_key=KEY) as server,
+        TinkerRest(
+            base_url=server.base_url, api_key=KEY, max_retries=2, read_timeout=0.2, sleep=fake_time.sleep
+        ) as rest,
+        RecoveryEngine(policy, status=rest, clock=clock) as engine,
+    ):
+        engine.subscribe(events)
+        h = Harness(sim, server, engine, events, clock, client.model_id)
+        h.engine_handle = engine.watch(client.model_id, sim)
+        yield h
+
+
+def poll_5xx(h: Harness) -> None:
+    h.server.fail_next(3, 503)
+    h.engine.poll_once()
+    assert h.events.kinds() == ["poll_error"] and h.polls() == 3
+    assert h.engine.watched_runs == [h.run_id] and h.sim.restore_calls == []
+
+
+def poll_429_retry_after(h: Harness) -> None:
+    h.server.fail_next(1, 429, retry_after=1.5)
+    h.engine.poll_once()
+    assert h.events.kinds() == [] and h.polls() == 2
+
+
+def poll_read_timeout(h: Harness) -> None:
+    h.server.delay_next(1, 1.0)
+    h.engine.poll_once()
+    assert h.events.kinds() == [] and h.polls() == 2
+
+
+def poll_dropped_connection(h: Harness) -> None:
+    h.server.drop_next(1)
+    h.engine.poll_once()
+    assert h.events.kinds() == [] and h.polls() == 2
+
+
+def poll_malformed_json(h: Harness) -> None:
+    h.server.malform_next(1)
+    h.engine.poll_once()
+    assert h.events.kinds() == ["poll_error"] and "MalformedResponse" in str(h.events.events[0].error)
+    assert h.polls() == 1
+
+
+def poll_401(h: Harness) -> None:
+    h.server.fail_next(1, 401)
+    h.engine.poll_once()
+    assert h.events.kinds() == ["poll_error"] and "AuthenticationError" in str(h.events.events[0].error)
+    assert h.polls() == 1
+
+
+def poll_404_run_deleted(h: Harness) -> None:
+    h.sim.delete_run(h.run_id)
+    h.engine.poll_once()
+    assert h.events.kinds() == ["poll_error"] and "RunNotFound" in str(h.events.events[0].error)
+    assert h.polls() == 1 and h.sim.restore_calls == []
+
+
+def server_down_for_several_intervals(h: Harness) -> None:
+    h.server.drop_next(3 * 5)
+    for _ in range(5):
+        h.engine.poll_once()
+    assert h.events.kinds().count("poll_degraded") == 1 and "detected" not in h.events.kinds()
+    assert h.recover() == "0006"  # the run stayed watched through the outage
+
+
+def restore_raises(h: Harness) -> None:
+    h.sim.fail_restores(1, status_code=503)
+    h.sim.corrupt(h.run_id)
+    h.engine.poll_once()
+    h.events.wait_for(EventKind.FAILED)
+    h.clock.advance(5.0)
+    assert h.engine_handle.wait_for_recovery(WAIT).attempts == 2  # type: ignore[attr-defined]
+
+
+def restore_hangs_past_attempt_timeout(h: Harness) -> None:
+    h.sim.hang_restores(1)
+    h.sim.corrupt(h.run_id)
+    h.engine.poll_once()
+    h.events.wait_for(EventKind.CHECKPOINT_SELECTED)
+    h.clock.advance(20.0)
+    assert "attempt_timeout" in str(h.events.wait_for(EventKind.FAILED)[0].error)
+    h.clock.advance(5.0)
+    assert h.engine_handle.wait_for_recovery(WAIT).attempts == 2  # type: ignore[attr-defined]
+    h.sim.release()
+
+
+def restored_client_fails_its_first_call(h: Harness) -> None:
+    assert h.recover() == "0006"
+    new_run = h.engine_handle.run_id  # type: ignore[attr-defined]
+    h.sim.corrupt(new_run)  # the new run is lost at once: its first call fails
+    h.engine.poll_once()
+    second = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    assert second.checkpoint.path.name == "0006" and h.sim.lineage(second.new_run_id) == list(range(6))
+
+
+def latest_checkpoint_broken(h: Harness) -> None:
+    h.sim.break_checkpoint(f"tinker://{h.run_id}/weights/0006")
+    assert h.recover() == "0004"
+
+
+def latest_checkpoint_expired(h: Harness) -> None:
+    h.sim.expire_checkpoint(f"tinker://{h.run_id}/weights/0006")
+    assert h.recover() == "0004" and len(h.events.of(EventKind.CHECKPOINT_SKIPPED)) == 1
+    assert [c[0].rsplit("/", 1)[1] for c in h.sim.restore_calls] == ["0004"]
+
+
+def latest_is_a_sampler_checkpoint(h: Harness) -> None:
+    strategy = f"tinker://{h.run_id}/sampler_weights/0006"
+    with pytest.raises(ValueError, match="sampler"):
+        RecoveryPolicy(enabled=True, checkpoint_strategy=strategy)
+    # As a listed checkpoint it is skipped like an expired one: see test_engine's sampler test.
+    assert h.recover() == "0006"
+
+
+def all_checkpoints_broken(h: Harness) -> None:
+    for n in (2, 4, 6):
+        h.sim.break_checkpoint(f"tinker://{h.run_id}/weights/{n:04d}")
+    h.sim.corrupt(h.run_id)
+    h.engine.poll_once()
+    with pytest.raises(RecoveryExhausted):
+        h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    assert len(h.sim.restore_calls) == 3 and h.events.kinds()[-1] == "exhausted"
+
+
+MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
+    ("poll: 503 until the client's retries run out", "poll_error; still watched; no recovery", poll_5xx),
+    ("poll: 429 with Retry-After", "retried after Retry-After; no event", poll_429_retry_after),
+    ("poll: read timeout", "retried; no event", poll_read_timeout),
+    ("poll: dropped connection", "retried; no event", poll_dropped_connection),
+    ("poll: malformed JSON", "poll_error (MalformedResponse); one request, not retried", poll_malformed_json),
+    ("poll: 401", "poll_error (AuthenticationError); one request, not retried", poll_401),
+    ("poll: 404, run deleted", "poll_error (RunNotFound); one request; no recovery", poll_404_run_deleted),
+    (
+        "server down for several poll intervals",
+        "one poll_degraded, no recovery; the run is still watched and recovers afterwards",
+        server_down_for_several_intervals,
+    ),
+    ("restore raises (503)", "failed, retried after backoff on the same checkpoint, completed", restore_raises),
+    (
+        "restore hangs past attempt_timeout",
+        "failed (timed out), retried, completed",
+        restore_hangs_past_attempt_timeout,
+    ),
+    (
+        "restored run fails its first call (corrupted again)",
+        "recovered again from the checkpoint it came from; lineage exact",
+        restored_client_fails_its_first_call,
+    ),
+    ("latest checkpoint broken (400)", "next older checkpoint at once", latest_checkpoint_broken),
+    ("latest checkpoint expired", "checkpoint_skipped, no restore call for it; next older", latest_checkpoint_expired),
+    ("sampler checkpoint", "refused as a pinned path; skipped when listed", latest_is_a_sampler_checkpoint),
+    ("all checkpoints broken", "exhausted after 1 + fallback_depth restore calls; never loops", all_checkpoints_broken),
+]
+
+
+@pytest.mark.parametrize(("fault", "expected", "scenario"), MATRIX, ids=[row[0] for row in MATRIX])
+def test_fault(harness: Harness, fault: str, expected: str, scenario: Callable[[Harness], None]) -> None:
+    scenario(harness)
+
+
+def render() -> str:
+    lines = [
+        "# Fault matrix",
+        "",
+        "Generated from `tests/reliability/test_fault_matrix.py`; every row is a test run by `make test`, over",
+        "the loopback HTTP server (`tinkex_recovery.simulated.serve`) with the engine polling through `TinkerRest`.",
+        "",
+        "| fault | outcome asserted |",
+        "|---|---|",
+        *(f"| {fault} | {expected} |" for fault, expected, _ in MATRIX),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def test_the_documented_matrix_is_the_tested_one() -> None:
+    if os.environ.get("UPDATE_DOCS"):
+        DOC.write_text(render())
+    assert DOC.read_text() == render(), "docs/fault-matrix.md is stale: run UPDATE_DOCS=1 make test"
