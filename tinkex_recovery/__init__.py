@@ -30,11 +30,11 @@ from ._exceptions import (
 from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun
 from ._policy import RecoveryPolicy
 from ._recovery import LINEAGE_KEYS, Recovery
-from .rest import TinkerRest
 
 if TYPE_CHECKING:
     from .integrations import recovery_guard
     from .integrations.lightning import TinkexRecovery
+    from .rest import TinkerRest
 
 __version__ = "0.1.0"
 
@@ -76,7 +76,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The integrations are imported on first use: the Lightning one pulls in torch.
+    # Imported on first use: the REST client pulls in httpx, the Lightning integration torch.
+    if name == "TinkerRest":
+        from .rest import TinkerRest
+
+        return TinkerRest
     if name == "recovery_guard":
         from .integrations import recovery_guard
 
