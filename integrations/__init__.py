@@ -4,4 +4,7 @@
 (needs the ``lightning`` extra, imported only when used).
 """
 
-__all__: list[str] = []
+from ._guard import GuardRecovery, RecoveryGuard, recovery_guard
+from ._steps import Step
+
+__all__ = ["GuardRecovery", "RecoveryGuard", "Step", "recovery_guard"]

@@ -1,0 +1,415 @@
+"""``recovery_guard``: a plain training loop that survives its run being corrupted.
+
+The guard watches the run with a private :class:`~tinkex_recovery.RecoveryEngine`. The loop talks only to
+``guard.client`` and walks ``guard.steps(...)``; at step boundaries the guard swaps in the recovered client
+and moves the step iterator to the step the restored checkpoint was saved at, so every step after that
+checkpoint is trained again on the new run, and none twice.
+
+- Failures are judged in ``with step:``: an exception polls the run at once; if it is corrupted (or a
+  recovery is under way) the guard waits for the new run and suppresses the exception, otherwise it
+  propagates unchanged. Recoveries the poller finds are taken in before the next step. When the iterable
+  runs out, one last poll makes sure the loop does not end on a run already marked corrupted.
+- Where to resume comes from the checkpoint: ``step`` in its user_metadata (written by :meth:`save_state`),
+  else the ``batch`` of its record in ``{log_path}/checkpoints.jsonl`` (tinker-cookbook's file).
+- Without a ``client``, the guard resumes at entry, as a restarted process needs: it restores a new run from
+  ``run_id``'s checkpoint chosen by the policy, and the loop starts at :attr:`RecoveryGuard.start_step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from enum import Enum
+from types import TracebackType
+from typing import Any, Self
+
+from tinkex_recovery import (
+    LINEAGE_KEYS,
+    Checkpoint,
+    CheckpointList,
+    Clock,
+    Recovery,
+    RecoveryEngine,
+    RecoveryExhausted,
+    RecoveryPolicy,
+    RunHandle,
+    RunState,
+    SystemClock,
+    TinkexRecoveryError,
+    TrainingRun,
+)
+from tinkex_recovery._engine import require_methods, validate_run_id
+from tinkex_recovery._futures import resolve
+from tinkex_recovery._recovery import accepts_kwarg
+from tinkex_recovery._retry import FailureKind, classify, describe
+from tinkex_recovery._selection import dedupe, rank, walk
+
+from ._checkpoint_log import CheckpointLog, metadata_for, step_from_metadata, validate_metrics, validate_step
+from ._steps import Step, StepCursor
+
+__all__ = ["GuardRecovery", "RecoveryGuard", "recovery_guard"]
+
+logger = logging.getLogger("tinkex_recovery")
+
+_STATUS_METHODS = ("get_training_run", "list_checkpoints")
+_SERVICE_METHODS = ("create_training_client_from_state", "create_training_client_from_state_with_optimizer")
+_REST_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardRecovery(Recovery):
+    """A :class:`~tinkex_recovery.Recovery` as the training loop lived it."""
+
+    resumed_at: int  #: the step the loop resumed at: the restored checkpoint's ``step``
+    steps_lost: int  #: steps completed after that checkpoint, trained again on the new run
+    waited: float  #: seconds the loop was held up waiting for the recovery (0 if it was done in time)
+
+
+class _State(Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class RecoveryGuard:
+    """A context manager that keeps one training run alive for a plain loop; see :func:`recovery_guard`.
+
+    Use it from the loop's thread only. It is single-use.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        service: Any,
+        *,
+        policy: RecoveryPolicy | None = None,
+        client: Any = None,
+        status: Any = None,
+        log_path: str | os.PathLike[str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._origin = validate_run_id(run_id)
+        if policy is None:
+            policy = RecoveryPolicy(enabled=True)  # using the guard is the opt-in
+        if not isinstance(policy, RecoveryPolicy):
+            raise TypeError(f"policy must be a RecoveryPolicy, got {type(policy).__name__}")
+        if client is not None:
+            model_id = getattr(client, "model_id", None)
+            if isinstance(model_id, str) and model_id != run_id:
+                raise ValueError(f"client is bound to run {model_id}, not to run_id {run_id}")
+        elif policy.specific_path is not None:
+            raise ValueError(
+                "a checkpoint_strategy pinned to a path needs client=: resuming at entry starts a new run, "
+                "which the pinned path does not belong to"
+            )
+        if status is not None:
+            require_methods(status, _STATUS_METHODS, "status")
+        self.policy = policy
+        self._service = service
+        self._status = status
+        self._log = CheckpointLog(log_path) if log_path is not None else None
+        self._clock = clock or SystemClock()
+        self._client = client
+        self._run_id = run_id
+        self._state = _State.NEW
+        self._engine: RecoveryEngine | None = None
+        self._handle: RunHandle | None = None
+        self._cursor: StepCursor | None = None
+        self._consumed = 0
+        self._recoveries: list[GuardRecovery] = []
+        self._inherited: list[Checkpoint] = []
+        self.start_step: int | None = None
+        """The step to start the loop at, when the guard resumed the run at entry (no ``client`` given)."""
+        self.resumed_from: Checkpoint | None = None
+        """The checkpoint the guard resumed from at entry, if it did."""
+
+    # -- what the loop reads ------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        """The training client to use now: the one passed in (or resumed at entry), then each recovered one."""
+        return self._client
+
+    @property
+    def run_id(self) -> str:
+        """The run :attr:`client` trains."""
+        return self._run_id
+
+    @property
+    def recoveries(self) -> tuple[GuardRecovery, ...]:
+        """Every recovery the loop has gone through, oldest first."""
+        return tuple(self._recoveries)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        if self._state is not _State.NEW:
+            raise RuntimeError(f"a recovery_guard is single-use; this one is {self._state.value}")
+        self._state = _State.OPEN
+        try:
+            if self._client is None:
+                self._resume()
+            if not self.policy.enabled:
+                logger.info(
+                    "recovery_guard: recovery is disabled by the policy (enabled=False); run %s is not watched "
+                    "and the guard passes everything through",
+                    self._run_id,
+                )
+                return self
+            engine = RecoveryEngine(self.policy, status=self._status_client(), poll_concurrency=1, clock=self._clock)
+            self._engine = engine
+            self._handle = engine.watch(self._run_id, self._service, inherited=self._inherited)
+            engine.start()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._state = _State.CLOSED
+        if self._engine is not None:
+            self._engine.close(timeout=1.0)
+
+    def _require_open(self, what: str) -> None:
+        if self._state is not _State.OPEN:
+            raise RuntimeError(f"{what} is only available inside `with recovery_guard(...) as guard:`")
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def steps(self, iterable: Iterable[int]) -> Iterator[Step]:
+        """Yield a :class:`Step` for each step index of ``iterable`` (ints, strictly increasing, e.g. a
+        ``range``); after a recovery, continue with the first index ``>=`` the restored checkpoint's step."""
+        self._require_open("steps()")
+        return self._walk(StepCursor(iterable))
+
+    def _walk(self, cursor: StepCursor) -> Iterator[Step]:
+        self._cursor = cursor
+        while True:
+            if self._state is not _State.OPEN:
+                raise RuntimeError("the recovery_guard was closed while its steps were being iterated")
+            self._catch_up(next_pos=cursor.pos)
+            try:
+                index = next(cursor)
+            except StopIteration:
+                # One last poll, so the loop never ends on a run the server already marked corrupted.
+                if self._handle is not None:
+                    self._handle.check_now()
+                if self._catch_up(next_pos=cursor.pos):
+                    continue
+                return
+            yield Step(self, index)
+
+    def _judge(self, step: Step, exc: BaseException | None) -> bool:
+        """Whether to suppress ``exc``, raised inside ``step``: yes if the run is, or turns out to be,
+        corrupted; then the recovery is awaited and the loop rewound."""
+        handle = self._handle
+        if exc is None or not isinstance(exc, Exception) or handle is None or self._state is not _State.OPEN:
+            return False
+        since = self._clock.monotonic()
+        if not handle.check_now() and handle.state is not RunState.EXHAUSTED:
+            return False
+        assert self._cursor is not None
+        self._catch_up(next_pos=self._cursor.pos - 1, cause=exc, since=since)
+        return True
+
+    def _catch_up(self, *, next_pos: int, cause: BaseException | None = None, since: float | None = None) -> int:
+        """Take in every recovery that is finished or under way, and return how many; ``next_pos`` is where
+        the loop would go on without them, ``since`` when the loop stopped for them (default: now)."""
+        handle = self._handle
+        if handle is None:
+            return 0
+        taken = 0
+        while len(handle.recoveries) > self._consumed or handle.state in (RunState.RECOVERING, RunState.EXHAUSTED):
+            started = self._clock.monotonic() if since is None else since
+            since = None
+            try:
+                recovery = handle.wait_for_recovery(timeout=self._wait_bound())
+            except RecoveryExhausted as err:
+                raise RecoveryExhausted(err.run_id, err.attempts, err.last_error) from cause
+            self._consumed += 1
+            taken += 1
+            self._apply(recovery, next_pos=next_pos, waited=self._clock.monotonic() - started)
+            assert self._cursor is not None
+            next_pos = self._cursor.pos
+        return taken
+
+    def _wait_bound(self) -> float:
+        p = self.policy
+        return p.max_attempts * (p.attempt_timeout + p.max_backoff) + 60.0
+
+    def _apply(self, recovery: Recovery, *, next_pos: int, waited: float) -> None:
+        self._client = recovery.client
+        self._run_id = recovery.new_run_id
+        step = self._step_of(recovery.checkpoint)
+        if step is None:
+            raise TinkexRecoveryError(
+                f"run {recovery.old_run_id} was recovered as {recovery.new_run_id} from "
+                f"{recovery.checkpoint.tinker_path}, but that checkpoint records no step (no 'step' in its "
+                f"user_metadata{'' if self._log is None else f', no record in {self._log.path}'}), "
+                "so the loop cannot know where to resume; save checkpoints with guard.save_state()"
+            )
+        assert self._cursor is not None
+        self._cursor.seek(step)
+        record = GuardRecovery(
+            **{f.name: getattr(recovery, f.name) for f in fields(Recovery)},
+            resumed_at=step,
+            steps_lost=max(next_pos - self._cursor.pos, 0),
+            waited=waited,
+        )
+        self._recoveries.append(record)
+        logger.warning(
+            "recovery_guard: run %s recovered as %s from %s in %.3fs; resuming at step %d (%d step(s) trained again)",
+            record.old_run_id,
+            record.new_run_id,
+            record.checkpoint.tinker_path,
+            record.seconds,
+            step,
+            record.steps_lost,
+        )
+
+    def _step_of(self, checkpoint: Checkpoint) -> int | None:
+        step = step_from_metadata(checkpoint)
+        if step is None and self._log is not None:
+            step = self._log.step_of(checkpoint.tinker_path)
+        return step
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def save_state(
+        self,
+        name: str,
+        *,
+        step: int,
+        metrics: Mapping[str, int | float] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> str:
+        """Save the current client's state as checkpoint ``name`` and return its tinker path.
+
+        ``step`` is the index of the next step to run (what a resume starts at); it and the numeric
+        ``metrics`` go into the checkpoint's user_metadata, so recovery (and ``best``) can use them even
+        in a new process. With ``log_path``, a tinker-cookbook record is appended to checkpoints.jsonl.
+        """
+        self._require_open("save_state()")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        step = validate_step(step)
+        values = validate_metrics(metrics)
+        if ttl_seconds is not None and (isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int)):
+            raise TypeError(f"ttl_seconds must be an int or None, got {ttl_seconds!r}")
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
+        result = resolve(
+            self._client.save_state(name, ttl_seconds=ttl_seconds, user_metadata=metadata_for(step, values))
+        )
+        path = getattr(result, "path", result)
+        if not isinstance(path, str):
+            raise TypeError(f"save_state() returned no tinker path (got {type(result).__name__})")
+        if self._log is not None:
+            self._log.append(name, step, path, values)
+        return path
+
+    # -- resuming in a new process ------------------------------------------------------------------------
+    def _status_client(self) -> Any:
+        if self._status is None:
+            factory = getattr(self._service, "create_rest_client", None)
+            if not callable(factory):
+                raise TypeError(
+                    f"service {type(self._service).__name__} has no create_rest_client(); pass status= to the guard"
+                )
+            status = resolve(factory())
+            require_methods(status, _STATUS_METHODS, "status")
+            self._status = status
+        return self._status
+
+    def _resume(self) -> None:
+        """Without a client: restore a new run from ``run_id``'s chosen checkpoint, at its recorded step."""
+        require_methods(self._service, _SERVICE_METHODS, "service")
+        status = self._status_client()
+        run = TrainingRun.coerce(resolve(status.get_training_run(self._origin), timeout=_REST_TIMEOUT))
+        listed = CheckpointList.coerce(resolve(status.list_checkpoints(self._origin), timeout=_REST_TIMEOUT))
+        newest = [run.last_checkpoint] if run.last_checkpoint and self.policy.checkpoint_strategy == "latest" else []
+        candidates = dedupe([*newest, *rank(self.policy, listed.checkpoints)])
+
+        def skip(checkpoint: Checkpoint, reason: str) -> None:
+            logger.warning("recovery_guard: not resuming from %s: %s", checkpoint.tinker_path, reason)
+
+        rejections = 0
+        for checkpoint in walk(candidates, rejected=set(), now=self._clock.now(), skip=skip):
+            step = self._step_of(checkpoint)
+            if step is None:
+                skip(checkpoint, "it records no step (user_metadata 'step' or a checkpoints.jsonl record)")
+                continue
+            try:
+                client = resolve(self._restore(run, checkpoint), timeout=self.policy.attempt_timeout)
+            except Exception as exc:
+                if classify(exc) is FailureKind.CHECKPOINT and rejections < self.policy.fallback_depth:
+                    rejections += 1
+                    skip(checkpoint, f"the server rejected it: {describe(exc)}")
+                    continue
+                raise
+            new_run_id = getattr(client, "model_id", None)
+            if not isinstance(new_run_id, str) or not new_run_id:
+                raise TypeError(f"the restored client has no model_id (got {type(client).__name__})")
+            self._client, self._run_id = client, new_run_id
+            self.start_step, self.resumed_from = step, checkpoint
+            # The new run has no checkpoint of its own yet; if it is lost before it saves one, these remain.
+            older = [c for c in candidates if c.time < checkpoint.time and self._step_of(c) is not None]
+            self._inherited = [checkpoint, *older]
+            logger.info(
+                "recovery_guard: run %s resumed as %s from %s; start at step %d",
+                self._origin,
+                new_run_id,
+                checkpoint.tinker_path,
+                step,
+            )
+            return
+        raise TinkexRecoveryError(
+            f"run {self._origin} has no checkpoint to resume from (none restorable with a recorded step); "
+            "pass client= to start the loop yourself"
+        )
+
+    def _restore(self, run: TrainingRun, checkpoint: Checkpoint) -> Any:
+        if self.policy.restore_optimizer:
+            method = self._service.create_training_client_from_state_with_optimizer
+        else:
+            method = self._service.create_training_client_from_state
+        if not accepts_kwarg(method, "user_metadata"):
+            return method(checkpoint.tinker_path)
+        metadata = {
+            **(run.user_metadata or {}),
+            LINEAGE_KEYS[0]: self._origin,
+            LINEAGE_KEYS[1]: checkpoint.tinker_path,
+        }
+        return method(checkpoint.tinker_path, user_metadata=metadata)
+
+    def __repr__(self) -> str:
+        return f"<RecoveryGuard run_id={self._run_id!r} state={self._state.value} recoveries={len(self._recoveries)}>"
+
+
+def recovery_guard(
+    run_id: str,
+    service: Any,
+    *,
+    policy: RecoveryPolicy | None = None,
+    client: Any = None,
+    status: Any = None,
+    log_path: str | os.PathLike[str] | None = None,
+    clock: Clock | None = None,
+) -> RecoveryGuard:
+    """Keep ``run_id`` alive for a plain training loop::
+
+        with recovery_guard(run_id, service, policy=policy, client=training_client) as guard:
+            for step in guard.steps(range(start, num_steps)):
+                with step:
+                    ...  # train step.index through guard.client; guard.save_state(..., step=step.index + 1)
+
+    ``service`` restores runs (a ``tinker.ServiceClient``); ``status`` reads them (default: the service's
+    ``create_rest_client()``). No ``policy`` means ``RecoveryPolicy(enabled=True)``; a disabled policy makes
+    the guard a pass-through that starts no thread. Without ``client``, the guard resumes at entry: it
+    restores a new run from ``run_id``'s chosen checkpoint and sets :attr:`RecoveryGuard.start_step`.
+    ``log_path`` adds a tinker-cookbook ``checkpoints.jsonl`` as a record of steps. ``clock`` is for tests.
+    """
+    return RecoveryGuard(run_id, service, policy=policy, client=client, status=status, log_path=log_path, clock=clock)

@@ -1,0 +1,98 @@
+"""Step indices that can be rewound: what ``guard.steps(iterable)`` walks over.
+
+The iterable yields step indices: ints, strictly increasing (a ``range`` is the usual case). A recovery
+restores a checkpoint saved with ``step=k`` ("k steps trained"), and iteration continues with the first
+element ``>= k``: a sequence is simply re-indexed (``range`` in O(1)); any other iterable is remembered as it
+is consumed (one int per step) so the indices already yielded can be replayed.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from tinkex_recovery import TinkexRecoveryError
+
+if TYPE_CHECKING:
+    from ._guard import RecoveryGuard
+
+__all__ = ["Step", "StepCursor"]
+
+
+class StepCursor:
+    """A position in a sequence of step indices that can move back to a checkpoint's step."""
+
+    def __init__(self, iterable: Iterable[int]) -> None:
+        if isinstance(iterable, str | bytes) or not isinstance(iterable, Iterable):
+            raise TypeError(f"steps() needs an iterable of step indices (ints), got {type(iterable).__name__}")
+        self._items: Sequence[int]
+        self._rest: Iterator[int] | None
+        if isinstance(iterable, Sequence):
+            self._items, self._rest = iterable, None
+        else:
+            self._items, self._rest = [], iter(iterable)
+        self.pos = 0  #: position of the next index to yield
+        self._floor: int | None = None  # after a seek past the remembered indices: skip fresh ones below it
+
+    def __next__(self) -> int:
+        while True:
+            if self.pos < len(self._items):
+                index = self._items[self.pos]
+            elif self._rest is not None:
+                index = next(self._rest)
+                assert isinstance(self._items, list)
+                self._items.append(index)
+            else:
+                raise StopIteration
+            self._check(index)
+            self.pos += 1
+            if self._floor is None or index >= self._floor:
+                self._floor = None
+                return index
+
+    def _check(self, index: object) -> None:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"steps() iterates over step indices (ints), got {index!r}")
+        if self.pos > 0 and self._items[self.pos - 1] >= index:
+            raise ValueError(f"step indices must be strictly increasing; {index} follows {self._items[self.pos - 1]}")
+
+    def seek(self, step: int) -> None:
+        """Continue with the first index ``>= step``."""
+        if len(self._items) == 0 and self._rest is None:
+            return
+        if len(self._items) and step < self._items[0]:
+            raise TinkexRecoveryError(
+                f"cannot resume at step {step}: the iterable given to steps() starts at {self._items[0]}; "
+                "iterate over every step from the checkpoint on (e.g. one steps() over the global step index)"
+            )
+        pos = bisect_left(self._items, step)
+        self.pos = pos
+        self._floor = step if pos == len(self._items) and self._rest is not None else None
+
+
+class Step:
+    """One step of a guarded loop. ``with step:`` is where a failure is judged: caused by the run being
+    corrupted (recovered, suppressed, and the loop rewound) or not (propagated unchanged)."""
+
+    __slots__ = ("_entered", "_guard", "index")
+
+    def __init__(self, guard: RecoveryGuard, index: int) -> None:
+        self._guard = guard
+        self._entered = False
+        self.index = index  #: the step index, an element of the iterable given to steps()
+
+    def __enter__(self) -> Step:
+        if self._entered:
+            raise RuntimeError(f"step {self.index} was already entered; each step is entered once")
+        self._entered = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        return self._guard._judge(self, exc)
+
+    def __repr__(self) -> str:
+        return f"<Step index={self.index}>"
