@@ -28,7 +28,7 @@ demo: venv
 	$(BIN)/python examples/recovery_simulated.py
 
 lint: venv-test
-	$(BIN)/ruff check tinkex_recovery integrations tests examples benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/ruff format --check tinkex_recovery integrations
 
 typecheck: venv-test

@@ -16,8 +16,6 @@ from traceback import walk_stack
 from typing import Any
 
 import pytest
-from tinkex_recovery.integrations import GuardRecovery, RecoveryGuard, Step
-from tinkex_recovery.integrations._steps import StepCursor
 
 from tinkex_recovery import (
     FakeClock,
@@ -27,6 +25,8 @@ from tinkex_recovery import (
     TinkexRecoveryError,
     recovery_guard,
 )
+from tinkex_recovery.integrations import GuardRecovery, RecoveryGuard, Step
+from tinkex_recovery.integrations._steps import StepCursor
 from tinkex_recovery.simulated import SimulatedAPIError, SimulatedRequestFailedError, SimulatedTinker
 
 from .helpers import WAIT

@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from tinkex_recovery.integrations import RecoveryGuard
 
 from tinkex_recovery import LINEAGE_KEYS, FakeClock, RecoveryPolicy, TinkexRecoveryError, recovery_guard
+from tinkex_recovery.integrations import RecoveryGuard
 from tinkex_recovery.simulated import SimulatedTinker, SimulatedTrainingClient
 
 POLICY = RecoveryPolicy(enabled=True, poll_interval=3600, backoff=0, max_backoff=0)
