@@ -40,7 +40,7 @@ from tinkex_recovery import (
     TinkexRecoveryError,
     TrainingRun,
 )
-from tinkex_recovery._engine import require_methods, validate_run_id
+from tinkex_recovery._engine import require_methods, rest_client_of, validate_run_id
 from tinkex_recovery._futures import resolve
 from tinkex_recovery._recovery import accepts_kwarg
 from tinkex_recovery._retry import FailureKind, classify, describe
@@ -314,14 +314,7 @@ class RecoveryGuard:
     # -- resuming in a new process ------------------------------------------------------------------------
     def _status_client(self) -> Any:
         if self._status is None:
-            factory = getattr(self._service, "create_rest_client", None)
-            if not callable(factory):
-                raise TypeError(
-                    f"service {type(self._service).__name__} has no create_rest_client(); pass status= to the guard"
-                )
-            status = resolve(factory())
-            require_methods(status, _STATUS_METHODS, "status")
-            self._status = status
+            self._status = rest_client_of(self._service)
         return self._status
 
     def _resume(self) -> None:

@@ -66,6 +66,24 @@ def require_methods(obj: object, names: Iterable[str], role: str) -> None:
         raise TypeError(f"{role} {type(obj).__name__} lacks the method(s) {', '.join(missing)}")
 
 
+def rest_client_of(service: Any) -> Any:
+    """The REST client of ``service``: the status source when none is given.
+
+    ``tinker.ServiceClient`` (0.38) deprecates ``create_rest_client()`` with a FutureWarning; its own
+    ``_rest_client()`` builds the same client without one (and ``close()`` closes it). The public replacement,
+    ``tinker.RestClient(base_url=..., api_key=...)``, needs credentials a ServiceClient does not expose.
+    """
+    if callable(getattr(type(service), "_rest_client", None)):  # on the class: not an attribute a mock conjures
+        status = resolve(service._rest_client())
+    else:
+        factory = getattr(service, "create_rest_client", None)
+        if not callable(factory):
+            raise TypeError(f"service {type(service).__name__} has no create_rest_client(); pass status= to the engine")
+        status = resolve(factory())
+    require_methods(status, _STATUS_METHODS, "status")
+    return status
+
+
 @dataclass(eq=False)
 class _Lineage:
     """One watched run and every run recovered from it. Guarded by the engine's lock."""
@@ -76,7 +94,7 @@ class _Lineage:
     metadata: dict[str, str]
     client: Any = None
     state: RunState = RunState.WATCHING
-    recoveries: list[Recovery] = field(default_factory=list)
+    recoveries: tuple[Recovery, ...] = ()  # replaced, never mutated: a handle reads it without the lock
     rejected: set[str] = field(default_factory=set)
     inherited: list[Checkpoint] = field(default_factory=list)
     failed_polls: int = 0
@@ -106,13 +124,12 @@ class RunHandle:
 
     @property
     def state(self) -> RunState:
-        with self._engine._cond:
-            return self._lineage.state
+        # One read of a field that is only ever replaced whole: no lock, as a guarded loop reads it every step.
+        return self._lineage.state
 
     @property
     def recoveries(self) -> tuple[Recovery, ...]:
-        with self._engine._cond:
-            return tuple(self._lineage.recoveries)
+        return self._lineage.recoveries
 
     def check_now(self) -> bool:
         """Poll this run now, on the calling thread; True if a recovery is under way (or just finished
@@ -317,11 +334,7 @@ class RecoveryEngine:
             cached = self._rest_clients.get(id(service))
         if cached is not None:
             return cached[1]
-        factory = getattr(service, "create_rest_client", None)
-        if not callable(factory):
-            raise TypeError(f"service {type(service).__name__} has no create_rest_client(); pass status= to the engine")
-        status = resolve(factory())
-        require_methods(status, _STATUS_METHODS, "status")
+        status = rest_client_of(service)
         with self._cond:
             self._rest_clients[id(service)] = (service, status)
         return status
@@ -421,7 +434,7 @@ class RecoveryEngine:
             self._watched.pop(lineage.run_id, None)
             lineage.run_id = recovery.new_run_id
             lineage.client = recovery.client
-            lineage.recoveries.append(recovery)
+            lineage.recoveries = (*lineage.recoveries, recovery)
             lineage.rejected = job.rejected
             # The new run has no checkpoint of its own yet; if it is lost too, these are what it can use.
             lineage.inherited = [restored, *(c for c in older if c.tinker_path not in job.rejected)]

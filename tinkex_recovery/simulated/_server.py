@@ -7,10 +7,14 @@ handler to it::
     def _create_session(call: Call) -> Reply | BaseModel | Any: ...
 
 A handler gets a :class:`Call` (the server, the simulated Tinker, path parameters, query, headers, body)
-and returns a pydantic model or JSON-able value (sent as 200), or a :class:`Reply`; it raises
+and returns a pydantic model or JSON-able value (sent as 200), or a :class:`Reply` (whose ``bytes`` body is
+sent as it is, with its ``content_type``); it raises
 :class:`HTTPError`, or lets a ``SimulatedAPIError`` escape, to answer an error as ``{"detail": ...}``.
 Path patterns name parameters ``{name}`` (one segment) or ``{name:path}`` (may contain ``/``, as checkpoint
 ids do); parameters arrive percent-decoded. Authentication and faults are applied before any handler runs.
+
+The official ``tinker`` SDK's protocol (sessions, futures, protobuf training calls) is registered into the
+same table by ``_sdk_routes``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class Reply:
     status: int = 200
     body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +208,8 @@ class SimulatedServer:
     """A running loopback server (made by :func:`serve`): its URL, its request log and its fault controls.
 
     Faults queue up: each request takes the next queued fault, if any, before authentication and routing.
-    ``latency`` delays every response; ``page_size`` makes checkpoint listings paginate.
+    ``latency`` delays every response; ``page_size`` makes checkpoint listings paginate; ``keep_alive = False``
+    closes every connection after its response, so no server thread outlives the request it serves.
     """
 
     def __init__(
@@ -217,6 +223,7 @@ class SimulatedServer:
         self._requests: list[ServedRequest] = []
         self._latency = 0.0
         self.page_size: int | None = None
+        self.keep_alive = True
         self._stopping = threading.Event()
         self._closing = False
         self._connections: set[socket.socket] = set()
@@ -371,9 +378,11 @@ class SimulatedServer:
 
 def _json_reply(reply: Reply) -> Reply:
     body = reply.body
+    if isinstance(body, bytes):
+        return reply
     if isinstance(body, BaseModel):
         body = body.model_dump(mode="json")
-    return Reply(reply.status, json.dumps(body).encode(), reply.headers)
+    return Reply(reply.status, json.dumps(body).encode(), reply.headers, reply.content_type)
 
 
 def _shutdown(conn: socket.socket) -> None:
@@ -414,7 +423,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
+        if not owner.keep_alive:
+            self.send_header("Connection", "close")  # also ends this handler's loop
+        self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
         for name, value in reply.headers.items():
             self.send_header(name, value)

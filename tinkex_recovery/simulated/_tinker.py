@@ -157,11 +157,18 @@ class SimulatedTinker:
 
     # -- service API ----------------------------------------------------------------------------------
     def create_lora_training_client(
-        self, base_model: str, rank: int = 32, user_metadata: Mapping[str, str] | None = None, **_: Any
+        self,
+        base_model: str,
+        rank: int = 32,
+        user_metadata: Mapping[str, str] | None = None,
+        *,
+        run_id: str | None = None,
+        **_: Any,
     ) -> SimulatedTrainingClient:
-        """A fresh LoRA run with nothing trained yet."""
+        """A fresh LoRA run with nothing trained yet. ``run_id`` names it (default ``{session}:train:{n}``): the
+        SDK derives a new run's id from its own session, so the wire server passes it in."""
         with self._lock:
-            run = self._new_run(base_model, rank, _check_metadata(user_metadata), trained=())
+            run = self._new_run(base_model, rank, _check_metadata(user_metadata), trained=(), run_id=run_id)
         return SimulatedTrainingClient(self, run.run_id)
 
     def create_training_client_from_state(
@@ -169,27 +176,32 @@ class SimulatedTinker:
         path: str,
         base_model: str | None = None,
         user_metadata: Mapping[str, str] | None = None,
+        *,
+        run_id: str | None = None,
         **_: Any,
     ) -> Future[SimulatedTrainingClient]:
-        """A new run holding the checkpoint's weights (optimizer state reset)."""
-        return self._restore(path, user_metadata, with_optimizer=False)
+        """A new run holding the checkpoint's weights (optimizer state reset); ``run_id`` as for a LoRA run."""
+        return self._restore(path, user_metadata, with_optimizer=False, run_id=run_id)
 
     def create_training_client_from_state_with_optimizer(
         self,
         path: str,
         base_model: str | None = None,
         user_metadata: Mapping[str, str] | None = None,
+        *,
+        run_id: str | None = None,
         **_: Any,
     ) -> Future[SimulatedTrainingClient]:
-        """A new run holding the checkpoint's weights and optimizer state."""
-        return self._restore(path, user_metadata, with_optimizer=True)
+        """A new run holding the checkpoint's weights and optimizer state; ``run_id`` as for a LoRA run."""
+        return self._restore(path, user_metadata, with_optimizer=True, run_id=run_id)
 
     def create_rest_client(self) -> SimulatedRestClient:
         return SimulatedRestClient(self)
 
     # -- inspection -----------------------------------------------------------------------------------
     def lineage(self, run_id: str) -> list[Any]:
-        """The data items the run's weights were trained on, in order, through every restore."""
+        """The data items the run's weights were trained on, in order, through every restore. (A ``Datum`` the
+        SDK sends over HTTP is recorded as the tuple of its input token ids.)"""
         with self._lock:
             return list(self._run(run_id).trained)
 
@@ -289,16 +301,24 @@ class SimulatedTinker:
         raise SimulatedAPIError(404, f"checkpoint {path!r} not found")
 
     def _new_run(
-        self, base_model: str, rank: int, user_metadata: dict[str, str] | None, trained: Sequence[Any]
+        self,
+        base_model: str,
+        rank: int,
+        user_metadata: dict[str, str] | None,
+        trained: Sequence[Any],
+        run_id: str | None = None,
     ) -> _Run:
-        run_id = f"{self._session}:train:{next(self._seq)}"
+        if run_id is None:
+            run_id = f"{self._session}:train:{next(self._seq)}"
+        elif run_id in self._runs:
+            raise SimulatedAPIError(409, f"training run {run_id!r} already exists")
         now = self._now()
         run = _Run(run_id, base_model, rank, user_metadata, created=now, trained=list(trained))
         self._runs[run_id] = run
         return run
 
     def _restore(
-        self, path: str, user_metadata: Mapping[str, str] | None, *, with_optimizer: bool
+        self, path: str, user_metadata: Mapping[str, str] | None, *, with_optimizer: bool, run_id: str | None = None
     ) -> Future[SimulatedTrainingClient]:
         metadata = _check_metadata(user_metadata)
         with self._lock:
@@ -330,8 +350,19 @@ class SimulatedTinker:
             if checkpoint.expires_at is not None and checkpoint.expires_at <= self._clock.now():
                 return _failed(SimulatedAPIError(404, f"checkpoint {path} has expired"))
             source = self._runs[parsed.run_id]
-            run = self._new_run(source.base_model, source.lora_rank, metadata, trained=checkpoint.trained)
+            try:
+                run = self._new_run(
+                    source.base_model, source.lora_rank, metadata, trained=checkpoint.trained, run_id=run_id
+                )
+            except SimulatedAPIError as exc:
+                return _failed(exc)
         return _done(SimulatedTrainingClient(self, run.run_id))
+
+    def _model_info(self, run_id: str) -> tuple[str, int]:
+        """The run's base model and LoRA rank, with no side effect (unlike a poll)."""
+        with self._lock:
+            run = self._run(run_id)
+            return run.base_model, run.lora_rank
 
     def _call(self, run_id: str) -> _Run | BaseException:
         """The run a training call acts on, or the error the call must fail with."""
@@ -364,6 +395,15 @@ class SimulatedTrainingClient:
             if isinstance(run, BaseException):
                 return _failed(run)
             run.pending.extend(data)
+            loss = 1.0 / (1.0 + len(run.trained) + len(run.pending))
+        return _done(ForwardBackwardResult(loss=loss, metrics={"loss:mean": loss}))
+
+    def forward(self, data: Sequence[Any], loss_fn: str = "cross_entropy") -> Future[ForwardBackwardResult]:
+        """The loss of ``data`` without training on it: nothing is queued for ``optim_step``."""
+        with self._sim._lock:
+            run = self._sim._call(self.model_id)
+            if isinstance(run, BaseException):
+                return _failed(run)
             loss = 1.0 / (1.0 + len(run.trained) + len(run.pending))
         return _done(ForwardBackwardResult(loss=loss, metrics={"loss:mean": loss}))
 
