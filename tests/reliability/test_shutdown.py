@@ -49,3 +49,37 @@ def test_close_during_a_recovery_stops_every_thread_within_a_second(
     alive = [t for t in engine_threads() if (t.join(1.0), t.is_alive())[1]]
     assert not alive and time.monotonic() - started < 2.5
     assert len(events.events) == seen and callbacks == []
+
+
+@pytest.mark.lightning
+def test_an_exception_in_training_step_during_a_recovery_stops_every_thread(
+    tmp_path: object, sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    from ..test_lightning import RemoteModule, TinkexRecovery, loader, make_trainer
+
+    entered, gate = threading.Event(), threading.Event()
+    real = sim.create_training_client_from_state_with_optimizer
+
+    def slow_restore(path: str, **kw: object) -> object:
+        entered.set()
+        gate.wait(5)  # the restore is in flight when the step fails, and returns only after fit has ended
+        return real(path, **kw)  # type: ignore[arg-type]
+
+    def lose_run_then_fail(module: RemoteModule) -> None:
+        sim.create_training_client_from_state_with_optimizer = slow_restore  # type: ignore[method-assign]
+        sim.corrupt(module.training_client.model_id)
+        assert module.cb is not None and module.cb.handle is not None and module.cb.handle.check_now()
+        assert entered.wait(5)
+        raise RuntimeError("a bug in the step, while a recovery is in flight")
+
+    module = RemoteModule(sim, mid={2: lose_run_then_fail})  # after the checkpoint at step 2
+    cb = TinkexRecovery(clock=clock, retry_failed_step=False)
+    module.cb = cb
+    trainer = make_trainer(tmp_path, cb)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="a bug in the step"):
+        trainer.fit(module, loader(4))
+    gate.set()
+    alive = [t for t in engine_threads() if (t.join(1.0), t.is_alive())[1]]
+    assert not alive and time.monotonic() - started < 5
+    assert cb.lineage == ()  # the recovery finished after close: nothing was swapped in or recorded
