@@ -188,9 +188,16 @@ def test_a_key_is_never_in_two_recoveries_at_once(requests: list[tuple[str, int]
     tracker = PerKeyTracker()
     ex = Executor(max_concurrent=3, attempt_timeout=30.0, clock=clock)
     ex.start()
+    gate = threading.Event()  # every attempt holds its slot until all requests are in and the slots are full
     try:
-        accepted = sum(ex.submit(PerKeyJob(key, tracker, failures=n)) for key, n in requests)
+        jobs = [PerKeyJob(key, tracker, failures=n, gated=True) for key, n in requests]
+        for job in jobs:
+            job.gate = gate
+        accepted = sum(ex.submit(job) for job in jobs)
+        tracker.wait(lambda: len(tracker.started) >= min(3, accepted), "the slots fill up")
+        gate.set()
         tracker.wait(lambda: sum(k is OutcomeKind.DONE for _, k in tracker.outcomes) == accepted, "all done")
-        assert not tracker.overlap and 1 <= accepted <= len(requests)
+        assert not tracker.overlap and accepted == len({key for key, _ in requests})
     finally:
+        gate.set()
         ex.close()
