@@ -26,7 +26,6 @@ from types import TracebackType
 from typing import Any, Self
 
 from tinkex_recovery import (
-    LINEAGE_KEYS,
     Checkpoint,
     CheckpointList,
     Clock,
@@ -40,9 +39,15 @@ from tinkex_recovery import (
     TinkexRecoveryError,
     TrainingRun,
 )
-from tinkex_recovery._engine import require_methods, rest_client_of, validate_run_id
+from tinkex_recovery._engine import (
+    SERVICE_METHODS,
+    STATUS_METHODS,
+    require_methods,
+    rest_client_of,
+    validate_run_id,
+)
 from tinkex_recovery._futures import resolve
-from tinkex_recovery._recovery import accepts_kwarg
+from tinkex_recovery._recovery import lineage_metadata, restore_from
 from tinkex_recovery._retry import FailureKind, classify, describe
 from tinkex_recovery._selection import dedupe, rank, walk
 
@@ -53,8 +58,6 @@ __all__ = ["GuardRecovery", "RecoveryGuard", "recovery_guard"]
 
 logger = logging.getLogger("tinkex_recovery")
 
-_STATUS_METHODS = ("get_training_run", "list_checkpoints")
-_SERVICE_METHODS = ("create_training_client_from_state", "create_training_client_from_state_with_optimizer")
 _REST_TIMEOUT = 60.0
 
 
@@ -105,7 +108,7 @@ class RecoveryGuard:
                 "which the pinned path does not belong to"
             )
         if status is not None:
-            require_methods(status, _STATUS_METHODS, "status")
+            require_methods(status, STATUS_METHODS, "status")
         self.policy = policy
         self._service = service
         self._status = status
@@ -319,7 +322,7 @@ class RecoveryGuard:
 
     def _resume(self) -> None:
         """Without a client: restore a new run from ``run_id``'s chosen checkpoint, at its recorded step."""
-        require_methods(self._service, _SERVICE_METHODS, "service")
+        require_methods(self._service, SERVICE_METHODS, "service")
         status = self._status_client()
         run = TrainingRun.coerce(resolve(status.get_training_run(self._origin), timeout=_REST_TIMEOUT))
         listed = CheckpointList.coerce(resolve(status.list_checkpoints(self._origin), timeout=_REST_TIMEOUT))
@@ -365,18 +368,10 @@ class RecoveryGuard:
         )
 
     def _restore(self, run: TrainingRun, checkpoint: Checkpoint) -> Any:
-        if self.policy.restore_optimizer:
-            method = self._service.create_training_client_from_state_with_optimizer
-        else:
-            method = self._service.create_training_client_from_state
-        if not accepts_kwarg(method, "user_metadata"):
-            return method(checkpoint.tinker_path)
-        metadata = {
-            **(run.user_metadata or {}),
-            LINEAGE_KEYS[0]: self._origin,
-            LINEAGE_KEYS[1]: checkpoint.tinker_path,
-        }
-        return method(checkpoint.tinker_path, user_metadata=metadata)
+        metadata = {**(run.user_metadata or {}), **lineage_metadata(self._origin, checkpoint.tinker_path)}
+        return restore_from(
+            self._service, checkpoint.tinker_path, with_optimizer=self.policy.restore_optimizer, metadata=metadata
+        )
 
     def __repr__(self) -> str:
         return f"<RecoveryGuard run_id={self._run_id!r} state={self._state.value} recoveries={len(self._recoveries)}>"

@@ -34,7 +34,7 @@ from tinkex_recovery._exceptions import RecoveryExhausted
 from tinkex_recovery._futures import resolve
 from tinkex_recovery._models import Checkpoint
 from tinkex_recovery._policy import RecoveryPolicy
-from tinkex_recovery._recovery import LINEAGE_KEYS, Recovery, accepts_kwarg
+from tinkex_recovery._recovery import Recovery, lineage_metadata, restore_from
 from tinkex_recovery._retry import backoff_delay, describe
 
 try:
@@ -355,17 +355,12 @@ class TinkexRecovery(Callback):
 
     def _restore(self, pl_module: pl.LightningModule, path: str, old_run_id: str, number: int) -> Any:
         service = getattr(pl_module, self.service_attr)
-        if self.policy.restore_optimizer:
-            method = service.create_training_client_from_state_with_optimizer
-        else:
-            method = service.create_training_client_from_state
-        kwargs: dict[str, Any] = {}
-        if accepts_kwarg(method, "user_metadata"):
-            kwargs["user_metadata"] = dict(zip(LINEAGE_KEYS, (old_run_id, path, str(number)), strict=True))
+        metadata = lineage_metadata(old_run_id, path, number)
         cond = threading.Condition()
         for attempt in range(1, self.policy.max_attempts + 1):
             try:
-                client = resolve(method(path, **kwargs), timeout=self.policy.attempt_timeout)
+                pending = restore_from(service, path, with_optimizer=self.policy.restore_optimizer, metadata=metadata)
+                client = resolve(pending, timeout=self.policy.attempt_timeout)
                 if not isinstance(getattr(client, "model_id", None), str):
                     raise TypeError(f"the restored client has no model_id (got {type(client).__name__})")
                 return client

@@ -33,8 +33,8 @@ __all__ = ["EngineState", "RecoveryEngine", "RunHandle", "RunState"]
 logger = logging.getLogger("tinkex_recovery")
 
 _RUN_ID = re.compile(r"^[^\s/]+$")
-_SERVICE_METHODS = ("create_training_client_from_state", "create_training_client_from_state_with_optimizer")
-_STATUS_METHODS = ("get_training_run", "list_checkpoints")
+SERVICE_METHODS = ("create_training_client_from_state", "create_training_client_from_state_with_optimizer")
+STATUS_METHODS = ("get_training_run", "list_checkpoints")
 
 
 class EngineState(Enum):
@@ -80,7 +80,7 @@ def rest_client_of(service: Any) -> Any:
         if not callable(factory):
             raise TypeError(f"service {type(service).__name__} has no create_rest_client(); pass status= to the engine")
         status = resolve(factory())
-    require_methods(status, _STATUS_METHODS, "status")
+    require_methods(status, STATUS_METHODS, "status")
     return status
 
 
@@ -194,7 +194,7 @@ class RecoveryEngine:
         if not isinstance(policy, RecoveryPolicy):
             raise TypeError(f"policy must be a RecoveryPolicy, got {type(policy).__name__}")
         if status is not None:
-            require_methods(status, _STATUS_METHODS, "status")
+            require_methods(status, STATUS_METHODS, "status")
         if not isinstance(poll_concurrency, int) or poll_concurrency < 1:
             raise ValueError(f"poll_concurrency must be an integer >= 1, got {poll_concurrency!r}")
         self.policy = policy
@@ -282,7 +282,7 @@ class RecoveryEngine:
         run_id = validate_run_id(run_id)
         if not self.policy.enabled:
             raise RecoveryDisabled("the policy has enabled=False; pass RecoveryPolicy(enabled=True) to opt in")
-        require_methods(service, _SERVICE_METHODS, "service")
+        require_methods(service, SERVICE_METHODS, "service")
         pinned = self.policy.specific_path
         if pinned is not None and pinned.run_id != run_id:
             raise ValueError(

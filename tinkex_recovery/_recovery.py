@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,25 @@ class _Report:
     checkpoint: Checkpoint | None = None
     unusable: set[str] = field(default_factory=set)
     rejected_by_server: bool = False
+
+
+def lineage_metadata(from_run: str, checkpoint_path: str, number: int | None = None) -> dict[str, str]:
+    """The user_metadata keys naming where a recovered run came from (``number``: its place in the lineage)."""
+    keys = dict(zip(LINEAGE_KEYS[:2], (from_run, checkpoint_path), strict=True))
+    return keys if number is None else {**keys, LINEAGE_KEYS[2]: str(number)}
+
+
+def restore_from(service: Any, path: str, *, with_optimizer: bool, metadata: Mapping[str, str]) -> Any:
+    """Ask ``service`` for a new run from the checkpoint at ``path`` (with its optimizer state if
+    ``with_optimizer``), passing ``metadata`` as the new run's user_metadata where the service takes it.
+    Returns the training client, or a future of it."""
+    if with_optimizer:
+        method = service.create_training_client_from_state_with_optimizer
+    else:
+        method = service.create_training_client_from_state
+    if not accepts_kwarg(method, "user_metadata"):
+        return method(path)
+    return method(path, user_metadata=dict(metadata))
 
 
 def accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
@@ -196,20 +215,14 @@ class RecoveryJob:
         return self.listed
 
     def _restore(self, checkpoint: Checkpoint) -> Any:
-        if self._policy.restore_optimizer:
-            method = self._service.create_training_client_from_state_with_optimizer
-        else:
-            method = self._service.create_training_client_from_state
-        if not accepts_kwarg(method, "user_metadata"):
-            return method(checkpoint.tinker_path)
         metadata = {
             **(self.run.user_metadata or {}),
             **self._metadata,
-            LINEAGE_KEYS[0]: self.run_id,
-            LINEAGE_KEYS[1]: checkpoint.tinker_path,
-            LINEAGE_KEYS[2]: str(self._number),
+            **lineage_metadata(self.run_id, checkpoint.tinker_path, self._number),
         }
-        return method(checkpoint.tinker_path, user_metadata=metadata)
+        return restore_from(
+            self._service, checkpoint.tinker_path, with_optimizer=self._policy.restore_optimizer, metadata=metadata
+        )
 
     # -- decisions, on the dispatcher thread ----------------------------------------------------------
     def on_outcome(self, outcome: Outcome) -> float | None:
