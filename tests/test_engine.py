@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -640,6 +639,15 @@ def test_threads_do_not_grow_with_the_number_of_runs(sim: SimulatedTinker, clock
     assert threads_with(500) == threads_with(5)
 
 
-def test_checkpoint_times_compare_across_timezones() -> None:
-    # A pinned path the listing does not know gets a synthetic checkpoint; it must sort with real ones.
-    assert datetime.min.replace(tzinfo=UTC) < datetime(2026, 1, 1, tzinfo=UTC)
+def test_a_pinned_path_the_listing_does_not_show_is_still_restored(sim: SimulatedTinker, make_engine: Any) -> None:
+    client = run_with_checkpoints(sim, steps=4, every=2)
+    pinned = f"tinker://{client.model_id}/weights/0002"
+    status = SamplerLatestStatus(sim)
+    status.list_checkpoints = lambda run_id: []  # type: ignore[method-assign]
+    engine = make_engine(status=status, checkpoint_strategy=pinned)
+    handle = engine.watch(client.model_id, sim)
+    sim.corrupt(client.model_id)
+    engine.poll_once()
+    recovery = handle.wait_for_recovery(WAIT)
+    assert recovery.checkpoint.tinker_path == pinned and recovery.checkpoint.user_metadata is None
+    assert sim.lineage(recovery.new_run_id) == [0, 1]
