@@ -1,0 +1,89 @@
+"""The library's own costs: per step of a guarded loop while all is well, and per recovery.
+
+Per-step costs are CPU time of the looping thread (``time.thread_time_ns``), the best of several alternating
+repetitions: other processes on a shared machine then neither add to nor blur the difference.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from _util import percentile
+
+from tinkex_recovery import EventKind, RecoveryEngine, RecoveryEvent, RecoveryPolicy, recovery_guard
+from tinkex_recovery.simulated import SimulatedTinker
+
+_QUIET = RecoveryPolicy(enabled=True, poll_interval=3600.0)  # no poll during the measurement
+
+
+def _step(index: int) -> None:
+    """A training step that does nothing."""
+
+
+def _bare(steps: int) -> int:
+    start = time.thread_time_ns()
+    for index in range(steps):
+        _step(index)
+    return time.thread_time_ns() - start
+
+
+def _guarded(steps: int, sim: SimulatedTinker) -> int:
+    client = sim.create_lora_training_client(base_model="bench/model")
+    with recovery_guard(client.model_id, sim, client=client, policy=_QUIET) as guard:
+        start = time.thread_time_ns()
+        for step in guard.steps(range(steps)):
+            with step:
+                _step(step.index)
+        return time.thread_time_ns() - start
+
+
+def guard_overhead(steps: int, repeats: int) -> dict[str, float]:
+    sim = SimulatedTinker()
+    bare, guarded = [], []
+    for _ in range(repeats):
+        bare.append(_bare(steps))
+        guarded.append(_guarded(steps, sim))
+    return {
+        "guard_bare_ns_per_step": min(bare) / steps,
+        "guard_overhead_ns_per_step": (min(guarded) - min(bare)) / steps,
+    }
+
+
+def recovery_overhead(samples: int) -> list[float]:
+    """Seconds from the ``detected`` event to ``wait_for_recovery()`` returning the new client, on the in-memory
+    simulated Tinker (it answers at once: what is measured is the engine's own work and thread hand-offs)."""
+    sim = SimulatedTinker()
+    client = sim.create_lora_training_client(base_model="bench/model")
+    client.save_state("0001", user_metadata={"step": "1"}).result()
+    detected: list[float] = []
+
+    def on_event(event: RecoveryEvent) -> None:
+        if event.kind is EventKind.DETECTED:
+            detected.append(time.perf_counter())
+
+    policy = RecoveryPolicy(enabled=True, poll_interval=3600.0, backoff=0.0, max_backoff=0.0)
+    seconds = []
+    with RecoveryEngine(policy, status=sim) as engine:
+        engine.subscribe(on_event)
+        handle = engine.watch(client.model_id, sim)
+        for i in range(samples + 1):  # the first is a warm-up
+            sim.corrupt(handle.run_id)
+            if not handle.check_now():
+                raise RuntimeError("the corruption was not detected")
+            recovery = handle.wait_for_recovery(timeout=10.0)
+            done = time.perf_counter()
+            if i > 0:
+                seconds.append(done - detected[-1])
+            # The new run saves a checkpoint of its own, as a training loop would, so every sample is alike.
+            recovery.client.save_state("0001", user_metadata={"step": "1"}).result()
+    return seconds
+
+
+def bench(quick: bool) -> dict[str, float]:
+    result = guard_overhead(100_000 if quick else 500_000, 5 if quick else 9)
+    recoveries = recovery_overhead(20 if quick else 100)
+    return result | {
+        "recovery_overhead_ms": statistics.median(recoveries) * 1e3,
+        "recovery_overhead_p90_ms": percentile(recoveries, 90) * 1e3,
+    }
