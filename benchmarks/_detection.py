@@ -50,8 +50,7 @@ def by_polling(samples: int, spread: float) -> list[float]:
             engine.subscribe(on_event)
             for client in clients:
                 engine.watch(client.model_id, sim)
-            # Opens the connections now: the loopback server's listen backlog is socketserver's default of 5,
-            # so a burst of new connections has some SYNs dropped and retried a second later.
+            # Opens the connections now, so no sample pays for a TCP handshake.
             engine.poll_once()
             start = time.perf_counter()
             # Evenly spaced moments over whole intervals (stratified, so few samples cover the interval evenly),

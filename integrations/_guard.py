@@ -191,10 +191,13 @@ class RecoveryGuard:
 
     def _walk(self, cursor: StepCursor) -> Iterator[Step]:
         self._cursor = cursor
+        handle, open_, watching = self._handle, _State.OPEN, RunState.WATCHING  # locals: this loop is hot
         while True:
-            if self._state is not _State.OPEN:
+            if self._state is not open_:
                 raise RuntimeError("the recovery_guard was closed while its steps were being iterated")
-            self._catch_up(next_pos=cursor.pos)
+            # The common case, nothing happened, costs two lock-free reads.
+            if handle is not None and (handle.state is not watching or len(handle.recoveries) > self._consumed):
+                self._catch_up(next_pos=cursor.pos)
             try:
                 index = next(cursor)
             except StopIteration:

@@ -35,8 +35,14 @@ class StepCursor:
             self._items, self._rest = [], iter(iterable)
         self.pos = 0  #: position of the next index to yield
         self._floor: int | None = None  # after a seek past the remembered indices: skip fresh ones below it
+        # A range with a positive step holds ints, strictly increasing, by construction: nothing to check.
+        self._trusted_end = len(iterable) if isinstance(iterable, range) and iterable.step > 0 else 0
 
     def __next__(self) -> int:
+        pos = self.pos
+        if pos < self._trusted_end:
+            self.pos = pos + 1
+            return self._items[pos]
         while True:
             if self.pos < len(self._items):
                 index = self._items[self.pos]
@@ -92,7 +98,7 @@ class Step:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        return self._guard._judge(self, exc)
+        return exc is not None and self._guard._judge(self, exc)
 
     def __repr__(self) -> str:
         return f"<Step index={self.index}>"

@@ -133,6 +133,8 @@ class TinkexRecovery(Callback):
         self._run_id: str | None = None
         self._engine: RecoveryEngine | None = None
         self._handle: RunHandle | None = None
+        self._collected = 0  # recoveries of the handle already returned by _collect()
+        self._state_key = ("", "")  # (client_attr, the key built from it)
         self._watching = False  # between on_fit_start and the release, on every rank
         self._stopped = False
         self._exhausted: RecoveryExhausted | None = None
@@ -141,8 +143,13 @@ class TinkexRecovery(Callback):
     # -- public state ---------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        # One callback per watched client: two instances differ by the attribute they watch.
-        return self._generate_state_key(client_attr=self.client_attr)
+        # One callback per watched client: two instances differ by the attribute they watch. Lightning reads
+        # this at every hook call, hence the cache.
+        attr, key = self._state_key
+        if attr != self.client_attr:
+            key = self._generate_state_key(client_attr=self.client_attr)
+            self._state_key = (self.client_attr, key)
+        return key
 
     @property
     def run_id(self) -> str | None:
@@ -203,6 +210,7 @@ class TinkexRecovery(Callback):
         if trainer.is_global_zero:
             engine = RecoveryEngine(self.policy, status=self._status, poll_concurrency=1, clock=self._clock)
             self._handle = engine.watch(run_id, service)
+            self._collected = 0
             self._engine = engine.start()
         self._watching = True
         if self.retry_failed_step:
@@ -236,10 +244,13 @@ class TinkexRecovery(Callback):
         got: list[Recovery] = []
         if handle is None:
             return got, None
+        if handle.state is RunState.WATCHING and len(handle.recoveries) == self._collected:
+            return got, None  # the common case: nothing happened, two lock-free reads
         while True:
             recovering = handle.state is RunState.RECOVERING
             try:
                 got.append(handle.wait_for_recovery(self._wait_limit() if recovering else 0.0))
+                self._collected += 1
             except TimeoutError:
                 if recovering:
                     raise

@@ -341,6 +341,9 @@ def test_state_key_is_distinct_per_watched_client(tmp_path: Path) -> None:
     b = TinkexRecovery(client_attr="reward_client", service_attr="reward_service")
     assert a.state_key != b.state_key
     make_trainer(tmp_path, None, callbacks=[a, b])  # Lightning refuses two stateful callbacks with one key
+    key = b.state_key
+    b.client_attr = "training_client"  # the cached key follows the attribute
+    assert b.state_key == a.state_key != key
 
 
 def test_the_callback_is_reexported_lazily() -> None:

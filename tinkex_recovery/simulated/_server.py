@@ -441,6 +441,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True  # server_close() joins every handler thread
+    request_queue_size = 128  # socketserver's 5 drops SYNs when a pool of connections opens at once (1 s stall)
 
     def __init__(self, owner: SimulatedServer, host: str = "127.0.0.1", port: int = 0) -> None:
         self.owner = owner
