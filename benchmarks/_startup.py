@@ -1,7 +1,8 @@
 """Start-up: ``import tinkex_recovery`` in a fresh interpreter, minus the interpreter's own start-up.
 
-Both are timed the same way (wall clock around a ``python -c`` subprocess), alternating, median of each.
-``-X importtime``'s own figure for the package is reported next to it.
+All are timed the same way (wall clock around a ``python -c`` subprocess), alternating, median of each.
+Beside it: pydantic's floor, importing pydantic and building one model (what any pydantic user pays, plugin
+discovery included), and ``-X importtime``'s own figure for the package.
 """
 
 from __future__ import annotations
@@ -37,16 +38,22 @@ def _importtime_us() -> float:
     raise RuntimeError("-X importtime printed no line for tinkex_recovery")
 
 
+_PYDANTIC_FLOOR = "import pydantic\nclass M(pydantic.BaseModel):\n    x: int"
+
+
 def bench(quick: bool) -> dict[str, float]:
     repeats = 7 if quick else 21
     _wall("import tinkex_recovery")  # warm the file cache and the bytecode
-    bare, imported = [], []
+    bare, imported, floor = [], [], []
     for _ in range(repeats):
         bare.append(_wall("pass"))
         imported.append(_wall("import tinkex_recovery"))
+        floor.append(_wall(_PYDANTIC_FLOOR))
     cumulative = [_importtime_us() for _ in range(max(3, repeats // 2))]
+    startup = statistics.median(bare)
     return {
-        "interpreter_startup_ms": statistics.median(bare) * 1e3,
-        "import_time_ms": (statistics.median(imported) - statistics.median(bare)) * 1e3,
+        "interpreter_startup_ms": startup * 1e3,
+        "import_time_ms": (statistics.median(imported) - startup) * 1e3,
+        "import_time_pydantic_floor_ms": (statistics.median(floor) - startup) * 1e3,
         "import_time_ms_importtime": statistics.median(cumulative) / 1e3,
     }
