@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pytest_mock import MockerFixture
 
 from tinkex_recovery import FakeClock
 from tinkex_recovery._executor import Executor, Outcome, OutcomeKind
@@ -99,6 +100,28 @@ def test_a_duplicate_request_is_refused_until_the_first_finishes(executor: Execu
     tracker.wait(lambda: tracker.outcomes == [("run-a", OutcomeKind.DONE)], "first finishes")
     tracker.wait(lambda: not executor.pending("run-a"), "key released")
     assert executor.submit(ScriptedJob("run-a", tracker))
+
+
+def test_a_finished_attempt_leaves_no_thread_once_its_outcome_is_handled(
+    executor: Executor, tracker: Tracker, mocker: MockerFixture
+) -> None:
+    attempt = Executor._attempt
+
+    def slow_to_exit(self: Executor, slot: object) -> None:
+        attempt(self, slot)  # type: ignore[arg-type]
+        threading.Event().wait(0.05)  # the thread outlives its published outcome, as it may under load
+
+    mocker.patch.object(Executor, "_attempt", slow_to_exit)
+    alive_at_outcome: list[bool] = []
+
+    class Observed(ScriptedJob):
+        def on_outcome(self, outcome: Outcome) -> float | None:
+            alive_at_outcome.append(any(t.name.startswith("tinkex-recovery-attempt") for t in threading.enumerate()))
+            return super().on_outcome(outcome)
+
+    executor.submit(Observed("run-a", tracker))
+    tracker.wait(lambda: tracker.outcomes == [("run-a", OutcomeKind.DONE)], "the attempt finishes")
+    assert alive_at_outcome == [False] and executor.running == 0
 
 
 def test_a_waiting_retry_holds_no_slot(clock: FakeClock, tracker: Tracker) -> None:

@@ -155,6 +155,8 @@ class Executor:
         for slot in list(self._running):
             if slot.outcome is not None:
                 outcome = slot.outcome
+                if slot.thread is not None:
+                    slot.thread.join()  # it has only to return: a finished attempt leaves no thread behind
             elif now >= slot.deadline:
                 outcome = Outcome(OutcomeKind.TIMED_OUT)
                 if slot.thread is not None:
