@@ -137,6 +137,9 @@ def test_the_key_goes_in_x_api_key_under_the_base_path(monkeypatch: pytest.Monke
         rest.get_training_run("s:train:0")
     assert seen[0].headers["X-API-Key"] == KEY
     assert seen[0].url.raw_path == b"/services/tinker-prod/api/v1/training_runs/s:train:0?access_scope=owned"
+    with TinkerRest(base_url="https://h.test/", transport=httpx.MockTransport(handler)) as rest:
+        rest.get_training_run("s:train:0")
+    assert str(seen[1].url) == "https://h.test/api/v1/training_runs/s:train:0?access_scope=owned"
 
 
 @pytest.mark.parametrize(
@@ -149,6 +152,7 @@ def test_the_key_goes_in_x_api_key_under_the_base_path(monkeypatch: pytest.Monke
         {"backoff": 2.0, "max_backoff": 1.0},
         {"jitter": 2.0},
         {"base_url": "ftp://x"},
+        {"base_url": "https://h.test/services?x=1"},
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any]) -> None:
