@@ -191,12 +191,14 @@ class RecoveryGuard:
 
     def _walk(self, cursor: StepCursor) -> Iterator[Step]:
         self._cursor = cursor
-        handle, open_, watching = self._handle, _State.OPEN, RunState.WATCHING  # locals: this loop is hot
+        # This loop is hot: the common case, nothing happened, costs two lock-free reads of the fields behind
+        # RunHandle.state and RunHandle.recoveries (the engine replaces them whole), without the property calls.
+        lineage = self._handle._lineage if self._handle is not None else None
+        open_, watching = _State.OPEN, RunState.WATCHING
         while True:
             if self._state is not open_:
                 raise RuntimeError("the recovery_guard was closed while its steps were being iterated")
-            # The common case, nothing happened, costs two lock-free reads.
-            if handle is not None and (handle.state is not watching or len(handle.recoveries) > self._consumed):
+            if lineage is not None and (lineage.state is not watching or len(lineage.recoveries) > self._consumed):
                 self._catch_up(next_pos=cursor.pos)
             try:
                 index = next(cursor)

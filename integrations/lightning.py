@@ -136,6 +136,7 @@ class TinkexRecovery(Callback):
         self._collected = 0  # recoveries of the handle already returned by _collect()
         self._state_key = ("", "")  # (client_attr, the key built from it)
         self._watching = False  # between on_fit_start and the release, on every rank
+        self._rank_zero, self._distributed = True, False  # read from the trainer at fit start (the hot path)
         self._stopped = False
         self._exhausted: RecoveryExhausted | None = None
         self._unwrap: Callable[[], None] | None = None
@@ -207,7 +208,8 @@ class TinkexRecovery(Callback):
         self._run_id = run_id
         self._stopped = False
         self._exhausted = None
-        if trainer.is_global_zero:
+        self._rank_zero, self._distributed = trainer.is_global_zero, trainer.world_size > 1
+        if self._rank_zero:
             engine = RecoveryEngine(self.policy, status=self._status, poll_concurrency=1, clock=self._clock)
             self._handle = engine.watch(run_id, service)
             self._collected = 0
@@ -223,10 +225,10 @@ class TinkexRecovery(Callback):
             return
         local: list[Recovery] = []
         notice: _Notice | None = None
-        if trainer.is_global_zero:
+        if self._rank_zero:
             local, exhausted = self._collect()
             notice = self._notice(trainer, local, exhausted)
-        if trainer.world_size > 1:
+        if self._distributed:
             notice = trainer.strategy.broadcast(notice, src=0)
         if notice is not None:
             self._act(trainer, pl_module, notice, local)
