@@ -133,7 +133,6 @@ class TinkexRecovery(Callback):
         self._run_id: str | None = None
         self._engine: RecoveryEngine | None = None
         self._handle: RunHandle | None = None
-        self._collected = 0  # recoveries of the handle already returned by _collect()
         self._state_key = ("", "")  # (client_attr, the key built from it)
         self._watching = False  # between on_fit_start and the release, on every rank
         self._rank_zero, self._distributed = True, False  # read from the trainer at fit start (the hot path)
@@ -212,7 +211,6 @@ class TinkexRecovery(Callback):
         if self._rank_zero:
             engine = RecoveryEngine(self.policy, status=self._status, poll_concurrency=1, clock=self._clock)
             self._handle = engine.watch(run_id, service)
-            self._collected = 0
             self._engine = engine.start()
         self._watching = True
         if self.retry_failed_step:
@@ -246,13 +244,12 @@ class TinkexRecovery(Callback):
         got: list[Recovery] = []
         if handle is None:
             return got, None
-        if handle.state is RunState.WATCHING and len(handle.recoveries) == self._collected:
-            return got, None  # the common case: nothing happened, two lock-free reads
+        if handle.settled:
+            return got, None  # the common case, nothing happened: no lock, no TimeoutError
         while True:
             recovering = handle.state is RunState.RECOVERING
             try:
                 got.append(handle.wait_for_recovery(self._wait_limit() if recovering else 0.0))
-                self._collected += 1
             except TimeoutError:
                 if recovering:
                     raise

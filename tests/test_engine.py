@@ -71,6 +71,24 @@ def test_corrupted_run_polled_once_is_detected_and_restored_from_last_checkpoint
     assert sim.lineage(recovery.new_run_id) == [0, 1, 2, 3]
 
 
+def test_a_handle_is_settled_only_while_nothing_awaits_its_caller(
+    sim: SimulatedTinker, make_engine: Any, events: EventLog
+) -> None:
+    client = run_with_checkpoints(sim)
+    engine = make_engine()
+    handle = engine.watch(client.model_id, sim)
+    during: list[bool] = []
+    engine.subscribe(lambda e: during.append(handle.settled) if e.kind is EventKind.STARTED else None)
+    assert handle.settled
+    sim.corrupt(client.model_id)
+    engine.poll_once()
+    events.wait_for(EventKind.COMPLETED)
+    assert during == [False]  # recovering
+    assert handle.state is RunState.WATCHING and not handle.settled  # finished, not yet returned
+    handle.wait_for_recovery(WAIT)
+    assert handle.settled
+
+
 def test_the_new_run_keeps_being_watched(sim: SimulatedTinker, make_engine: Any) -> None:
     client = run_with_checkpoints(sim)
     engine = make_engine()

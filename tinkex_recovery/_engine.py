@@ -131,6 +131,14 @@ class RunHandle:
     def recoveries(self) -> tuple[Recovery, ...]:
         return self._lineage.recoveries
 
+    @property
+    def settled(self) -> bool:
+        """True while nothing awaits the caller: the run is watched and healthy, and every recovery has been
+        returned by :meth:`wait_for_recovery`. Lock-free, for loops that look at every step."""
+        lineage = self._lineage
+        # state first: the engine replaces recoveries before it sets the state back to WATCHING
+        return lineage.state is RunState.WATCHING and len(lineage.recoveries) <= lineage.consumed
+
     def check_now(self) -> bool:
         """Poll this run now, on the calling thread; True if a recovery is under way (or just finished
         one not yet collected by :meth:`wait_for_recovery`)."""
