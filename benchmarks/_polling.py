@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-from _util import API_KEY, LATENCY, Server, run_ids, server_process
+from _util import API_KEY, LATENCY, Server, run_ids, seeded_sim, server_process
 
 from tinkex_recovery import RecoveryEngine, RecoveryPolicy
 from tinkex_recovery.rest import TinkerRest
@@ -108,9 +108,6 @@ class _InProcess:
 
 
 def _in_process_rate(passes: int) -> float:
-    sim = SimulatedTinker(session_id="bench")
-    for _ in range(1000):
-        sim.create_lora_training_client(base_model="bench/model")
-    with serve(sim, api_key=API_KEY) as server:
+    with serve(seeded_sim(1000), api_key=API_KEY) as server:
         server.latency = LATENCY
         return engine_rate(_InProcess(server.base_url), run_ids(1000), passes)["rate"]

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from tinkex_recovery.simulated import SimulatedTinker
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 API_KEY = "tml-benchmark-key"
+_SESSION = "bench"
 LATENCY = 0.020  # added to every response: the round trip to the real service is tens of milliseconds
 
 
@@ -33,13 +36,6 @@ class ServerProcess:
 
     base_url: str
     process: subprocess.Popen[str]
-
-    def corrupt(self, run_id: str) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(f"corrupt {run_id}\n")
-        self.process.stdin.flush()
-        if self.process.stdout.readline().strip() != "OK":
-            raise RuntimeError("the benchmark server did not confirm the corruption")
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far."""
@@ -70,9 +66,17 @@ def server_process(runs: int, latency: float = LATENCY) -> Iterator[ServerProces
             process.wait()
 
 
+def seeded_sim(runs: int) -> SimulatedTinker:
+    """A simulated Tinker holding ``runs`` runs, whose ids are :func:`run_ids`."""
+    sim = SimulatedTinker(session_id=_SESSION)
+    for _ in range(runs):
+        sim.create_lora_training_client(base_model="bench/model")
+    return sim
+
+
 def run_ids(n: int) -> list[str]:
-    """The ids of the runs ``_sim_server.py`` creates, in order."""
-    return [f"bench:train:{i}" for i in range(n)]
+    """The ids of the first ``n`` runs of :func:`seeded_sim`, in order."""
+    return [f"{_SESSION}:train:{i}" for i in range(n)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
