@@ -39,14 +39,14 @@ from tinkex_recovery import (
     TinkexRecoveryError,
     TrainingRun,
 )
-from tinkex_recovery._engine import (
+from tinkex_recovery._integration import (
     SERVICE_METHODS,
     STATUS_METHODS,
     require_methods,
+    resolve,
     rest_client_of,
     validate_run_id,
 )
-from tinkex_recovery._futures import resolve
 from tinkex_recovery._recovery import lineage_metadata, restore_from
 from tinkex_recovery._retry import FailureKind, classify, describe
 from tinkex_recovery._selection import dedupe, rank, walk

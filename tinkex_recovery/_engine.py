@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import queue
 import random
-import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from ._events import EventBus, EventKind, RecoveryEvent, Subscriber, call_safely
 from ._exceptions import EngineClosed, RecoveryDisabled, RecoveryExhausted
 from ._executor import Executor
 from ._futures import resolve
-from ._models import Checkpoint, TrainingRun
+from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._policy import RecoveryPolicy
 from ._recovery import Recovery, RecoveryJob
 from ._retry import describe
@@ -32,7 +31,6 @@ __all__ = ["EngineState", "RecoveryEngine", "RunHandle", "RunState"]
 
 logger = logging.getLogger("tinkex_recovery")
 
-_RUN_ID = re.compile(r"^[^\s/]+$")
 SERVICE_METHODS = ("create_training_client_from_state", "create_training_client_from_state_with_optimizer")
 STATUS_METHODS = ("get_training_run", "list_checkpoints")
 
@@ -52,12 +50,6 @@ class RunState(Enum):
     RECOVERING = "recovering"
     EXHAUSTED = "exhausted"
     UNWATCHED = "unwatched"
-
-
-def validate_run_id(run_id: object) -> str:
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-        raise ValueError(f"invalid run id {run_id!r}: expected a non-empty string without '/' or whitespace")
-    return run_id
 
 
 def require_methods(obj: object, names: Iterable[str], role: str) -> None:

@@ -7,6 +7,7 @@ older client) and also the official SDK's own objects, through :meth:`TrainingRu
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
@@ -15,9 +16,23 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ._exceptions import InvalidTinkerPath
 
-__all__ = ["Checkpoint", "CheckpointList", "Cursor", "TinkerPath", "TrainingRun"]
+__all__ = ["Checkpoint", "CheckpointList", "Cursor", "TinkerPath", "TrainingRun", "validate_run_id"]
 
 _SCHEME = "tinker://"
+_RUN_ID = re.compile(r"[^\s/]+")
+#: The checkpoint user_metadata key holding its step: how many optimizer steps the checkpoint holds, which is
+#: also the index of the next step to run after restoring it.
+STEP_KEY = "step"
+
+
+def validate_run_id(run_id: object) -> str:
+    """``run_id`` if it is a run id Tinker could have issued (matched whole: no whitespace, no '/'); else
+    :class:`ValueError`."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"invalid run id {run_id!r}: expected a non-empty string without '/' or whitespace")
+    return run_id
+
+
 _KINDS = {"weights": "training", "sampler_weights": "sampler"}
 
 
@@ -103,6 +118,19 @@ class Checkpoint(_Wire):
             return self.checkpoint_type == "training" and self.path.restorable
         except InvalidTinkerPath:
             return False
+
+    @property
+    def step(self) -> int | None:
+        """The non-negative int under ``"step"`` in the user_metadata (optimizer steps this checkpoint holds),
+        or None when it records none or an unparsable one."""
+        raw = (self.user_metadata or {}).get(STEP_KEY)
+        if raw is None:
+            return None
+        try:
+            step = int(raw)
+        except ValueError:
+            return None
+        return step if step >= 0 else None
 
     def expired(self, now: datetime) -> bool:
         """Whether the checkpoint's TTL has run out at ``now``."""

@@ -27,7 +27,6 @@ from urllib.parse import quote, urlencode
 import httpx
 from pydantic import ValidationError
 
-from ._engine import validate_run_id
 from ._exceptions import (
     AuthenticationError,
     MalformedResponse,
@@ -38,7 +37,7 @@ from ._exceptions import (
     TinkerConnectionError,
     TinkerStatusError,
 )
-from ._models import Checkpoint, CheckpointList, TrainingRun
+from ._models import Checkpoint, CheckpointList, TrainingRun, validate_run_id
 from ._redact import mask, redact, register_secret
 from ._retry import backoff_delay
 

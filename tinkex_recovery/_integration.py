@@ -1,0 +1,23 @@
+"""The one internal seam between the core and :mod:`tinkex_recovery.integrations`.
+
+Framework wrappers import the public API from :mod:`tinkex_recovery` and, for the few helpers that are not
+public API but that every wrapper needs, from this module only, never from the core's other private modules.
+"""
+
+from __future__ import annotations
+
+from ._engine import SERVICE_METHODS, STATUS_METHODS, require_methods, rest_client_of
+from ._futures import resolve
+from ._models import STEP_KEY, validate_run_id
+from ._retry import describe
+
+__all__ = [
+    "SERVICE_METHODS",
+    "STATUS_METHODS",
+    "STEP_KEY",
+    "describe",
+    "require_methods",
+    "resolve",
+    "rest_client_of",
+    "validate_run_id",
+]
