@@ -18,6 +18,7 @@ import pytest
 
 from tinkex_recovery import (
     AuthenticationError,
+    ClientClosed,
     MalformedResponse,
     MissingAPIKey,
     PermissionDenied,
@@ -165,7 +166,7 @@ def test_repr_masks_the_key_and_close_is_idempotent(make_rest: MakeRest, run_id:
     assert KEY not in repr(rest) and "tml-***" in repr(rest)
     rest.close()
     rest.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(ClientClosed, match="closed"):
         rest.get_training_run(run_id)
 
 
@@ -406,7 +407,7 @@ def test_close_wakes_a_retry_wait(server: SimulatedServer, run_id: str) -> None:
     rest.close()
     caller.join(WAIT)
     assert not caller.is_alive()
-    assert isinstance(outcome[0], RuntimeError)
+    assert isinstance(outcome[0], ClientClosed)
 
 
 # -- malformed answers ---------------------------------------------------------------------------------------

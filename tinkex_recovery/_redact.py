@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["redact", "register_secret"]
+__all__ = ["RedactedError", "redact", "register_secret", "without_secrets"]
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -33,3 +33,17 @@ def redact(text: str) -> str:
 def mask(secret: str) -> str:
     """How a key is shown in a repr: its prefix only."""
     return f"{secret[:4]}***" if len(secret) > 8 else "***"
+
+
+class RedactedError(Exception):
+    """Stands in for an exception whose text held a secret: its type name and redacted text, its traceback."""
+
+
+def without_secrets(exc: BaseException) -> BaseException:
+    """``exc`` itself when its text holds no registered secret; else a :class:`RedactedError` with the same
+    traceback, so chaining it (``raise ... from``) never prints a key."""
+    text = str(exc)
+    if redact(text) == text and all(redact(str(a)) == str(a) for a in exc.args):
+        return exc
+    stand_in = RedactedError(f"{type(exc).__name__}: {redact(text)}")
+    return stand_in.with_traceback(exc.__traceback__)
