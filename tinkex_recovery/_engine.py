@@ -495,7 +495,7 @@ class RecoveryEngine:
             lineage.recoveries = (*lineage.recoveries, recovery)
             lineage.rejected = job.rejected
             # The new run has no checkpoint of its own yet; if it is lost too, these are what it can use.
-            lineage.inherited = [restored, *(c for c in older if c.tinker_path not in job.rejected)]
+            lineage.inherited = [restored, *older]  # those in lineage.rejected are passed over at selection
             lineage.failed_polls = 0
             if lineage.state is RunState.RECOVERING:
                 lineage.state = RunState.WATCHING

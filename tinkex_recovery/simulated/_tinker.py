@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from .._clock import Clock, SystemClock
 from .._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
@@ -141,7 +141,8 @@ class SimulatedTinker:
         self._last_time: datetime | None = None
         self._restore_failures: list[tuple[str | None, int]] = []  # (only restores from this run, status)
         self._poll_failures: list[int] = []
-        self._hangs = 0
+        self._hangs: list[tuple[bool, bool]] = []  # (then succeed, as a pending future), one per hung restore
+        self._pending: list[tuple[Future[SimulatedTrainingClient], Any]] = []  # hung futures: (future, finish)
         self._released = threading.Event()
         self.restore_calls: list[tuple[str, bool, dict[str, str] | None]] = []
         self.poll_count = 0
@@ -264,15 +265,27 @@ class SimulatedTinker:
         with self._lock:
             self._run(run_id).fail_next_calls += n
 
-    def hang_restores(self, n: int = 1) -> None:
-        """The next ``n`` restore calls block until :meth:`release` (or :meth:`close`), then fail with 504."""
+    def hang_restores(self, n: int = 1, *, then: Literal["fail", "succeed"] = "fail", future: bool = False) -> None:
+        """The next ``n`` restore calls hang until :meth:`release` (or :meth:`close`), then fail with 504 or,
+        with ``then="succeed"``, create their new run after all (a late success). The call itself blocks, or,
+        with ``future=True``, returns at once a future that stays pending until then (never, without release)."""
+        if then not in ("fail", "succeed"):
+            raise ValueError(f"then must be 'fail' or 'succeed', got {then!r}")
         with self._lock:
-            self._hangs += n
+            self._hangs += [(then == "succeed", future)] * n
             self._released.clear()
 
     def release(self) -> None:
-        """Unblock every hung restore."""
-        self._released.set()
+        """Unblock every hung restore (pending futures complete now)."""
+        with self._lock:
+            self._released.set()
+            pending, self._pending = self._pending, []
+        for fut, finish in pending:
+            if fut.set_running_or_notify_cancel():  # a future the caller cancelled stays cancelled
+                try:
+                    fut.set_result(finish())
+                except Exception as exc:
+                    fut.set_exception(exc)
 
     close = release
 
@@ -323,12 +336,31 @@ class SimulatedTinker:
         metadata = _check_metadata(user_metadata)
         with self._lock:
             self.restore_calls.append((path, with_optimizer, metadata))
-            hang = self._hangs > 0
-            if hang:
-                self._hangs -= 1
-        if hang:
+            hang = self._hangs.pop(0) if self._hangs else None
+        if hang is not None:
+            succeed, as_future = hang
+
+            def finish() -> SimulatedTrainingClient:
+                if not succeed:
+                    raise SimulatedAPIError(504, "restore timed out at the gateway")
+                return self._restore_now(path, metadata, run_id).result()
+
+            if as_future:
+                fut: Future[SimulatedTrainingClient] = Future()
+                with self._lock:
+                    if not self._released.is_set():
+                        self._pending.append((fut, finish))
+                        return fut
             self._released.wait()
-            return _failed(SimulatedAPIError(504, "restore timed out at the gateway"))
+            try:
+                return _done(finish())
+            except SimulatedAPIError as exc:
+                return _failed(exc)
+        return self._restore_now(path, metadata, run_id)
+
+    def _restore_now(
+        self, path: str, metadata: dict[str, str] | None, run_id: str | None
+    ) -> Future[SimulatedTrainingClient]:
         with self._lock:
             source_run_id = path[len("tinker://") :].split("/", 1)[0]
             for i, (only, code) in enumerate(self._restore_failures):
