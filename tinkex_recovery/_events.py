@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ._observers import report_event
+
 __all__ = ["EventKind", "RecoveryEvent"]
 
 logger = logging.getLogger("tinkex_recovery")
@@ -117,6 +119,7 @@ class EventBus:
                 return
             subscribers = self._subscribers
         logger.log(_LEVELS.get(event.kind, logging.INFO), "%s", event.message)
+        report_event(event)
         for fn in subscribers:
             call_safely(fn, event, what=f"event subscriber {fn!r}")
 
