@@ -27,7 +27,7 @@ from ._exceptions import (
     TinkerStatusError,
     TinkexRecoveryError,
 )
-from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun
+from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
 from ._policy import RecoveryPolicy
 from ._recovery import LINEAGE_KEYS, Recovery
 
@@ -71,6 +71,7 @@ __all__ = [
     "TinkexRecovery",
     "TinkexRecoveryError",
     "TrainingRun",
+    "TrainingRunList",
     "recovery_guard",
 ]
 
