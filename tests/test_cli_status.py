@@ -118,7 +118,7 @@ def test_the_middle_run_too_and_the_report_reads_for_a_person(lineage: Lineage) 
     assert lines[3].endswith(f"recovered from tinker://{b}/weights/0006")
     assert lines[4] == f"Newest run: {c}, healthy"
     assert lines[5] == f"Restorable checkpoints of {c}, newest first:"
-    assert lines[6].split() == ["STEP", "SAVED", "TINKER", "PATH", "METRICS"]
+    assert lines[6].split() == ["STEP", "SAVED", "(UTC)", "TINKER", "PATH", "METRICS"]
     assert lines[7].split()[0] == "8" and lines[7].split()[3:] == [f"tinker://{c}/weights/c0008", "loss=0.125"]
     assert len(lines) == 9
 

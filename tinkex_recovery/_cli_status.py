@@ -161,11 +161,11 @@ def render(report: LineageReport, out: TextIO) -> None:
         print(f"Restorable checkpoints of {newest.run_id}: none", file=out)
         return
     print(f"Restorable checkpoints of {newest.run_id}, newest first:", file=out)
-    rows = [("STEP", "SAVED", "TINKER PATH", "METRICS")]
+    rows = [("STEP", "SAVED (UTC)", "TINKER PATH", "METRICS")]
     for c in report.checkpoints:
         metrics = " ".join(f"{k}={v:g}" for k, v in sorted(_metrics(c).items()))
         step = "?" if c.step is None else str(c.step)
-        rows.append((step, c.time.strftime("%Y-%m-%d %H:%M:%S"), c.tinker_path, metrics))
+        rows.append((step, c.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"), c.tinker_path, metrics))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print(f"  {row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip(), file=out)
