@@ -472,3 +472,17 @@ def test_threads_share_one_keep_alive_pool(make_rest: MakeRest, server: Simulate
     assert errors == []
     assert len(server.requests) == 40
     assert len({r.connection for r in server.requests}) <= 4
+
+
+def test_the_training_runs_listing_is_retried_bounded_and_validated_as_the_other_calls(
+    make_rest: MakeRest, server: SimulatedServer, fake_time: FakeTime, run_id: str
+) -> None:
+    rest = make_rest()
+    server.fail_next(2, 503)
+    page = rest.list_training_runs(limit=1)
+    assert [r.training_run_id for r in page.training_runs] == [run_id] and fake_time.waits == [0.5, 1.0]
+    assert page.cursor is not None and (page.cursor.limit, page.cursor.total_count) == (1, 1)
+    server.malform_next(1, body=b'{"training_runs": 3}')
+    with pytest.raises(MalformedResponse, match="first at training_runs") as info:
+        rest.list_training_runs()
+    assert info.value.run_id is None and KEY not in str(info.value)
