@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from tinkex_recovery._clock import Clock, SystemClock
 from tinkex_recovery._engine import RecoveryEngine, RunHandle, RunState
-from tinkex_recovery._exceptions import RecoveryExhausted
+from tinkex_recovery._exceptions import ExhaustedReason, RecoveryExhausted
 from tinkex_recovery._futures import resolve
 from tinkex_recovery._integration import report_steps_lost
 from tinkex_recovery._models import Checkpoint
@@ -78,7 +78,7 @@ class _Notice(TypedDict):
 
     records: list[LineageRecord]
     checkpoints: list[dict[str, Any]]
-    exhausted: tuple[str, int, str | None] | None
+    exhausted: tuple[str, int, str | None, str] | None
 
 
 class TinkexRecovery(Callback):
@@ -245,18 +245,12 @@ class TinkexRecovery(Callback):
         got: list[Recovery] = []
         if handle is None:
             return got, None
-        if handle.settled:
-            return got, None  # the common case, nothing happened: no lock, no TimeoutError
-        while True:
-            recovering = handle.state is RunState.RECOVERING
+        while not handle.settled:  # the common case, nothing happened, skips the loop: no lock, no wait
             try:
-                got.append(handle.wait_for_recovery(self._wait_limit() if recovering else 0.0))
-            except TimeoutError:
-                if recovering:
-                    raise
-                return got, None
+                got.append(handle.wait_for_recovery(self._wait_limit()))
             except RecoveryExhausted as exc:
                 return got, exc
+        return got, None
 
     def _wait_limit(self) -> float:
         # Every restore call is bounded by attempt_timeout and every retry delay by max_backoff; the rest is
@@ -289,7 +283,9 @@ class TinkexRecovery(Callback):
         return _Notice(
             records=records,
             checkpoints=[r.checkpoint.model_dump(mode="json") for r in recoveries],
-            exhausted=(exhausted.run_id, exhausted.attempts, exhausted.last_error) if exhausted else None,
+            exhausted=(exhausted.run_id, exhausted.attempts, exhausted.last_error, exhausted.reason.value)
+            if exhausted
+            else None,
         )
 
     # -- every rank: act on the notice, on the main thread --------------------------------------------
@@ -306,11 +302,14 @@ class TinkexRecovery(Callback):
             # Every rank learns whether every rank has its client, so none is left waiting in a collective.
             if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(error is None, all=True):
                 cause = describe(error) if error else "another rank could not restore from the checkpoint"
-                raise RecoveryExhausted(records[-1]["old_run_id"], records[-1]["attempts"], cause) from error
+                raise RecoveryExhausted(
+                    records[-1]["old_run_id"], records[-1]["attempts"], cause, reason=ExhaustedReason.FATAL
+                ) from error
             assert recoveries is not None
             self._swap(trainer, pl_module, records, recoveries)
         if notice["exhausted"] is not None:
-            self._give_up(trainer, RecoveryExhausted(*notice["exhausted"]))
+            run_id, attempts, last_error, reason = notice["exhausted"]
+            self._give_up(trainer, RecoveryExhausted(run_id, attempts, last_error, reason=ExhaustedReason(reason)))
 
     def _swap(
         self,
