@@ -158,3 +158,11 @@ def test_an_unknown_run_and_a_malformed_run_id_exit_2(lineage: Lineage) -> None:
     assert (code, out) == (2, "") and "invalid run id" in err and len(err.splitlines()) == 1
     code, _, err = status(server=lineage.server)  # no RUN_ID: argparse's usage error
     assert code == 2 and "RUN_ID" in err
+
+
+@pytest.mark.parametrize("status_code", [401, 400])
+def test_a_server_echoing_the_key_does_not_get_it_printed(lineage: Lineage, status_code: int) -> None:
+    lineage.server.echo_key_next(5, status_code)
+    code, out, err = status(lineage.runs[0], server=lineage.server)
+    assert code == (2 if status_code == 401 else 1) and out == "" and len(err.splitlines()) == 1
+    assert f"HTTP {status_code}" in err and "***" in err and KEY not in err
