@@ -10,7 +10,8 @@ ones inside ``recovery_guard`` and Lightning's ``TinkexRecovery``; the training 
 =====================================  ==============  =====  ==================================================
 Metric                                 Instrument      Unit   Attributes, meaning
 =====================================  ==============  =====  ==================================================
-``tinkex_recovery.recoveries``         Counter                ``outcome``: ``completed`` / ``exhausted``
+``tinkex_recovery.recoveries``         Counter                ``outcome``: ``completed`` / ``exhausted``; an
+                                                              exhausted one has ``reason`` (``attempts``, ...)
 ``tinkex_recovery.recovery.duration``  Histogram       s      from detection to the new run's client in hand
 ``tinkex_recovery.restore.attempts``   Counter                ``result``: ``ok`` / ``error`` (one per attempt)
 ``tinkex_recovery.polls``              Counter                ``result``: ``ok`` (answered) / ``error``
@@ -98,7 +99,7 @@ class _Recorder(RecoveryObserver):
             if event.since_detected is not None:
                 self._duration.record(event.since_detected)
         elif kind is EventKind.EXHAUSTED:
-            self._recoveries.add(1, _EXHAUSTED)
+            self._recoveries.add(1, {**_EXHAUSTED, "reason": event.reason} if event.reason else _EXHAUSTED)
         elif kind is EventKind.CLIENT_CREATED:
             self._attempts.add(1, _OK)
         elif kind is EventKind.FAILED:

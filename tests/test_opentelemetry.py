@@ -156,7 +156,7 @@ def test_failed_polls_failed_attempts_and_exhaustion_are_counted(
         assert figures(reader)[("tinkex_recovery.watched_runs", ())] == 1
     found = figures(reader)
     assert found == {
-        ("tinkex_recovery.recoveries", (("outcome", "exhausted"),)): 1,
+        ("tinkex_recovery.recoveries", (("outcome", "exhausted"), ("reason", "attempts"))): 1,
         ("tinkex_recovery.restore.attempts", (("result", "error"),)): 2,
         ("tinkex_recovery.polls", (("result", "error"),)): 1,
         ("tinkex_recovery.polls", (("result", "ok"),)): 1,
