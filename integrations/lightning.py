@@ -32,6 +32,7 @@ from tinkex_recovery._clock import Clock, SystemClock
 from tinkex_recovery._engine import RecoveryEngine, RunHandle, RunState
 from tinkex_recovery._exceptions import ExhaustedReason, RecoveryExhausted
 from tinkex_recovery._futures import resolve
+from tinkex_recovery._integration import report_steps_lost
 from tinkex_recovery._models import Checkpoint
 from tinkex_recovery._policy import RecoveryPolicy
 from tinkex_recovery._recovery import Recovery, lineage_metadata, restore_from
@@ -335,6 +336,7 @@ class TinkexRecovery(Callback):
                 metrics = {"tinker/recoveries": float(record["number"]), "tinker/seconds_to_recover": record["seconds"]}
                 if record["steps_lost"] is not None:
                     metrics["tinker/steps_lost"] = float(record["steps_lost"])
+                    report_steps_lost(record["steps_lost"], "lightning")
                 for lightning_logger in trainer.loggers:
                     lightning_logger.log_metrics(metrics, step=trainer.global_step)
             if callable(hook):

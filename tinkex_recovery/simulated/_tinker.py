@@ -102,6 +102,20 @@ class _Run:
     steps: int = 0
     fail_next_calls: int = 0
 
+    def model(self) -> TrainingRun:
+        last = max(self.checkpoints, key=lambda c: c.time, default=None)
+        return TrainingRun(
+            training_run_id=self.run_id,
+            base_model=self.base_model,
+            model_owner="simulated",
+            is_lora=True,
+            corrupted=self.corrupted,
+            lora_rank=self.lora_rank,
+            last_request_time=self.last_request or self.created,
+            last_checkpoint=last.model() if last else None,
+            user_metadata=dict(self.user_metadata) if self.user_metadata is not None else None,
+        )
+
 
 def _done(value: Any) -> Future[Any]:
     fut: Future[Any] = Future()
@@ -212,19 +226,12 @@ class SimulatedTinker:
             if self._poll_failures:
                 code = self._poll_failures.pop(0)
                 raise SimulatedAPIError(code, "simulated poll failure")
-            run = self._run(run_id)
-            last = max(run.checkpoints, key=lambda c: c.time, default=None)
-            return TrainingRun(
-                training_run_id=run.run_id,
-                base_model=run.base_model,
-                model_owner="simulated",
-                is_lora=True,
-                corrupted=run.corrupted,
-                lora_rank=run.lora_rank,
-                last_request_time=run.last_request or run.created,
-                last_checkpoint=last.model() if last else None,
-                user_metadata=dict(run.user_metadata) if run.user_metadata is not None else None,
-            )
+            return self._run(run_id).model()
+
+    def list_training_runs(self) -> list[TrainingRun]:
+        """Every run not deleted, the most recently created first (not a poll: ``poll_count`` stays)."""
+        with self._lock:
+            return [run.model() for run in reversed(self._runs.values()) if not run.deleted]
 
     def list_checkpoints(self, run_id: str) -> CheckpointList:
         with self._lock:
