@@ -14,6 +14,7 @@ import queue
 import random
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
@@ -99,6 +100,14 @@ class _Lineage:
     exhausted: RecoveryExhausted | None = None
     announced: int = 0  # recoveries whose events and callbacks have run: wait_for_recovery() may return them
     consumed: int = 0  # recoveries already returned by wait_for_recovery()
+    ready: list[Future[None]] = field(default_factory=list)  # when_ready() futures not yet woken
+
+
+def _wake(ready: list[Future[None]]) -> None:
+    """Complete when_ready() futures (outside the engine's lock: their callbacks are the waiters')."""
+    for future in ready:
+        if future.set_running_or_notify_cancel():  # False: the waiter cancelled it
+            future.set_result(None)
 
 
 class RunHandle:
@@ -174,6 +183,53 @@ class RunHandle:
                 raise TimeoutError(f"no recovery of run {lineage.run_id} within {timeout}s")
             raise EngineClosed("the engine closed while waiting for a recovery")
 
+    def when_ready(self) -> Future[None]:
+        """A future that is done once :meth:`wait_for_recovery` would return (or raise) without waiting: a
+        recovery to collect, the lineage exhausted, or the engine closed. For callers that must not block, such
+        as an event loop: ``await asyncio.wrap_future(handle.when_ready())``, then ``wait_for_recovery(0)``.
+        Cancelling the future is allowed."""
+        ready: Future[None] = Future()
+        engine = self._engine
+        lineage = self._lineage
+        with engine._cond:
+            if not (
+                lineage.announced > lineage.consumed
+                or lineage.exhausted is not None
+                or engine.state is EngineState.CLOSED
+            ):
+                lineage.ready.append(ready)
+                engine._waited.add(lineage)
+                return ready
+        ready.set_result(None)
+        return ready
+
+    def check_soon(self) -> Future[bool]:
+        """:meth:`check_now` without blocking the caller: the poll runs on the engine's poll workers, and the
+        future gets what ``check_now()`` would return once the poll's events are delivered (or
+        :class:`EngineClosed`). For callers that must not block: ``await asyncio.wrap_future(...)``."""
+        engine = self._engine
+        lineage = self._lineage
+        checked: Future[bool] = Future()
+
+        def finish() -> None:
+            engine._bus.flush()
+            try:
+                with engine._cond:
+                    engine._require_opened()
+                    result = lineage.state is RunState.RECOVERING or len(lineage.recoveries) > lineage.consumed
+            except BaseException as exc:
+                if checked.set_running_or_notify_cancel():
+                    checked.set_exception(exc)
+                return
+            if checked.set_running_or_notify_cancel():
+                checked.set_result(result)
+
+        with engine._cond:
+            engine._require_opened()
+            # Under the lock, as in _poll_cycle: close() queues its stop markers after this, so it is run.
+            engine._poll_queue.put((lineage, finish))
+        return checked
+
     def request_recovery(self) -> None:
         """Restore this run now from the checkpoint the policy chooses, whether or not it is corrupted: what a
         restarted process does to resume. The same recovery as for a corruption (rules, events, callbacks);
@@ -228,8 +284,10 @@ class RecoveryEngine:
         self._rest_clients: dict[int, tuple[Any, Any]] = {}  # id(service) -> (service, the REST client we made)
         self._poll_requested = False
         self._threads: list[threading.Thread] = []
-        self._poll_queue: queue.SimpleQueue[tuple[_Lineage, threading.Semaphore] | None] = queue.SimpleQueue()
+        # (lineage, what to call once it is polled), or None: a poll worker's stop marker
+        self._poll_queue: queue.SimpleQueue[tuple[_Lineage, Callable[[], object]] | None] = queue.SimpleQueue()
         self._poll_concurrency = poll_concurrency
+        self._waited: set[_Lineage] = set()  # lineages with when_ready() futures to wake
         track_engine(self)
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -267,6 +325,11 @@ class RecoveryEngine:
             for _ in self._threads[1:]:
                 self._poll_queue.put(None)
             made, self._rest_clients = list(self._rest_clients.values()), {}
+            waiting = [f for lineage in self._waited for f in lineage.ready]
+            for lineage in self._waited:
+                lineage.ready = []
+            self._waited.clear()
+        _wake(waiting)
         self._executor.close(timeout)
         self._bus.close(timeout)
         for t in self._threads:
@@ -300,13 +363,16 @@ class RecoveryEngine:
         *,
         inherited: Iterable[Checkpoint] = (),
         step_of: StepOf | None = None,
+        status: Any = None,
     ) -> RunHandle:
         """Start watching ``run_id``; ``service`` restores it (anything with the two
         ``create_training_client_from_state*`` methods). ``metadata`` is added to every recovered run's
         user_metadata, next to the old run's own. ``inherited`` are checkpoints of earlier runs (e.g. the
         one ``run_id`` was restored from) that a recovery may fall back on while the run has none of its own.
         ``step_of(checkpoint)`` is for callers that must know where to resume: checkpoints for which it is
-        None are skipped before any restore call, and each :class:`Recovery` carries the restored one's step."""
+        None are skipped before any restore call, and each :class:`Recovery` carries the restored one's step.
+        ``status`` reads this run (default: the engine's ``status``, else the service's REST client), so one
+        engine can watch runs of callers that each bring their own status source."""
         run_id = validate_run_id(run_id)
         if step_of is not None and not callable(step_of):
             raise TypeError(f"step_of must be callable, got {type(step_of).__name__}")
@@ -324,7 +390,10 @@ class RecoveryEngine:
         if bad:
             raise TypeError(f"metadata must map str to str (Tinker's user_metadata); bad keys: {bad!r}")
         fallback = [Checkpoint.coerce(c) for c in inherited]
-        status = self._status_for(service)
+        if status is not None:
+            require_methods(status, STATUS_METHODS, "status")
+        else:
+            status = self._status_for(service)
         with self._cond:
             if self._state is EngineState.CLOSED:
                 raise EngineClosed("the engine is closed")
@@ -359,7 +428,7 @@ class RecoveryEngine:
             lineages = [lin for lin in self._watched.values() if lin.state is RunState.WATCHING]
             # Enqueued under the lock, so close() (which takes it first) queues its stop markers after these.
             for lineage in lineages:
-                self._poll_queue.put((lineage, done))
+                self._poll_queue.put((lineage, done.release))
         for _ in lineages:
             done.acquire()
 
@@ -407,7 +476,7 @@ class RecoveryEngine:
             try:
                 self._poll_one(lineage)
             finally:
-                done.release()
+                done()
 
     def _poll_one(self, lineage: _Lineage) -> None:
         with self._cond:
@@ -523,6 +592,9 @@ class RecoveryEngine:
         with self._cond:
             lineage.announced += 1
             self._cond.notify_all()
+            ready, lineage.ready = lineage.ready, []
+            self._waited.discard(lineage)
+        _wake(ready)
 
     def _exhausted(self, lineage: _Lineage, job: RecoveryJob, error: RecoveryExhausted) -> None:
         with self._cond:
@@ -548,6 +620,9 @@ class RecoveryEngine:
             with self._cond:
                 lineage.exhausted = error
                 self._cond.notify_all()
+                ready, lineage.ready = lineage.ready, []
+                self._waited.discard(lineage)
+            _wake(ready)
 
         self._bus.call(give_up)
 
