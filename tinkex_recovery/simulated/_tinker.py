@@ -7,14 +7,15 @@ through the checkpoint each run was restored from), so "nothing trained twice, n
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .._clock import Clock, SystemClock
 from .._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
@@ -24,6 +25,7 @@ __all__ = [
     "OptimStepResult",
     "SaveStateResult",
     "SimulatedAPIError",
+    "SimulatedAPIFuture",
     "SimulatedRequestFailedError",
     "SimulatedRestClient",
     "SimulatedTinker",
@@ -117,16 +119,43 @@ class _Run:
         )
 
 
-def _done(value: Any) -> Future[Any]:
-    fut: Future[Any] = Future()
+T = TypeVar("T")
+
+
+class SimulatedAPIFuture(Future[T]):
+    """What every simulated call returns, as the SDK's ``APIFuture``: a ``concurrent.futures.Future`` that can
+    also be awaited (``await fut`` or ``await fut.result_async()``, never blocking the event loop, even while
+    pending); ``future()`` is itself, as the SDK's is the future behind it."""
+
+    def future(self) -> SimulatedAPIFuture[T]:
+        return self
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        if self.done():
+            return self.result()
+        return await asyncio.wait_for(asyncio.wrap_future(self), timeout)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.result_async().__await__()
+
+
+def _done(value: T) -> SimulatedAPIFuture[T]:
+    fut: SimulatedAPIFuture[T] = SimulatedAPIFuture()
     fut.set_result(value)
     return fut
 
 
-def _failed(exc: BaseException) -> Future[Any]:
-    fut: Future[Any] = Future()
+def _failed(exc: BaseException) -> SimulatedAPIFuture[Any]:
+    fut: SimulatedAPIFuture[Any] = SimulatedAPIFuture()
     fut.set_exception(exc)
     return fut
+
+
+async def _submitted(future: SimulatedAPIFuture[T]) -> SimulatedAPIFuture[T]:
+    """What an SDK ``*_async`` call gives back once its request is sent: the future of the result. The event loop
+    gets a turn first, as it does while a real request is sent."""
+    await asyncio.sleep(0)
+    return future
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -194,7 +223,7 @@ class SimulatedTinker:
         *,
         run_id: str | None = None,
         **_: Any,
-    ) -> Future[SimulatedTrainingClient]:
+    ) -> SimulatedAPIFuture[SimulatedTrainingClient]:
         """A new run holding the checkpoint's weights (optimizer state reset); ``run_id`` as for a LoRA run."""
         return self._restore(path, user_metadata, with_optimizer=False, run_id=run_id)
 
@@ -206,12 +235,35 @@ class SimulatedTinker:
         *,
         run_id: str | None = None,
         **_: Any,
-    ) -> Future[SimulatedTrainingClient]:
+    ) -> SimulatedAPIFuture[SimulatedTrainingClient]:
         """A new run holding the checkpoint's weights and optimizer state; ``run_id`` as for a LoRA run."""
         return self._restore(path, user_metadata, with_optimizer=True, run_id=run_id)
 
     def create_rest_client(self) -> SimulatedRestClient:
         return SimulatedRestClient(self)
+
+    # -- the SDK's async service calls (coroutines that return the client, as tinker 0.38's do) ---------------
+    async def create_lora_training_client_async(
+        self, base_model: str, rank: int = 32, user_metadata: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> SimulatedTrainingClient:
+        await asyncio.sleep(0)
+        return self.create_lora_training_client(base_model, rank, user_metadata, **kwargs)
+
+    async def create_training_client_from_state_async(
+        self, path: str, base_model: str | None = None, user_metadata: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> SimulatedTrainingClient:
+        """As :meth:`create_training_client_from_state`, awaited (a restore hung as a future is awaited, never
+        blocking the event loop; one hung as a blocking call blocks, as the SDK's blocking call would)."""
+        return await (
+            await _submitted(self.create_training_client_from_state(path, base_model, user_metadata, **kwargs))
+        )
+
+    async def create_training_client_from_state_with_optimizer_async(
+        self, path: str, base_model: str | None = None, user_metadata: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> SimulatedTrainingClient:
+        """As :meth:`create_training_client_from_state_with_optimizer`, awaited."""
+        future = self.create_training_client_from_state_with_optimizer(path, base_model, user_metadata, **kwargs)
+        return await (await _submitted(future))
 
     # -- inspection -----------------------------------------------------------------------------------
     def lineage(self, run_id: str) -> list[Any]:
@@ -339,7 +391,7 @@ class SimulatedTinker:
 
     def _restore(
         self, path: str, user_metadata: Mapping[str, str] | None, *, with_optimizer: bool, run_id: str | None = None
-    ) -> Future[SimulatedTrainingClient]:
+    ) -> SimulatedAPIFuture[SimulatedTrainingClient]:
         metadata = _check_metadata(user_metadata)
         with self._lock:
             self.restore_calls.append((path, with_optimizer, metadata))
@@ -353,7 +405,7 @@ class SimulatedTinker:
                 return self._restore_now(path, metadata, run_id).result()
 
             if as_future:
-                fut: Future[SimulatedTrainingClient] = Future()
+                fut: SimulatedAPIFuture[SimulatedTrainingClient] = SimulatedAPIFuture()
                 with self._lock:
                     if not self._released.is_set():
                         self._pending.append((fut, finish))
@@ -367,7 +419,7 @@ class SimulatedTinker:
 
     def _restore_now(
         self, path: str, metadata: dict[str, str] | None, run_id: str | None
-    ) -> Future[SimulatedTrainingClient]:
+    ) -> SimulatedAPIFuture[SimulatedTrainingClient]:
         with self._lock:
             source_run_id = path[len("tinker://") :].split("/", 1)[0]
             for i, (only, code) in enumerate(self._restore_failures):
@@ -427,7 +479,7 @@ class SimulatedTrainingClient:
 
     def forward_backward(
         self, data: Sequence[Any], loss_fn: str = "cross_entropy", loss_fn_config: Any = None
-    ) -> Future[ForwardBackwardResult]:
+    ) -> SimulatedAPIFuture[ForwardBackwardResult]:
         """Queue ``data`` for the next ``optim_step``; the loss is a deterministic stand-in."""
         with self._sim._lock:
             run = self._sim._call(self.model_id)
@@ -437,7 +489,7 @@ class SimulatedTrainingClient:
             loss = 1.0 / (1.0 + len(run.trained) + len(run.pending))
         return _done(ForwardBackwardResult(loss=loss, metrics={"loss:mean": loss}))
 
-    def forward(self, data: Sequence[Any], loss_fn: str = "cross_entropy") -> Future[ForwardBackwardResult]:
+    def forward(self, data: Sequence[Any], loss_fn: str = "cross_entropy") -> SimulatedAPIFuture[ForwardBackwardResult]:
         """The loss of ``data`` without training on it: nothing is queued for ``optim_step``."""
         with self._sim._lock:
             run = self._sim._call(self.model_id)
@@ -446,7 +498,7 @@ class SimulatedTrainingClient:
             loss = 1.0 / (1.0 + len(run.trained) + len(run.pending))
         return _done(ForwardBackwardResult(loss=loss, metrics={"loss:mean": loss}))
 
-    def optim_step(self, adam_params: Any = None) -> Future[OptimStepResult]:
+    def optim_step(self, adam_params: Any = None) -> SimulatedAPIFuture[OptimStepResult]:
         """Commit every queued item to the run's weights."""
         with self._sim._lock:
             run = self._sim._call(self.model_id)
@@ -463,7 +515,7 @@ class SimulatedTrainingClient:
         ttl_seconds: int | None = None,
         overwrite: bool = False,
         user_metadata: Mapping[str, str] | None = None,
-    ) -> Future[SaveStateResult]:
+    ) -> SimulatedAPIFuture[SaveStateResult]:
         """Save the weights trained so far as ``tinker://{model_id}/weights/{name}``."""
         metadata = _check_metadata(user_metadata)
         sim = self._sim
@@ -485,6 +537,29 @@ class SimulatedTrainingClient:
             run.checkpoints.append(_Checkpoint(name, path, now, tuple(run.trained), metadata, expires))
         return _done(SaveStateResult(path=path))
 
+    # -- the SDK's async surface: coroutines returning a future of the result (two awaits, as in tinker 0.38) ----
+    async def forward_backward_async(
+        self, data: Sequence[Any], loss_fn: str = "cross_entropy", loss_fn_config: Any = None
+    ) -> SimulatedAPIFuture[ForwardBackwardResult]:
+        return await _submitted(self.forward_backward(data, loss_fn, loss_fn_config))
+
+    async def forward_async(
+        self, data: Sequence[Any], loss_fn: str = "cross_entropy"
+    ) -> SimulatedAPIFuture[ForwardBackwardResult]:
+        return await _submitted(self.forward(data, loss_fn))
+
+    async def optim_step_async(self, adam_params: Any = None) -> SimulatedAPIFuture[OptimStepResult]:
+        return await _submitted(self.optim_step(adam_params))
+
+    async def save_state_async(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> SimulatedAPIFuture[SaveStateResult]:
+        return await _submitted(self.save_state(name, ttl_seconds, overwrite, user_metadata))
+
     def __repr__(self) -> str:
         return f"<SimulatedTrainingClient model_id={self.model_id!r}>"
 
@@ -495,13 +570,13 @@ class SimulatedRestClient:
     def __init__(self, sim: SimulatedTinker) -> None:
         self._sim = sim
 
-    def get_training_run(self, run_id: str) -> Future[TrainingRun]:
+    def get_training_run(self, run_id: str) -> SimulatedAPIFuture[TrainingRun]:
         try:
             return _done(self._sim.get_training_run(run_id))
         except SimulatedAPIError as exc:
             return _failed(exc)
 
-    def list_checkpoints(self, run_id: str) -> Future[CheckpointList]:
+    def list_checkpoints(self, run_id: str) -> SimulatedAPIFuture[CheckpointList]:
         try:
             return _done(self._sim.list_checkpoints(run_id))
         except SimulatedAPIError as exc:
