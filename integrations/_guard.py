@@ -1,9 +1,15 @@
 """``recovery_guard``: a plain training loop that survives its run being corrupted.
 
-The guard watches the run with a private :class:`~tinkex_recovery.RecoveryEngine`. The loop talks only to
-``guard.client`` and walks ``guard.steps(...)``; at step boundaries the guard swaps in the recovered client
-and moves the step iterator to the step the restored checkpoint was saved at, so every step after that
-checkpoint is trained again on the new run, and none twice.
+The guard watches the run with the process's :class:`~tinkex_recovery.RecoveryEngine` for its policy (shared by
+every guard with that policy, sync or async, and closed when the last one leaves) or the one passed as
+``engine=``. The loop talks only to ``guard.client`` and walks ``guard.steps(...)``; at step boundaries the guard
+swaps in the recovered client and moves the step iterator to the step the restored checkpoint was saved at, so
+every step after that checkpoint is trained again on the new run, and none twice.
+
+One guard serves plain loops and coroutines alike: ``with``/``async with``, ``for``/``async for``, ``with step``/
+``async with step``. Every decision (is this failure a lost run? where to resume? what to close?) is made once, in
+the plans below, which say what to wait for and never wait themselves; a blocking driver and an awaiting driver
+(:mod:`._aio`) do the waiting, so an event loop is never blocked while its run is polled or recovered.
 
 - Failures are judged in ``with step:``: an exception polls the run at once; if it is corrupted (or a
   recovery is under way) the guard waits for the new run and suppresses the exception (logged with its
@@ -22,11 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import warnings
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from tinkex_recovery import (
     Checkpoint,
@@ -44,16 +51,19 @@ from tinkex_recovery._integration import (
     report_steps_lost,
     require_methods,
     resolve,
-    rest_client_of,
     validate_run_id,
 )
 
+from . import _aio
 from ._checkpoint_log import CheckpointLog, metadata_for, validate_metrics, validate_step
+from ._shared import shared_engines
 from ._steps import Step, StepCursor
 
-__all__ = ["GuardRecovery", "RecoveryGuard", "recovery_guard"]
+__all__ = ["GuardRecovery", "RecoveryGuard", "Steps", "recovery_guard"]
 
 logger = logging.getLogger("tinkex_recovery")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,10 +84,127 @@ class _State(Enum):
     CLOSED = "closed"
 
 
-class RecoveryGuard:
-    """A context manager that keeps one training run alive for a plain loop; see :func:`recovery_guard`.
+# -- what a plan asks its driver to wait for ---------------------------------------------------------------------
+class _Poll:
+    """Poll the run now; the answer is ``check_now()``'s."""
 
-    Use it from the loop's thread only. It is single-use.
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: RunHandle) -> None:
+        self.handle = handle
+
+
+class _Wait:
+    """The next recovery of the run (``RecoveryExhausted`` and ``TimeoutError`` raised into the plan)."""
+
+    __slots__ = ("bound", "handle")
+
+    def __init__(self, handle: RunHandle, bound: float) -> None:
+        self.handle, self.bound = handle, bound
+
+
+class _Call:
+    """A call that may block (it makes a REST client, or joins threads): never on an event loop's thread."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+
+
+_Request = _Poll | _Wait | _Call
+#: A decision procedure: yields what it needs waited for, receives the answer (or has the error raised into it).
+_Plan = Generator[_Request, Any, T]
+
+
+def _drive(plan: _Plan[T]) -> T:
+    """Run ``plan``, blocking the calling thread for each wait."""
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            request = plan.send(answer) if error is None else plan.throw(error)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        try:
+            if isinstance(request, _Poll):
+                answer, error = request.handle.check_now(), None
+            elif isinstance(request, _Wait):
+                answer, error = request.handle.wait_for_recovery(timeout=request.bound), None
+            else:
+                answer, error = request.fn(), None
+        except BaseException as exc:
+            answer, error = None, exc
+
+
+async def _drive_async(plan: _Plan[T]) -> T:
+    """Run ``plan``, awaiting each wait: the event loop runs on while the run is polled or recovered."""
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            request = plan.send(answer) if error is None else plan.throw(error)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        try:
+            if isinstance(request, _Poll):
+                answer, error = await _aio.poll(request.handle), None
+            elif isinstance(request, _Wait):
+                answer, error = await _aio.next_recovery(request.handle, request.bound), None
+            else:
+                answer, error = await _aio.off_loop(request.fn), None
+        except BaseException as exc:
+            answer, error = None, exc
+
+
+def _warn_if_on_event_loop(what: str, instead: str) -> None:
+    if _aio.on_event_loop():
+        warnings.warn(
+            f"{what} on an event loop's thread blocks the loop while the run is polled or recovered; "
+            f"use {instead} in a coroutine",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class Steps(Iterator[Step], AsyncIterator[Step]):
+    """What :meth:`RecoveryGuard.steps` returns: walk it once, with ``for`` in a plain loop or ``async for`` in a
+    coroutine (where waiting for a recovery is awaited)."""
+
+    __slots__ = ("_cursor", "_guard", "_walk")
+
+    def __init__(self, guard: RecoveryGuard, cursor: StepCursor) -> None:
+        self._guard = guard
+        self._cursor = cursor
+        self._walk: Iterator[Step] | AsyncIterator[Step] | None = None
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._walk is None:
+            _warn_if_on_event_loop("`for step in guard.steps(...)`", "`async for`")
+            self._walk = self._guard._walk(self._cursor)
+        if not isinstance(self._walk, Iterator):
+            raise RuntimeError("these steps are walked with `async for`; walk each steps() once")
+        return self._walk
+
+    def __next__(self) -> Step:
+        return next(self.__iter__())
+
+    def __aiter__(self) -> AsyncIterator[Step]:
+        if self._walk is None:
+            self._walk = self._guard._awalk(self._cursor)
+        if not isinstance(self._walk, AsyncIterator):
+            raise RuntimeError("these steps are walked with `for`; walk each steps() once")
+        return self._walk
+
+    async def __anext__(self) -> Step:
+        return await self.__aiter__().__anext__()
+
+
+class RecoveryGuard:
+    """A context manager that keeps one training run alive for a plain loop or a coroutine; see
+    :func:`recovery_guard`.
+
+    Use it from the loop's thread (or event loop) only. It is single-use.
     """
 
     def __init__(
@@ -90,12 +217,21 @@ class RecoveryGuard:
         status: Any = None,
         log_path: str | os.PathLike[str] | None = None,
         clock: Clock | None = None,
+        engine: RecoveryEngine | None = None,
+        on_swap: Callable[[Any], object] | None = None,
     ) -> None:
         self._origin = validate_run_id(run_id)
+        if engine is not None and not isinstance(engine, RecoveryEngine):
+            raise TypeError(f"engine must be a RecoveryEngine, got {type(engine).__name__}")
         if policy is None:
-            policy = RecoveryPolicy(enabled=True)  # using the guard is the opt-in
+            # using the guard is the opt-in; on a given engine, its policy governs
+            policy = engine.policy if engine is not None else RecoveryPolicy(enabled=True)
         if not isinstance(policy, RecoveryPolicy):
             raise TypeError(f"policy must be a RecoveryPolicy, got {type(policy).__name__}")
+        if engine is not None and policy != engine.policy:
+            raise ValueError("policy differs from the engine's: a guard on engine= recovers by the engine's policy")
+        if on_swap is not None and not callable(on_swap):
+            raise TypeError(f"on_swap must be callable, got {type(on_swap).__name__}")
         if client is not None:
             model_id = getattr(client, "model_id", None)
             if isinstance(model_id, str) and model_id != run_id:
@@ -112,13 +248,18 @@ class RecoveryGuard:
         self._status = status
         self._log = CheckpointLog(log_path) if log_path is not None else None
         self._clock = clock or SystemClock()
+        self._engine_clock = clock  # the shared engine is the one for this policy and this clock (None: real time)
+        self._given_engine = engine
+        self._on_swap = on_swap
         self._client = client
         self._run_id = run_id
         self._state = _State.NEW
         self._engine: RecoveryEngine | None = None
         self._handle: RunHandle | None = None
+        self._leased: RecoveryEngine | None = None  # the shared engine this guard must give back
         self._cursor: StepCursor | None = None
         self._recoveries: list[GuardRecovery] = []
+        self._rewound = False  # a recovery was taken in since the last step was yielded
         self.start_step: int | None = None
         """The step to start the loop at, when the guard resumed the run at entry (no ``client`` given)."""
         self.resumed_from: Checkpoint | None = None
@@ -137,60 +278,94 @@ class RecoveryGuard:
 
     @property
     def recoveries(self) -> tuple[GuardRecovery, ...]:
-        """Every recovery the loop has gone through, oldest first."""
+        """Every recovery the loop has gone through, oldest first. Its length changes exactly when the run
+        does: a loop holding futures can tag them with it (or watch :attr:`Step.resumed`)."""
         return tuple(self._recoveries)
+
+    @property
+    def engine(self) -> RecoveryEngine | None:
+        """The engine watching the run (the process's one for this policy, or ``engine=``); None before entry
+        and when the policy is disabled. Subscribe to it for events."""
+        return self._engine
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def __enter__(self) -> Self:
+        _warn_if_on_event_loop("`with recovery_guard(...)`", "`async with`")
+        _drive(self._enter_plan())
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _drive(self._close_plan())
+
+    async def __aenter__(self) -> Self:
+        await _drive_async(self._enter_plan())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await _drive_async(self._close_plan())
+
+    def _enter_plan(self) -> _Plan[None]:
         if self._state is not _State.NEW:
             raise RuntimeError(f"a recovery_guard is single-use; this one is {self._state.value}")
         self._state = _State.OPEN
         try:
             if self._client is None:
-                self._resume()
+                yield from self._resume_plan()
             if not self.policy.enabled:
                 logger.info(
                     "recovery_guard: recovery is disabled by the policy (enabled=False); run %s is not watched "
                     "and the guard passes everything through",
                     self._run_id,
                 )
-                return self
-            if self._engine is None:
-                self._engine, self._handle = self._watch(self.policy)
+                return
+            if self._handle is None:
+                policy = self.policy
+                yield _Call(lambda: self._watch(policy))
         except BaseException:
-            self._close()
+            yield from self._close_plan()
             raise
-        return self
 
-    def _watch(self, policy: RecoveryPolicy) -> tuple[RecoveryEngine, RunHandle]:
-        engine = RecoveryEngine(policy, status=self._status_client(), poll_concurrency=1, clock=self._clock)
+    def _watch(self, policy: RecoveryPolicy) -> None:
+        """Watch the run on the given engine or on the process's one for ``policy``. May block (the service's
+        REST client is made here): a driver runs it off any event loop."""
+        if self._given_engine is not None:
+            engine = self._given_engine.start()
+        else:
+            engine = self._leased = shared_engines.acquire(policy, self._engine_clock)
+        self._engine = engine
+        self._handle = engine.watch(self._run_id, self._service, step_of=self._step_of, status=self._status)
+
+    def _release(self) -> None:
+        """Stop watching the run and give the shared engine back (the last guard to do so closes it)."""
+        handle, leased = self._handle, self._leased
+        self._handle = self._leased = None
         try:
-            handle = engine.start().watch(self._run_id, self._service, step_of=self._step_of)
-        except BaseException:
-            engine.close()
-            raise
-        return engine, handle
+            if handle is not None:
+                handle.unwatch()
+        finally:
+            if leased is not None:
+                shared_engines.release(leased)
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._close()
-
-    def _close(self) -> None:
+    def _close_plan(self) -> _Plan[None]:
         self._state = _State.CLOSED
-        if self._engine is not None:
-            self._engine.close(timeout=1.0)
+        if self._handle is not None or self._leased is not None:
+            yield _Call(self._release)
 
     def _require_open(self, what: str) -> None:
         if self._state is not _State.OPEN:
             raise RuntimeError(f"{what} is only available inside `with recovery_guard(...) as guard:`")
 
     # -- the loop -----------------------------------------------------------------------------------------
-    def steps(self, iterable: Iterable[int]) -> Iterator[Step]:
-        """Yield a :class:`Step` for each step index of ``iterable`` (ints, strictly increasing, e.g. a
-        ``range``); after a recovery, continue with the first index ``>=`` the restored checkpoint's step."""
+    def steps(self, iterable: Iterable[int]) -> Steps:
+        """A :class:`Step` for each step index of ``iterable`` (ints, strictly increasing, e.g. a ``range``),
+        walked with ``for`` or ``async for``; after a recovery, continue with the first index ``>=`` the restored
+        checkpoint's step."""
         self._require_open("steps()")
-        return self._walk(StepCursor(iterable))
+        return Steps(self, StepCursor(iterable))
 
     def _walk(self, cursor: StepCursor) -> Iterator[Step]:
         self._cursor = cursor
@@ -201,26 +376,61 @@ class RecoveryGuard:
             if self._state is not open_:
                 raise RuntimeError("the recovery_guard was closed while its steps were being iterated")
             if lineage is not None and (lineage.state is not watching or len(lineage.recoveries) > lineage.consumed):
-                self._catch_up(next_pos=cursor.pos)
+                _drive(self._catch_up_plan(next_pos=cursor.pos))
             try:
                 index = next(cursor)
             except StopIteration:
-                # One last poll, so the loop never ends on a run the server already marked corrupted.
-                if self._handle is not None:
-                    self._handle.check_now()
-                if self._catch_up(next_pos=cursor.pos):
+                if _drive(self._end_plan(cursor)):
                     continue
                 return
-            yield Step(self._judge, index)
+            if self._rewound:
+                self._rewound = False
+                yield Step(self, index, True)
+            else:
+                yield Step(self, index)
 
-    def _judge(self, step: Step, exc: BaseException | None) -> bool:
-        """Whether to suppress ``exc``, raised inside ``step``: yes if the run is, or turns out to be,
-        corrupted; then the recovery is awaited and the loop rewound."""
+    async def _awalk(self, cursor: StepCursor) -> AsyncIterator[Step]:
+        """:meth:`_walk`, awaiting where it blocks."""
+        self._cursor = cursor
+        lineage = self._handle._lineage if self._handle is not None else None
+        open_, watching = _State.OPEN, RunState.WATCHING
+        while True:
+            if self._state is not open_:
+                raise RuntimeError("the recovery_guard was closed while its steps were being iterated")
+            if lineage is not None and (lineage.state is not watching or len(lineage.recoveries) > lineage.consumed):
+                await _drive_async(self._catch_up_plan(next_pos=cursor.pos))
+            try:
+                index = next(cursor)
+            except StopIteration:
+                if await _drive_async(self._end_plan(cursor)):
+                    continue
+                return
+            if self._rewound:
+                self._rewound = False
+                yield Step(self, index, True)
+            else:
+                yield Step(self, index)
+
+    def _judge(self, step: Step, exc: BaseException) -> bool:
+        """Whether to suppress ``exc``, raised inside ``step`` (``with step:``), waiting by blocking."""
+        if self._handle is not None and isinstance(exc, Exception):
+            _warn_if_on_event_loop("`with step:`", "`async with step:`")
+        return _drive(self._judge_plan(step, exc))
+
+    async def _judge_async(self, step: Step, exc: BaseException) -> bool:
+        """Whether to suppress ``exc``, raised inside ``step`` (``async with step:``), waiting by awaiting."""
+        return await _drive_async(self._judge_plan(step, exc))
+
+    # -- the decisions, shared by both faces: they say what to wait for and never wait ----------------------
+    def _judge_plan(self, step: Step, exc: BaseException) -> _Plan[bool]:
+        """Suppress ``exc`` if the run is, or turns out to be, corrupted; then the recovery is taken in and the
+        loop rewound."""
         handle = self._handle
-        if exc is None or not isinstance(exc, Exception) or handle is None or self._state is not _State.OPEN:
+        if not isinstance(exc, Exception) or handle is None or self._state is not _State.OPEN:
             return False
         since = self._clock.monotonic()
-        if not handle.check_now() and handle.state is not RunState.EXHAUSTED:
+        lost = yield _Poll(handle)
+        if not lost and handle.state is not RunState.EXHAUSTED:
             return False
         logger.warning(
             "recovery_guard: step %d failed on run %s, which was lost; recovering (the step's error follows)",
@@ -229,10 +439,19 @@ class RecoveryGuard:
             exc_info=(type(exc), exc, exc.__traceback__),
         )
         assert self._cursor is not None
-        self._catch_up(next_pos=self._cursor.pos - 1, cause=exc, since=since)
+        yield from self._catch_up_plan(next_pos=self._cursor.pos - 1, cause=exc, since=since)
         return True
 
-    def _catch_up(self, *, next_pos: int, cause: BaseException | None = None, since: float | None = None) -> int:
+    def _end_plan(self, cursor: StepCursor) -> _Plan[int]:
+        """The iterable ran out: one last poll, so the loop never ends on a run the server already marked
+        corrupted; how many recoveries that took in (the walk goes on if any)."""
+        if self._handle is not None:
+            yield _Poll(self._handle)
+        return (yield from self._catch_up_plan(next_pos=cursor.pos))
+
+    def _catch_up_plan(
+        self, *, next_pos: int, cause: BaseException | None = None, since: float | None = None
+    ) -> _Plan[int]:
         """Take in every recovery that is finished or under way, and return how many; ``next_pos`` is where
         the loop would go on without them, ``since`` when the loop stopped for them (default: now)."""
         handle = self._handle
@@ -242,7 +461,7 @@ class RecoveryGuard:
         while not handle.settled:
             started = self._clock.monotonic() if since is None else since
             since = None
-            recovery = handle.wait_for_recovery(timeout=self._wait_bound())  # RecoveryExhausted leaves the loop
+            recovery = yield _Wait(handle, self._wait_bound())  # RecoveryExhausted leaves the loop
             taken += 1
             self._apply(recovery, next_pos=next_pos, waited=self._clock.monotonic() - started, cause=cause)
             cause = None
@@ -269,6 +488,7 @@ class RecoveryGuard:
             cause=cause,
         )
         self._recoveries.append(record)
+        self._rewound = True
         report_steps_lost(record.steps_lost, "guard")
         logger.warning(
             "recovery_guard: run %s recovered as %s from %s in %.3fs; resuming at step %d (%d step(s) trained again)",
@@ -279,6 +499,8 @@ class RecoveryGuard:
             step,
             record.steps_lost,
         )
+        if self._on_swap is not None:
+            self._on_swap(recovery.client)  # on the loop's thread, before its next step; what it raises propagates
 
     def _step_of(self, checkpoint: Checkpoint) -> int | None:
         """Where a loop restored from ``checkpoint`` resumes: its user_metadata ``step``, else its record in
@@ -302,19 +524,46 @@ class RecoveryGuard:
         ``step`` is the index of the next step to run (what a resume starts at); it and the numeric
         ``metrics`` go into the checkpoint's user_metadata, so recovery (and ``best``) can use them even
         in a new process. With ``log_path``, a tinker-cookbook record is appended to checkpoints.jsonl.
+        A loop with requests in flight saves what the service has been sent: a save submitted after step k's
+        requests holds every step up to k, so it is ``step=k + 1``.
         """
         self._require_open("save_state()")
+        step, values, ttl_seconds = self._checked_save(name, step, metrics, ttl_seconds)
+        result = resolve(
+            self._client.save_state(name, ttl_seconds=ttl_seconds, user_metadata=metadata_for(step, values))
+        )
+        return self._saved(name, step, values, result)
+
+    async def save_state_async(
+        self,
+        name: str,
+        *,
+        step: int,
+        metrics: Mapping[str, int | float] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> str:
+        """:meth:`save_state`, awaited: the client's ``save_state(...)`` (which returns a future at once, in the
+        SDK) is awaited, so the event loop runs on while the checkpoint is written."""
+        self._require_open("save_state_async()")
+        step, values, ttl_seconds = self._checked_save(name, step, metrics, ttl_seconds)
+        pending = self._client.save_state(name, ttl_seconds=ttl_seconds, user_metadata=metadata_for(step, values))
+        return self._saved(name, step, values, await _aio.settle(pending))
+
+    @staticmethod
+    def _checked_save(
+        name: object, step: object, metrics: Mapping[str, int | float] | None, ttl_seconds: object
+    ) -> tuple[int, dict[str, int | float], int | None]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        step = validate_step(step)
+        checked = validate_step(step)
         values = validate_metrics(metrics)
         if ttl_seconds is not None and (isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int)):
             raise TypeError(f"ttl_seconds must be an int or None, got {ttl_seconds!r}")
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
-        result = resolve(
-            self._client.save_state(name, ttl_seconds=ttl_seconds, user_metadata=metadata_for(step, values))
-        )
+        return checked, values, ttl_seconds
+
+    def _saved(self, name: str, step: int, values: dict[str, int | float], result: object) -> str:
         path = getattr(result, "path", result)
         if not isinstance(path, str):
             raise TypeError(f"save_state() returned no tinker path (got {type(result).__name__})")
@@ -323,26 +572,19 @@ class RecoveryGuard:
         return path
 
     # -- resuming in a new process ------------------------------------------------------------------------
-    def _status_client(self) -> Any:
-        if self._status is None:
-            self._status = rest_client_of(self._service)
-        return self._status
-
-    def _resume(self) -> None:
+    def _resume_plan(self) -> _Plan[None]:
         """Without a client: the engine restores a new run from ``run_id``'s chosen checkpoint; the loop starts
         at its step. A disabled policy still resumes (there is no client otherwise), then watches nothing."""
         require_methods(self._service, SERVICE_METHODS, "service")
-        engine, handle = self._watch(self.policy if self.policy.enabled else self.policy.replace(enabled=True))
-        try:
-            handle.request_recovery()
-            recovery = handle.wait_for_recovery(timeout=self._wait_bound())
-        except BaseException:
-            engine.close()
-            raise
-        if self.policy.enabled:
-            self._engine, self._handle = engine, handle  # the watch goes on, with what the resume learned
-        else:
-            engine.close()
+        policy = self.policy if self.policy.enabled else self.policy.replace(enabled=True)
+        yield _Call(lambda: self._watch(policy))
+        handle = self._handle
+        assert handle is not None
+        handle.request_recovery()
+        recovery = yield _Wait(handle, self._wait_bound())
+        if not self.policy.enabled:
+            yield _Call(self._release)  # the resume is all a disabled guard does
+            self._engine = None
         assert recovery.step is not None, "the engine resumes a guarded loop only from checkpoints with a step"
         self._client, self._run_id = recovery.client, recovery.new_run_id
         self.start_step, self.resumed_from = recovery.step, recovery.checkpoint
@@ -367,6 +609,8 @@ def recovery_guard(
     status: Any = None,
     log_path: str | os.PathLike[str] | None = None,
     clock: Clock | None = None,
+    engine: RecoveryEngine | None = None,
+    on_swap: Callable[[Any], object] | None = None,
 ) -> RecoveryGuard:
     """Keep ``run_id`` alive for a plain training loop::
 
@@ -375,10 +619,33 @@ def recovery_guard(
                 with step:
                     ...  # train step.index through guard.client; guard.save_state(..., step=step.index + 1)
 
+    or for a coroutine, the same guard awaited (the event loop is never blocked while the run is polled or
+    recovered)::
+
+        async with recovery_guard(run_id, service, policy=policy, client=training_client) as guard:
+            async for step in guard.steps(range(start, num_steps)):
+                async with step:
+                    ...  # await guard.client's futures; await guard.save_state_async(..., step=step.index + 1)
+
     ``service`` restores runs (a ``tinker.ServiceClient``); ``status`` reads them (default: the service's
-    ``create_rest_client()``). No ``policy`` means ``RecoveryPolicy(enabled=True)``; a disabled policy makes
-    the guard a pass-through that starts no thread. Without ``client``, the guard resumes at entry: it
-    restores a new run from ``run_id``'s chosen checkpoint and sets :attr:`RecoveryGuard.start_step`.
-    ``log_path`` adds a tinker-cookbook ``checkpoints.jsonl`` as a record of steps. ``clock`` is for tests.
+    REST client). No ``policy`` means ``RecoveryPolicy(enabled=True)``; a disabled policy makes the guard a
+    pass-through that starts no thread. Without ``client``, the guard resumes at entry: it restores a new run
+    from ``run_id``'s chosen checkpoint and sets :attr:`RecoveryGuard.start_step`. ``log_path`` adds a
+    tinker-cookbook ``checkpoints.jsonl`` as a record of steps. ``clock`` is for tests.
+
+    Guards in one process share one engine per policy (and clock), whose threads stop when the last of them
+    leaves; ``engine=`` watches on that engine instead (started if need be, never closed by the guard).
+    ``on_swap(new_client)`` is called on the loop's thread each time a recovery swaps the client, before the
+    next step: keep objects that hold the client (a tinker-cookbook ``CheckpointManager``) current there.
     """
-    return RecoveryGuard(run_id, service, policy=policy, client=client, status=status, log_path=log_path, clock=clock)
+    return RecoveryGuard(
+        run_id,
+        service,
+        policy=policy,
+        client=client,
+        status=status,
+        log_path=log_path,
+        clock=clock,
+        engine=engine,
+        on_swap=on_swap,
+    )

@@ -9,15 +9,22 @@ is consumed (one int per step) so the indices already yielded can be replayed.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Protocol
 
 from tinkex_recovery import ResumeBeforeFirstStep
 
 __all__ = ["Judge", "Step", "StepCursor"]
 
-#: Decides whether an exception raised inside a step is suppressed (the run was lost and is recovered).
-Judge = Callable[["Step", BaseException], bool]
+
+class Judge(Protocol):
+    """Decides whether an exception raised inside a step is suppressed (the run was lost and is recovered):
+    the same decision, waited for by blocking (``with step:``) or by awaiting (``async with step:``)."""
+
+    def _judge(self, step: Step, exc: BaseException) -> bool: ...
+
+    async def _judge_async(self, step: Step, exc: BaseException) -> bool: ...
 
 
 class StepCursor:
@@ -78,15 +85,20 @@ class StepCursor:
 
 
 class Step:
-    """One step of a guarded loop. ``with step:`` is where a failure is judged: caused by the run being
-    corrupted (recovered, suppressed, and the loop rewound) or not (propagated unchanged)."""
+    """One step of a guarded loop. ``with step:`` (or ``async with step:`` in a coroutine) is where a failure is
+    judged: caused by the run being corrupted (recovered, suppressed, and the loop rewound) or not (propagated
+    unchanged)."""
 
-    __slots__ = ("_entered", "_judge", "index")
+    __slots__ = ("_entered", "_judge", "index", "resumed")
 
-    def __init__(self, judge: Judge, index: int) -> None:
+    def __init__(self, judge: Judge, index: int, resumed: bool = False) -> None:
         self._judge = judge
         self._entered = False
         self.index = index  #: the step index, an element of the iterable given to steps()
+        #: True for the first step after the guard took in a recovery (the loop was rewound to a checkpoint and
+        #: trains a new run): anything the loop still holds from the lost run, futures in flight above all, is
+        #: void and must be dropped, never awaited for a result.
+        self.resumed = resumed
 
     def __enter__(self) -> Step:
         if self._entered:
@@ -97,7 +109,15 @@ class Step:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        return exc is not None and self._judge(self, exc)
+        return exc is not None and self._judge._judge(self, exc)
+
+    async def __aenter__(self) -> Step:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        return exc is not None and await self._judge._judge_async(self, exc)
 
     def __repr__(self) -> str:
-        return f"<Step index={self.index}>"
+        return f"<Step index={self.index}{' resumed' if self.resumed else ''}>"
