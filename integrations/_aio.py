@@ -4,7 +4,9 @@
 - Waiting for a recovery awaits ``RunHandle.when_ready()``, a future the engine completes from its own thread;
   the recovery is then collected with ``wait_for_recovery(timeout=0)``, which never waits. No thread is held.
 - The few blocking calls of a guard's entry and exit (making the service's REST client, which costs the SDK two
-  round trips; closing the engine, which joins its threads) run on a short-lived thread of their own, awaited.
+  round trips; closing the engine, which joins its threads) run on the offload thread, awaited: one thread for
+  every guard of the process, started when there is such a call to make and gone when there is none left, so
+  16 loops entering at once add one thread, not 16.
 - A training client's future (the SDK's ``APIFuture``, a ``concurrent.futures.Future``, any awaitable) is awaited.
 """
 
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import inspect
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -30,9 +33,37 @@ def on_event_loop() -> bool:
     return asyncio._get_running_loop() is not None
 
 
+class _Offloader:
+    """Runs blocking calls one after the other on one thread, which exits as soon as none is left."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, call: Callable[[], None]) -> None:
+        with self._lock:
+            self._calls.append(call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tinkex-recovery-offload", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    self._thread = None
+                    return
+                call = self._calls.popleft()
+            call()  # never raises: off_loop's call catches everything
+
+
+_offloader = _Offloader()
+
+
 async def off_loop(fn: Callable[[], T]) -> T:
-    """``fn()`` on a short-lived thread of its own, awaited. Not interruptible: a cancelled caller still waits
-    for ``fn`` to return (what it opened must be known, to be closed), then the cancellation goes on."""
+    """``fn()`` on the offload thread, awaited. Not interruptible: a cancelled caller still waits for ``fn`` to
+    return (what it opened must be known, to be closed), then the cancellation goes on."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -44,7 +75,7 @@ async def off_loop(fn: Callable[[], T]) -> T:
         else:
             done.set_result(result)
 
-    def run() -> None:
+    def call() -> None:
         result: Any = None
         error: BaseException | None = None
         try:
@@ -54,16 +85,13 @@ async def off_loop(fn: Callable[[], T]) -> T:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
             loop.call_soon_threadsafe(settle_done, result, error)
 
-    thread = threading.Thread(target=run, name="tinkex-recovery-offload", daemon=True)
-    thread.start()
+    _offloader.submit(call)
     try:
         return await asyncio.shield(done)
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             await done
         raise
-    finally:
-        thread.join(1.0)  # it has set its result: it only has to return
 
 
 async def poll(handle: RunHandle) -> bool:

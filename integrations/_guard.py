@@ -248,7 +248,8 @@ class RecoveryGuard:
         self._status = status
         self._log = CheckpointLog(log_path) if log_path is not None else None
         self._clock = clock or SystemClock()
-        self._engine_clock = clock  # the shared engine is the one for this policy and this clock (None: real time)
+        # The shared engine is the one for this policy and this clock; every SystemClock is the same real time.
+        self._engine_clock = None if clock is None or type(clock) is SystemClock else clock
         self._given_engine = engine
         self._on_swap = on_swap
         self._client = client

@@ -17,7 +17,7 @@ __all__ = ["SharedEngines", "shared_engines"]
 #: Poll workers of a shared engine: polls of every guarded run (and the polls a failing step asks for) share them.
 POLL_WORKERS = 4
 #: Restores a shared engine runs at once (one per lineage at most); the others wait, first come first served.
-RESTORES = 4
+RESTORES = 2
 
 
 @dataclass(eq=False)
