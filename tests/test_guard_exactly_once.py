@@ -1,4 +1,5 @@
-"""Must show 1: whatever the corruption schedule, every step of a guarded loop is trained exactly once.
+"""Must show 1: whatever the corruption schedule, every step of a guarded loop is trained exactly once, in a plain
+loop and in a coroutine (``async with`` / ``async for`` / ``async with step``, on SimulatedTinker's async surface).
 
 A 200-step loop on the simulated Tinker saves every 10 steps; the run is corrupted at random points of random
 steps (before the step's calls, between forward_backward and optim_step, after the step, or after the step
@@ -8,6 +9,7 @@ during the recovery, before saving anything). The end: ``sim.lineage(guard.run_i
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -96,6 +98,61 @@ def run(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], list[int
         sim.release()
 
 
+def run_async(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], list[int], int]:
+    """:func:`run`, as a coroutine: the same loop and schedule, every wait awaited."""
+    clock = FakeClock()
+    sim = SimulatedTinker(clock=clock)
+    service = CorruptOnArrival(sim, doomed)
+    client = sim.create_lora_training_client(base_model="Qwen/Qwen3-8B")
+    ran: list[int] = []
+
+    async def main() -> tuple[list[int], int]:
+        loop = asyncio.get_running_loop()
+        completed = [0]
+        recovered = asyncio.Condition()
+
+        async def count() -> None:
+            async with recovered:
+                completed[0] += 1
+                recovered.notify_all()
+
+        def on_recovery(_: object) -> None:  # on the engine's notifier thread
+            asyncio.run_coroutine_threadsafe(count(), loop)
+
+        policy = RecoveryPolicy(
+            enabled=True, poll_interval=INTERVAL, backoff=0, max_backoff=0, max_attempts=3, on_recovery=on_recovery
+        )
+        async with recovery_guard(client.model_id, service, policy=policy, client=client, clock=clock) as guard:
+            async for step in guard.steps(range(STEPS)):
+                async with step:
+                    phase = schedule.get(len(ran))
+                    ran.append(step.index)
+                    if phase == "before":
+                        sim.corrupt(guard.run_id)
+                    await (await guard.client.forward_backward_async([step.index], "cross_entropy"))
+                    if phase == "mid":
+                        sim.corrupt(guard.run_id)
+                    await (await guard.client.optim_step_async()).result_async()
+                    if (step.index + 1) % EVERY == 0:
+                        await guard.save_state_async(
+                            f"step-{step.index + 1:06d}", step=step.index + 1, metrics={"loss": 0.5}
+                        )
+                    if phase in ("after", "poll"):
+                        sim.corrupt(guard.run_id)
+                    if phase == "poll":
+                        async with recovered:
+                            seen = completed[0]
+                            clock.advance(INTERVAL)  # the poller finds it; no training call fails first
+                            await asyncio.wait_for(recovered.wait_for(lambda seen=seen: completed[0] > seen), WAIT)
+        return sim.lineage(guard.run_id), len(guard.recoveries)
+
+    try:
+        lineage, recoveries = asyncio.run(main())
+        return lineage, ran, recoveries
+    finally:
+        sim.release()
+
+
 # Execution numbers count every step run, replays included; from 10 on a checkpoint always exists.
 schedules = st.dictionaries(st.integers(EVERY, STEPS - 1), st.sampled_from(PHASES), min_size=2, max_size=6)
 
@@ -112,6 +169,20 @@ def test_every_step_is_trained_exactly_once(schedule: dict[int, str], doomed: se
     lineage, ran, recoveries = run(schedule, doomed)
     assert lineage == list(range(STEPS))
     assert recoveries >= 1 and ran[-1] == STEPS - 1
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=schedules, doomed=st.sets(st.integers(1, 6), max_size=2))
+@example(schedule={13: "before", 16: "mid"}, doomed=set())
+@example(schedule={25: "mid", 60: "poll"}, doomed={1})
+@example(schedule={199: "after", 150: "poll"}, doomed={2})
+def test_every_step_of_an_async_loop_is_trained_exactly_once_and_as_in_the_sync_loop(
+    schedule: dict[int, str], doomed: set[int]
+) -> None:
+    lineage, ran, recoveries = run_async(schedule, doomed)
+    assert lineage == list(range(STEPS))
+    assert recoveries >= 1 and ran[-1] == STEPS - 1
+    assert (ran, recoveries) == run(schedule, doomed)[1:]  # the same steps, in the same order, as the sync guard
 
 
 def test_twice_between_two_checkpoints_restores_the_same_checkpoint_twice() -> None:
