@@ -28,3 +28,16 @@ def test_recovery_simulated_prints_a_timeline_and_the_recovered_run() -> None:
     assert kinds[0] == "detected" and kinds[-1] == "completed" and "failed" in kinds
     last = out.strip().splitlines()[-1]
     assert last.startswith("recovered run id: ") and last.endswith(":train:1")
+
+
+def test_async_loop_recovers_twice_with_requests_in_flight_and_keeps_its_checkpoint_manager_current() -> None:
+    out = run_example("async_loop.py")
+    lines = out.splitlines()
+    recoveries = [line for line in lines if line.startswith("recovery ")]
+    assert len(recoveries) == 2, out
+    assert "from 000020, resumed at batch 20" in recoveries[0]
+    assert "from 000040, resumed at batch 40" in recoveries[1]
+    dropped = [line for line in lines if "future(s) dropped" in line]
+    assert len(dropped) == 2 and all(" 0 future(s)" not in line for line in dropped)  # requests were in flight
+    assert "the checkpoint manager holds the current client: True" in lines
+    assert lines[-1].startswith("finished 60 batches") and lines[-1].endswith("every batch trained exactly once: True")
