@@ -578,3 +578,49 @@ def test_a_guard_on_a_given_engine_uses_it_and_leaves_it_running(sim: SimulatedT
         recovery_guard(client.model_id, sim, client=client, engine=engine, policy=POLICY.replace(max_attempts=9))
     with pytest.raises(TypeError, match="RecoveryEngine"):
         recovery_guard(client.model_id, sim, client=client, engine=object())  # type: ignore[arg-type]
+
+
+def test_no_poll_restore_or_rest_client_call_runs_on_the_event_loops_thread(
+    sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    """Every call that may block (the SDK's are sync-only) runs on another thread: the polls a failing step asks
+    for, the restores, the checkpoint listing, making the REST client; resume at entry included."""
+    calls: list[tuple[str, str]] = []
+
+    def record(what: str) -> None:
+        calls.append((what, threading.current_thread().name))
+
+    class Rest:
+        def get_training_run(self, run_id: str) -> Any:
+            record("get_training_run")
+            return sim.get_training_run(run_id)
+
+        def list_checkpoints(self, run_id: str) -> Any:
+            record("list_checkpoints")
+            return sim.list_checkpoints(run_id)
+
+    class Service:
+        def create_rest_client(self) -> Any:
+            record("create_rest_client")
+            return Rest()
+
+        def create_training_client_from_state(self, path: str, **kw: Any) -> Any:
+            record("restore")
+            return sim.create_training_client_from_state(path, **kw)
+
+        def create_training_client_from_state_with_optimizer(self, path: str, **kw: Any) -> Any:
+            record("restore")
+            return sim.create_training_client_from_state_with_optimizer(path, **kw)
+
+    service = Service()
+    loop_thread = threading.current_thread().name  # asyncio.run runs the loop on this thread
+    first, _ = run(guarded_loop_async(sim, clock, service=service, hook=corrupt_at(sim, (24, "mid"), (33, "before"))))
+
+    async def restarted() -> None:
+        async with recovery_guard(first.run_id, service, policy=POLICY, clock=clock) as guard:
+            assert guard.start_step == 60
+
+    run(restarted())
+    kinds = {what for what, _ in calls}
+    assert {"create_rest_client", "get_training_run", "restore"} <= kinds
+    assert [c for c in calls if c[1] == loop_thread] == []
