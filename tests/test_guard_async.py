@@ -29,7 +29,7 @@ from tinkex_recovery import (
     recovery_guard,
 )
 from tinkex_recovery.integrations import RecoveryGuard, Step
-from tinkex_recovery.simulated import SimulatedAPIError, SimulatedTinker
+from tinkex_recovery.simulated import SimulatedAPIError, SimulatedAPIFuture, SimulatedTinker
 
 from .helpers import WAIT
 from .test_guard import POLICY, corrupt_at, guarded_loop
@@ -624,3 +624,39 @@ def test_no_poll_restore_or_rest_client_call_runs_on_the_event_loops_thread(
     kinds = {what for what, _ in calls}
     assert {"create_rest_client", "get_training_run", "restore"} <= kinds
     assert [c for c in calls if c[1] == loop_thread] == []
+
+
+def test_save_state_async_awaits_the_save_without_blocking_the_loop(sim: SimulatedTinker, clock: FakeClock) -> None:
+    """The save's future completes only once a task on the loop has ticked 10 times: save_state_async returns only
+    if it awaited it (a watchdog completes a blocked one after 5 s, and the lag then fails the test)."""
+    client = sim.create_lora_training_client(base_model="m")
+    pending: list[SimulatedAPIFuture[Any]] = []
+    real_save = client.save_state
+
+    def slow_save(name: str, **kw: Any) -> Any:
+        saved = real_save(name, **kw)
+        later: SimulatedAPIFuture[Any] = SimulatedAPIFuture()
+        pending.append(later)
+        later.saved = saved  # type: ignore[attr-defined]
+        return later
+
+    def release() -> None:
+        for later in pending:
+            if not later.done():
+                later.set_result(later.saved.result())  # type: ignore[attr-defined]
+
+    client.save_state = slow_save  # type: ignore[method-assign]
+
+    async def save() -> str:
+        async with recovery_guard(client.model_id, sim, policy=POLICY, client=client, clock=clock) as guard:
+            return await guard.save_state_async("000010", step=10)
+
+    watchdog = threading.Timer(5.0, release)
+    watchdog.start()
+    try:
+        path, worst, ticks = run(ticking_while(save(), release=release, after_ticks=10))
+    finally:
+        watchdog.cancel()
+        watchdog.join()
+    assert ticks >= 10 and worst < 0.050
+    assert path.endswith("/weights/000010")

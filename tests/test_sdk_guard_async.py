@@ -192,3 +192,40 @@ def test_a_new_process_resumes_an_sdk_run_at_entry_in_a_coroutine(net: SdkNet) -
     guard = asyncio.run(restarted())
     assert isinstance(guard.client, tinker.TrainingClient)
     assert net.sim.lineage(guard.run_id) == [(i,) for i in range(15)]
+
+
+@pytest.mark.usefixtures("blocking_calls")
+def test_sixteen_async_sdk_loops_at_once_each_survive_their_corruption_on_the_threads_of_one(net: SdkNet) -> None:
+    """Threads counted are the library's (the loopback server in this process serves 16 clients with threads of
+    its own; the SDK keeps one event-loop thread however many clients it has)."""
+    steps = 12
+
+    def ours() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("tinkex-recovery")]
+
+    async def loops(n: int, peak: list[int]) -> list[RecoveryGuard]:
+        async def one(i: int) -> RecoveryGuard:
+            client = await asyncio.to_thread(net.lora)  # the SDK's blocking constructor, off the loop
+            async with recovery_guard(client.model_id, net.service, policy=POLICY, client=client) as guard:
+                async for step in guard.steps(range(steps)):
+                    async with step:
+                        peak[0] = max(peak[0], len(ours()))
+                        await guard.client.forward_backward([datum(step.index)], "cross_entropy")
+                        if step.index == 6 + i % 4 and not guard.recoveries:
+                            net.sim.corrupt(guard.run_id)
+                        await guard.client.optim_step(ADAM)
+                        if (step.index + 1) % SAVE_EVERY == 0:
+                            await guard.save_state_async(f"step-{step.index + 1:04d}", step=step.index + 1)
+            return guard
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    one_peak, sixteen_peak = [0], [0]
+    (single,) = asyncio.run(loops(1, one_peak))
+    guards = asyncio.run(loops(16, sixteen_peak))
+    for guard in [single, *guards]:
+        (rec,) = guard.recoveries
+        assert rec.resumed_at == 5
+        assert net.sim.lineage(guard.run_id) == [(i,) for i in range(steps)]
+    assert len({id(g.engine) for g in guards}) == 1
+    assert sixteen_peak[0] <= one_peak[0] + 4, (one_peak, sixteen_peak)
