@@ -660,3 +660,65 @@ def test_save_state_async_awaits_the_save_without_blocking_the_loop(sim: Simulat
         watchdog.join()
     assert ticks >= 10 and worst < 0.050
     assert path.endswith("/weights/000010")
+
+
+def test_a_guard_left_during_its_recovery_on_a_shared_engine_never_uses_the_late_run(
+    sim: SimulatedTinker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Loop A is cancelled while its restore is held on the server; loop B goes on with the same engine. The held
+    restore finishes after A left: its run is closed and named, never adopted; B is not disturbed."""
+    announce: list[Callable[[], None]] = []
+
+    class Service:
+        def create_rest_client(self) -> Any:
+            return sim.create_rest_client()
+
+        def create_training_client_from_state(self, path: str, **kw: Any) -> Any:
+            return sim.create_training_client_from_state(path, **kw)
+
+        def create_training_client_from_state_with_optimizer(self, path: str, **kw: Any) -> Any:
+            announce[0]()
+            return sim.create_training_client_from_state_with_optimizer(path, **kw)
+
+    a = sim.create_lora_training_client(base_model="m")
+    a.save_state("ten", user_metadata={"step": "10"}).result()
+    b = sim.create_lora_training_client(base_model="m")
+    service = Service()
+    handles: list[Any] = []
+
+    async def loop_a() -> None:
+        async with recovery_guard(a.model_id, service, policy=POLICY, client=a, clock=clock) as guard:
+            handles.append(guard._handle)
+            async for step in guard.steps(range(10, 20)):
+                async with step:
+                    sim.corrupt(guard.run_id)
+                    await guard.client.forward_backward([step.index])
+
+    async def main() -> tuple[RecoveryGuard, bool]:
+        restoring = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        announce.append(lambda: loop.call_soon_threadsafe(restoring.set))
+        async with recovery_guard(b.model_id, service, policy=POLICY, client=b, clock=clock) as guard_b:
+            task = asyncio.create_task(loop_a())
+            await asyncio.wait_for(restoring.wait(), WAIT)  # A failed; its restore is held on the server
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert guard_b.engine is not None and guard_b.engine.state is EngineState.OPENED
+            late = handles[0].when_ready()  # woken after the guard's own discard
+            sim.release()
+            await asyncio.wrap_future(late)
+            async for step in guard_b.steps(range(3)):
+                async with step:
+                    await guard_b.client.forward_backward([step.index])
+                    await guard_b.client.optim_step()
+            return guard_b, a.model_id in guard_b.engine.watched_runs
+
+    sim.hang_restores(1, then="succeed")
+    guard_b, still_watched = run(main())
+    assert not still_watched and guard_b.recoveries == ()
+    (late_run,) = [r for r in sim.run_ids if r not in (a.model_id, b.model_id)]
+    assert [r.getMessage() for r in caplog.records if "after its guard left" in r.getMessage()] == [
+        f"recovery_guard: run {a.model_id} was recovered as {late_run} after its guard left; that run is not used"
+    ]
+    assert sim.lineage(guard_b.run_id) == [0, 1, 2]
