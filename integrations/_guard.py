@@ -167,6 +167,25 @@ def _warn_if_on_event_loop(what: str, instead: str) -> None:
         )
 
 
+def _discard_late(handle: RunHandle) -> None:
+    """A recovery that finished after its guard left (on an engine that went on): close its client."""
+    try:
+        recovery = handle.wait_for_recovery(timeout=0)
+    except Exception:  # exhausted, or the engine closed: there is no new run
+        return
+    close = getattr(recovery.client, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:
+            logger.exception("closing the client of run %s failed", recovery.new_run_id)
+    logger.warning(
+        "recovery_guard: run %s was recovered as %s after its guard left; that run is not used",
+        recovery.old_run_id,
+        recovery.new_run_id,
+    )
+
+
 class Steps(Iterator[Step], AsyncIterator[Step]):
     """What :meth:`RecoveryGuard.steps` returns: walk it once, with ``for`` in a plain loop or ``async for`` in a
     coroutine (where waiting for a recovery is awaited)."""
@@ -341,12 +360,17 @@ class RecoveryGuard:
         self._handle = engine.watch(self._run_id, self._service, step_of=self._step_of, status=self._status)
 
     def _release(self) -> None:
-        """Stop watching the run and give the shared engine back (the last guard to do so closes it)."""
+        """Stop watching the run and give the shared engine back (the last guard to do so closes it, abandoning
+        any restore under way). A restore still under way for this run on an engine that goes on (other guards
+        use it, or it was given) finishes there, and the run it makes is closed and named, never used."""
         handle, leased = self._handle, self._leased
         self._handle = self._leased = None
         try:
             if handle is not None:
+                recovering = handle.state is RunState.RECOVERING
                 handle.unwatch()
+                if recovering:
+                    handle.when_ready().add_done_callback(lambda _: _discard_late(handle))
         finally:
             if leased is not None:
                 shared_engines.release(leased)
