@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tinkex_recovery import (
+    BUDGET_KEYS,
     LINEAGE_KEYS,
     EngineClosed,
     EngineState,
@@ -315,6 +316,8 @@ def test_the_new_run_gets_the_old_runs_metadata_and_lineage_keys(sim: SimulatedT
         LINEAGE_KEYS[0]: client.model_id,
         LINEAGE_KEYS[1]: path,
         LINEAGE_KEYS[2]: "1",
+        BUDGET_KEYS[0]: "2026-01-01T00:00:00.000000Z",  # the FakeClock's wall time of this recovery
+        BUDGET_KEYS[1]: "0",
     }
 
 

@@ -25,6 +25,7 @@ from ._exceptions import (
     PermissionDenied,
     RecoveryDisabled,
     RecoveryExhausted,
+    RecoveryRefused,
     ResumeBeforeFirstStep,
     RunNotFound,
     TinkerAPIError,
@@ -34,7 +35,7 @@ from ._exceptions import (
 )
 from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
 from ._policy import RecoveryPolicy
-from ._recovery import LINEAGE_KEYS, Recovery
+from ._recovery import BUDGET_KEYS, LINEAGE_KEYS, Recovery
 
 if TYPE_CHECKING:
     from .integrations import recovery_guard
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUDGET_KEYS",
     "LINEAGE_KEYS",
     "AuthenticationError",
     "Checkpoint",
@@ -68,6 +70,7 @@ __all__ = [
     "RecoveryEvent",
     "RecoveryExhausted",
     "RecoveryPolicy",
+    "RecoveryRefused",
     "ResumeBeforeFirstStep",
     "RunHandle",
     "RunNotFound",

@@ -27,7 +27,7 @@ from ._futures import resolve
 from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._observers import report_poll, track_engine
 from ._policy import RecoveryPolicy
-from ._recovery import Recovery, RecoveryJob
+from ._recovery import History, Recovery, RecoveryJob
 from ._retry import describe
 from ._selection import StepOf
 
@@ -95,6 +95,7 @@ class _Lineage:
     inherited: list[Checkpoint] = field(default_factory=list)
     step_of: StepOf | None = None
     observed: str | None = None  # observe mode: the corrupted run already reported (it stays corrupted)
+    history: History = field(default_factory=History)  # what the safety budgets count (merged with run metadata)
     failed_polls: int = 0
     exhausted: RecoveryExhausted | None = None
     announced: int = 0  # recoveries whose events and callbacks have run: wait_for_recovery() may return them
@@ -128,6 +129,12 @@ class RunHandle:
     @property
     def recoveries(self) -> tuple[Recovery, ...]:
         return self._lineage.recoveries
+
+    @property
+    def observed(self) -> str | None:
+        """In ``observe`` mode, the watched run found corrupted: its recovery was reported (``detected``,
+        ``checkpoint_selected``) and not made. None otherwise. Lock-free."""
+        return self._lineage.observed
 
     @property
     def settled(self) -> bool:
@@ -178,7 +185,8 @@ class RunHandle:
         """Restore this run now from the checkpoint the policy chooses, whether or not it is corrupted: what a
         restarted process does to resume. The same recovery as for a corruption (rules, events, callbacks);
         collect it with :meth:`wait_for_recovery`. Raises :class:`RuntimeError` if a recovery is under way
-        or the lineage is not being watched."""
+        or the lineage is not being watched. In ``observe`` mode it only reports the checkpoint it would restore
+        from: no recovery follows."""
         self._engine._require_opened()
         self._engine._recover(self._lineage, None)
 
@@ -477,6 +485,7 @@ class RecoveryEngine:
                 inherited=lineage.inherited,
                 step_of=lineage.step_of,
                 number=len(lineage.recoveries) + 1,
+                history=lineage.history,
                 detected_at=self._clock.monotonic(),
                 on_done=lambda job, recovery: self._completed(lineage, job, recovery),
                 on_exhausted=lambda job, error: self._exhausted(lineage, job, error),
@@ -498,6 +507,7 @@ class RecoveryEngine:
             lineage.client = recovery.client
             lineage.recoveries = (*lineage.recoveries, recovery)
             lineage.rejected = job.rejected
+            lineage.history = job.history_after(recovery)
             # The new run has no checkpoint of its own yet; if it is lost too, these are what it can use.
             lineage.inherited = [restored, *older]  # those in lineage.rejected are passed over at selection
             lineage.failed_polls = 0

@@ -7,6 +7,7 @@
     ├── EngineClosed                            the engine was used after close()
     ├── RecoveryExhausted                       recovery gave up (see .reason); the run stays lost
     ├── NoRestorableCheckpoint                  no checkpoint left to restore from (a RecoveryExhausted's cause)
+    ├── RecoveryRefused                         a safety budget refused the next recovery (a RecoveryExhausted's cause)
     ├── ResumeBeforeFirstStep                   a guard's steps() cannot reach the restored checkpoint's step
     ├── MissingAPIKey (also ValueError)         no API key was given and TINKER_API_KEY is unset
     ├── ClientClosed                            a TinkerRest was used after close()
@@ -38,6 +39,7 @@ __all__ = [
     "PermissionDenied",
     "RecoveryDisabled",
     "RecoveryExhausted",
+    "RecoveryRefused",
     "ResumeBeforeFirstStep",
     "RunNotFound",
     "TinkerAPIError",
@@ -102,6 +104,24 @@ def _rebuild_exhausted(run_id: str, attempts: int, last_error: str | None, reaso
 
 class NoRestorableCheckpoint(TinkexRecoveryError):
     """Nothing left to restore from: no checkpoint, or every one within the fallback depth was unusable."""
+
+
+class RecoveryRefused(TinkexRecoveryError):
+    """A safety budget of the policy refused to start the next recovery of a lineage: :attr:`reason` is
+    :attr:`ExhaustedReason.BUDGET` (``max_recoveries`` within ``recovery_window``) or
+    :attr:`ExhaustedReason.NO_PROGRESS` (``max_no_progress`` restored runs in a row lost before saving a newer
+    checkpoint). No restore call was made."""
+
+    def __init__(self, message: str, *, reason: ExhaustedReason) -> None:
+        self.reason = ExhaustedReason(reason)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_refused, (str(self), self.reason.value))
+
+
+def _rebuild_refused(message: str, reason: str) -> RecoveryRefused:
+    return RecoveryRefused(message, reason=ExhaustedReason(reason))
 
 
 class ResumeBeforeFirstStep(TinkexRecoveryError):
