@@ -301,8 +301,21 @@ def test_observe_mode_reports_what_it_would_restore_once_and_never_restores(
     assert [e.run_id for e in events.of(EventKind.DETECTED)] == [client.model_id]
     assert sim.restore_calls == [] and len(sim.run_ids) == 1  # no restore call, no new run
     assert handle.observed == client.model_id and handle.state is RunState.WATCHING
+    assert handle.observation(WAIT) == selected  # what a recovery would do, for a caller to log
     assert engine.watched_runs == [client.model_id] and handle.recoveries == ()
     assert not any(e.kind in (EventKind.STARTED, EventKind.EXHAUSTED) for e in events.events)
+
+
+def test_nothing_is_observed_outside_observe_mode_or_before_a_corruption(
+    sim: SimulatedTinker, make_engine: Any
+) -> None:
+    client = run_with_checkpoints(sim)
+    observing = make_engine(mode="observe").watch(client.model_id, sim)
+    assert observing.observed is None and observing.observation(0.0) is None  # healthy: nothing to wait for
+    engine = make_engine()
+    handle = engine.watch(client.model_id, sim)
+    lose(sim, engine, handle)
+    assert handle.observed is None and handle.observation(0.0) is None
 
 
 def test_observe_mode_reports_a_recovery_the_budget_would_refuse(
@@ -321,4 +334,5 @@ def test_observe_mode_reports_a_recovery_the_budget_would_refuse(
     (failed,) = events.wait_for(EventKind.FAILED)
     assert failed.reason == "budget" and failed.will_retry is False and "max_recoveries=1" in (failed.error or "")
     assert len(sim.restore_calls) == 1 and watched.state is RunState.WATCHING
+    assert watched.observation(WAIT) == failed
     assert not events.of(EventKind.EXHAUSTED)

@@ -95,6 +95,7 @@ class _Lineage:
     inherited: list[Checkpoint] = field(default_factory=list)
     step_of: StepOf | None = None
     observed: str | None = None  # observe mode: the corrupted run already reported (it stays corrupted)
+    observation: RecoveryEvent | None = None  # observe mode: what a recovery of `observed` would do
     history: History = field(default_factory=History)  # what the safety budgets count (merged with run metadata)
     failed_polls: int = 0
     exhausted: RecoveryExhausted | None = None
@@ -135,6 +136,24 @@ class RunHandle:
         """In ``observe`` mode, the watched run found corrupted: its recovery was reported (``detected``,
         ``checkpoint_selected``) and not made. None otherwise. Lock-free."""
         return self._lineage.observed
+
+    def observation(self, timeout: float | None = None) -> RecoveryEvent | None:
+        """In ``observe`` mode, what a recovery of the observed run (:attr:`observed`) would do: the
+        ``checkpoint_selected`` event naming the checkpoint it would restore, or the ``failed`` event saying why
+        it would not (no usable checkpoint, a safety budget). Waits up to ``timeout`` seconds for that check to
+        finish; None when no run was observed, or on timeout, or if the engine closes first."""
+        engine, lineage = self._engine, self._lineage
+        with engine._cond:
+            engine._cond.wait_for(
+                lambda: (
+                    lineage.observed is None
+                    or lineage.observation is not None
+                    or lineage.state is not RunState.WATCHING
+                    or engine.state is EngineState.CLOSED
+                ),
+                timeout,
+            )
+            return lineage.observation if lineage.observed is not None else None
 
     @property
     def settled(self) -> bool:
@@ -468,7 +487,7 @@ class RecoveryEngine:
                     return
                 raise RuntimeError(f"run {lineage.run_id} is {lineage.state.value}; no recovery can start now")
             if observe:
-                lineage.observed = lineage.run_id
+                lineage.observed, lineage.observation = lineage.run_id, None
             else:
                 lineage.state = RunState.RECOVERING
             job = RecoveryJob(
@@ -489,6 +508,7 @@ class RecoveryEngine:
                 detected_at=self._clock.monotonic(),
                 on_done=lambda job, recovery: self._completed(lineage, job, recovery),
                 on_exhausted=lambda job, error: self._exhausted(lineage, job, error),
+                on_observed=lambda job, event: self._observed(lineage, event),
             )
         if run is not None:
             self._bus.emit(RecoveryEvent(EventKind.DETECTED, run.training_run_id, since_detected=0.0))
@@ -528,6 +548,11 @@ class RecoveryEngine:
         if on_recovery is not None:
             self._bus.call(lambda: call_safely(on_recovery, recovery, what="on_recovery callback"))
         self._bus.call(lambda: self._announce(lineage))  # waiters wake once the events and callbacks have run
+
+    def _observed(self, lineage: _Lineage, event: RecoveryEvent) -> None:
+        with self._cond:
+            lineage.observation = event
+            self._cond.notify_all()
 
     def _announce(self, lineage: _Lineage) -> None:
         with self._cond:

@@ -120,6 +120,7 @@ class _Report:
     checkpoint: Checkpoint | None = None
     unusable: set[str] = field(default_factory=set)
     rejected_by_server: bool = False
+    selected: RecoveryEvent | None = None
 
 
 def lineage_metadata(from_run: str, checkpoint_path: str, number: int | None = None) -> dict[str, str]:
@@ -223,6 +224,7 @@ class RecoveryJob:
         detected_at: float,
         on_done: Callable[[RecoveryJob, Recovery], None],
         on_exhausted: Callable[[RecoveryJob, RecoveryExhausted], None],
+        on_observed: Callable[[RecoveryJob, RecoveryEvent], None] | None = None,
     ) -> None:
         self.run = run
         self.run_id = run_id
@@ -245,6 +247,7 @@ class RecoveryJob:
         self.detected_at = detected_at
         self._on_done = on_done
         self._on_exhausted = on_exhausted
+        self._on_observed = on_observed
         self.attempts = 0
         self._server_rejections = 0
         self.listed: list[Checkpoint] | None = None
@@ -255,18 +258,18 @@ class RecoveryJob:
         return self.run_id
 
     # -- events ---------------------------------------------------------------------------------------
-    def _emit(self, kind: EventKind, cancelled: Cancellation | None = None, **fields: Any) -> None:
+    def _emit(self, kind: EventKind, cancelled: Cancellation | None = None, **fields: Any) -> RecoveryEvent | None:
         if cancelled is not None and cancelled.is_set():
-            return  # an abandoned attempt speaks no more
-        self._bus.emit(
-            RecoveryEvent(
-                kind=kind,
-                run_id=self.run_id,
-                attempt=self.attempts,
-                since_detected=self._clock.monotonic() - self.detected_at,
-                **fields,
-            )
+            return None  # an abandoned attempt speaks no more
+        event = RecoveryEvent(
+            kind=kind,
+            run_id=self.run_id,
+            attempt=self.attempts,
+            since_detected=self._clock.monotonic() - self.detected_at,
+            **fields,
         )
+        self._bus.emit(event)
+        return event
 
     # -- one attempt, on a worker thread ---------------------------------------------------------------
     def run_attempt(self, deadline: float, cancelled: Cancellation) -> Outcome:
@@ -297,7 +300,7 @@ class RecoveryJob:
         except Exception as exc:
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         report.checkpoint = chosen
-        self._emit(EventKind.CHECKPOINT_SELECTED, cancelled, checkpoint=chosen.tinker_path)
+        report.selected = self._emit(EventKind.CHECKPOINT_SELECTED, cancelled, checkpoint=chosen.tinker_path)
         if self._observe:
             return Outcome(OutcomeKind.DONE, value=(report, None))
         try:
@@ -446,7 +449,9 @@ class RecoveryJob:
                     client=client,
                 )
                 self._on_done(self, recovery)
-            return None  # observe mode: the selection was reported, nothing else to do
+            elif report.selected is not None:  # observe mode: the selection was reported, nothing else to do
+                self._observed(report.selected)
+            return None
         error: BaseException = outcome.error or TimeoutError(
             f"restore did not finish within attempt_timeout={self._policy.attempt_timeout}s"
         )
@@ -456,11 +461,13 @@ class RecoveryJob:
         checkpoint = report.checkpoint.tinker_path if report.checkpoint else None
         will_retry = reason is None and not self._observe
         refused = error.reason.value if isinstance(error, RecoveryRefused) else None
-        self._emit(
+        failed = self._emit(
             EventKind.FAILED, checkpoint=checkpoint, error=describe(error), will_retry=will_retry, reason=refused
         )
-        if self._observe:
-            return None  # observing: a failed selection (or a refusal) is reported, never retried
+        if self._observe:  # observing: a failed selection (or a refusal) is reported, never retried
+            if failed is not None:
+                self._observed(failed)
+            return None
         if reason is not None:
             self._exhaust(reason, error)
             return None
@@ -473,6 +480,10 @@ class RecoveryJob:
             jitter=self._policy.jitter,
             u=self._rng.random(),
         )
+
+    def _observed(self, event: RecoveryEvent) -> None:
+        if self._on_observed is not None:
+            self._on_observed(self, event)
 
     def _give_up_reason(self, error: BaseException, report: _Report) -> ExhaustedReason | None:
         """One rule for every bound: whichever is reached first ends the recovery."""
