@@ -46,6 +46,7 @@ from tinkex_recovery._integration import (
     resolve,
     rest_client_of,
     validate_run_id,
+    would_do,
 )
 
 from ._checkpoint_log import CheckpointLog, metadata_for, validate_metrics, validate_step
@@ -100,6 +101,10 @@ class RecoveryGuard:
             model_id = getattr(client, "model_id", None)
             if isinstance(model_id, str) and model_id != run_id:
                 raise ValueError(f"client is bound to run {model_id}, not to run_id {run_id}")
+        elif policy.mode == "observe":
+            raise ValueError(
+                "observe mode needs client=: resuming at entry restores a new run, which observe never does"
+            )
         elif policy.specific_path is not None:
             raise ValueError(
                 "a checkpoint_strategy pinned to a path needs client=: resuming at entry starts a new run, "
@@ -221,6 +226,14 @@ class RecoveryGuard:
             return False
         since = self._clock.monotonic()
         if not handle.check_now() and handle.state is not RunState.EXHAUSTED:
+            if handle.observed is not None:  # observe mode: report what recover mode would do, change nothing
+                logger.warning(
+                    "recovery_guard (observe mode): step %d failed on run %s, which is corrupted; %s; the error is "
+                    "let through",
+                    step.index,
+                    handle.observed,
+                    would_do(handle, self._wait_bound()),
+                )
             return False
         logger.warning(
             "recovery_guard: step %d failed on run %s, which was lost; recovering (the step's error follows)",

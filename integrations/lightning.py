@@ -32,7 +32,7 @@ from tinkex_recovery._clock import Clock, SystemClock
 from tinkex_recovery._engine import RecoveryEngine, RunHandle, RunState
 from tinkex_recovery._exceptions import ExhaustedReason, RecoveryExhausted
 from tinkex_recovery._futures import resolve
-from tinkex_recovery._integration import report_steps_lost
+from tinkex_recovery._integration import report_steps_lost, would_do
 from tinkex_recovery._models import Checkpoint
 from tinkex_recovery._policy import RecoveryPolicy
 from tinkex_recovery._recovery import Recovery, lineage_metadata, restore_from
@@ -423,7 +423,15 @@ class TinkexRecovery(Callback):
         if handle is None or trainer.world_size > 1:
             return False
         if not handle.check_now() and handle.state is not RunState.EXHAUSTED:
-            return False  # the run is healthy: the error is the step's own
+            if handle.observed is not None:  # observe mode: report what recover mode would do, change nothing
+                logger.warning(
+                    "TinkexRecovery (observe mode): training_step failed on run %s, which is corrupted (%s); %s; "
+                    "the error is let through",
+                    handle.observed,
+                    describe(exc),
+                    would_do(handle, self._wait_limit()),
+                )
+            return False  # the run is healthy (or only observed): the error is the step's own
         logger.warning("TinkexRecovery: training_step failed on a lost run (%s); recovering", describe(exc))
         recoveries, exhausted = self._collect()
         notice = self._notice(trainer, recoveries, exhausted)

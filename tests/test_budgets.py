@@ -9,6 +9,7 @@ FakeClock, advanced by the tests; polls are driven by ``poll_once()``; nothing s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +32,7 @@ from tinkex_recovery import (
     RunState,
     recovery_guard,
 )
-from tinkex_recovery.simulated import SimulatedTinker
+from tinkex_recovery.simulated import SimulatedRequestFailedError, SimulatedTinker
 
 from .helpers import WAIT, EventLog, run_with_checkpoints, train
 
@@ -336,3 +337,36 @@ def test_observe_mode_reports_a_recovery_the_budget_would_refuse(
     assert len(sim.restore_calls) == 1 and watched.state is RunState.WATCHING
     assert watched.observation(WAIT) == failed
     assert not events.of(EventKind.EXHAUSTED)
+
+
+def test_the_guard_in_observe_mode_lets_the_failure_through_and_logs_what_it_would_do(
+    sim: SimulatedTinker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = run_with_checkpoints(sim, steps=4, every=2)
+    policy = POLICY.replace(mode="observe")
+    raised: list[BaseException] = []
+    with (
+        caplog.at_level(logging.INFO, logger="tinkex_recovery"),
+        pytest.raises(SimulatedRequestFailedError) as info,
+        recovery_guard(client.model_id, sim, policy=policy, client=client, clock=clock) as guard,
+    ):
+        for step in guard.steps(range(4, 10)):
+            with step:
+                if step.index == 6:
+                    sim.corrupt(client.model_id)
+                try:
+                    train(guard.client, [step.index])
+                except Exception as exc:
+                    raised.append(exc)
+                    raise
+    assert info.value is raised[0]  # unchanged: the very exception the step raised
+    assert sim.restore_calls == [] and guard.recoveries == ()
+    (line,) = [r.getMessage() for r in caplog.records if "observe mode" in r.getMessage()]
+    assert "step 6" in line and f"would restore a new run from tinker://{client.model_id}/weights/0004" in line
+
+
+def test_the_guard_in_observe_mode_refuses_to_resume_at_entry(sim: SimulatedTinker, clock: FakeClock) -> None:
+    client = run_with_checkpoints(sim)
+    with pytest.raises(ValueError, match="observe"):
+        recovery_guard(client.model_id, sim, policy=POLICY.replace(mode="observe"), clock=clock)
+    assert sim.restore_calls == []
