@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tinkex_recovery import (
@@ -99,6 +99,50 @@ def test_the_budget_refuses_the_recovery_past_it_and_allows_one_again_once_the_w
     events.wait_until(lambda: len(failures) == 1)
     assert failures[0].reason is ExhaustedReason.BUDGET
     assert handle.state is RunState.EXHAUSTED
+
+
+def test_recoveries_in_one_instant_each_count(sim: SimulatedTinker, make_engine: Any) -> None:
+    engine = make_engine(max_recoveries=3, max_no_progress=None)
+    handle = engine.watch(run_with_checkpoints(sim).model_id, sim)
+    for _ in range(3):
+        lose(sim, engine, handle)
+    with pytest.raises(RecoveryExhausted) as info:
+        lose(sim, engine, handle)
+    assert info.value.reason is ExhaustedReason.BUDGET and len(sim.restore_calls) == 3
+
+
+def test_the_budget_holds_with_a_service_that_takes_no_user_metadata(
+    sim: SimulatedTinker, make_engine: Any, clock: FakeClock
+) -> None:
+    """Nothing reaches the runs' user_metadata: the engine's own record of the lineage still counts."""
+
+    class NoMetadata:
+        def create_training_client_from_state(self, path: str) -> Any:
+            return sim.create_training_client_from_state(path)
+
+        def create_training_client_from_state_with_optimizer(self, path: str) -> Any:
+            return sim.create_training_client_from_state_with_optimizer(path)
+
+        def create_rest_client(self) -> Any:
+            return sim.create_rest_client()
+
+    engine = make_engine(max_recoveries=2, recovery_window=100.0, max_no_progress=None)
+    handle = engine.watch(run_with_checkpoints(sim).model_id, NoMetadata())
+    lose(sim, engine, handle)
+    clock.advance(10.0)
+    lose(sim, engine, handle)
+    assert all(meta is None for _, _, meta in sim.restore_calls)
+    with pytest.raises(RecoveryExhausted) as info:
+        lose(sim, engine, handle)
+    assert info.value.reason is ExhaustedReason.BUDGET and len(sim.restore_calls) == 2
+    # The no-progress streak too: restored runs that save nothing, counted in the engine's record only.
+    engine2 = make_engine(max_recoveries=None, max_no_progress=2)
+    handle2 = engine2.watch(run_with_checkpoints(sim).model_id, NoMetadata())
+    lose(sim, engine2, handle2)
+    lose(sim, engine2, handle2)
+    with pytest.raises(RecoveryExhausted) as info:
+        lose(sim, engine2, handle2)
+    assert info.value.reason is ExhaustedReason.NO_PROGRESS
 
 
 def test_no_budget_means_no_limit(sim: SimulatedTinker, make_engine: Any) -> None:
@@ -237,11 +281,17 @@ def test_a_resumed_guard_counts_the_recoveries_of_the_previous_process(
 WINDOW = 100
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: Gaps between corruptions: often none (several in one instant), often on the window's edge, else anything.
+GAPS = st.one_of(st.just(0), st.sampled_from([WINDOW - 1, WINDOW, WINDOW + 1]), st.integers(0, 2 * WINDOW))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     max_recoveries=st.integers(1, 4),
-    schedule=st.lists(st.tuples(st.integers(0, 2 * WINDOW), st.booleans()), min_size=1, max_size=12),
+    schedule=st.lists(st.tuples(GAPS, st.booleans()), min_size=1, max_size=12),
 )
+@example(max_recoveries=2, schedule=[(0, False), (0, True), (0, False)])  # one instant, across a restart
+@example(max_recoveries=2, schedule=[(0, False), (50, False), (WINDOW - 50, True), (0, False), (49, False)])
 def test_no_window_of_recovery_window_seconds_holds_more_than_max_recoveries(
     max_recoveries: int, schedule: list[tuple[int, bool]]
 ) -> None:
