@@ -277,6 +277,41 @@ def test_a_resumed_guard_counts_the_recoveries_of_the_previous_process(
     assert meta[BUDGET_KEYS[0]] == "2026-01-01T00:00:10.000000Z 2026-01-01T00:01:40.000000Z"
 
 
+def test_a_new_process_restores_a_run_lost_before_its_first_save_from_the_checkpoint_it_came_from(
+    sim: SimulatedTinker, make_engine: Any, clock: FakeClock
+) -> None:
+    client = run_with_checkpoints(sim, steps=6, every=2)
+    first = make_engine(max_no_progress=None)
+    recovery = lose(sim, first, first.watch(client.model_id, sim))  # R1, from 0006; it never saves
+    first.close()
+    second = make_engine(max_no_progress=None)  # a new process: it knows the run id and what the server says
+    handle = second.watch(recovery.new_run_id, sim)
+    again = lose(sim, second, handle)
+    assert again.checkpoint.tinker_path == f"tinker://{client.model_id}/weights/0006"
+    sim.break_checkpoint(f"tinker://{client.model_id}/weights/0006")
+    assert lose(sim, second, handle).checkpoint.tinker_path == f"tinker://{client.model_id}/weights/0004"
+    policy = POLICY.replace(max_no_progress=None)
+    with recovery_guard(handle.run_id, sim, policy=policy, clock=clock) as guard:  # a resume, the same way
+        assert guard.start_step == 4
+
+
+def test_a_process_crashing_before_each_save_is_stopped_at_entry(sim: SimulatedTinker, clock: FakeClock) -> None:
+    """A crash loop: every process resumes, then dies before it saves. The resumes restore the same checkpoint
+    and make no progress; after max_no_progress of them in a row the next resume is refused."""
+    client = run_with_checkpoints(sim, steps=4, every=2)
+    policy = POLICY.replace(max_no_progress=2)
+    run_id = client.model_id
+    for _ in range(2):  # each resumed run dies before it saves: two recoveries in a row without progress
+        with recovery_guard(run_id, sim, policy=policy, clock=clock) as guard:
+            assert guard.start_step == 4
+            train(guard.client, [4])  # then the process dies, before any save
+        run_id = guard.run_id
+    with pytest.raises(RecoveryExhausted) as info:
+        recovery_guard(run_id, sim, policy=policy, clock=clock).__enter__()
+    assert info.value.reason is ExhaustedReason.NO_PROGRESS
+    assert [name(c[0]) for c in sim.restore_calls] == ["0004", "0004"]
+
+
 # -- the property: no window holds more than max_recoveries --------------------------------------------------
 WINDOW = 100
 

@@ -517,7 +517,7 @@ class RecoveryEngine:
 
     def _completed(self, lineage: _Lineage, job: RecoveryJob, recovery: Recovery) -> None:
         restored = recovery.checkpoint
-        older = [c for c in [*(job.listed or []), *job.inherited] if c.time < restored.time]
+        older = [c for c in [*(job.listed or []), *job.inherited, *job.origin] if c.time < restored.time]
         with self._cond:
             if self._state is EngineState.CLOSED:
                 return

@@ -23,9 +23,15 @@ from typing import Any
 
 from ._clock import Clock
 from ._events import EventBus, EventKind, RecoveryEvent
-from ._exceptions import ExhaustedReason, NoRestorableCheckpoint, RecoveryExhausted, RecoveryRefused
+from ._exceptions import (
+    ExhaustedReason,
+    InvalidTinkerPath,
+    NoRestorableCheckpoint,
+    RecoveryExhausted,
+    RecoveryRefused,
+)
 from ._executor import Cancellation, Outcome, OutcomeKind
-from ._models import Checkpoint, CheckpointList, TrainingRun
+from ._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
 from ._policy import RecoveryPolicy
 from ._redact import without_secrets
 from ._retry import FailureKind, backoff_delay, classify, describe
@@ -252,6 +258,8 @@ class RecoveryJob:
         self._server_rejections = 0
         self.listed: list[Checkpoint] | None = None
         self._refetched = False
+        self._restored_from: str | None = None  # the checkpoint the run came from, per the lineage's history
+        self.origin: list[Checkpoint] = []  # that checkpoint and older ones of its run, when read (see _origin)
 
     @property
     def key(self) -> str:
@@ -340,6 +348,7 @@ class RecoveryJob:
         engine's record merged with what ``run``'s user_metadata says (a previous process's recoveries)."""
         p = self._policy
         past = self._history.merged(History.from_metadata(run.user_metadata))
+        self._restored_from = past.restored_from
         now = self._clock.now()
         start = now - timedelta(seconds=p.recovery_window)
         recent = tuple(t for t in past.times if t > start)  # a recovery leaves the window recovery_window s later
@@ -377,13 +386,34 @@ class RecoveryJob:
             yield known.get(str(pinned)) or synthetic(pinned)
             return
         if self._policy.checkpoint_strategy == "best":
-            yield from rank(self._policy, dedupe([*self._listing(cancelled), *self.inherited]))
+            own = [*self._listing(cancelled), *self.inherited]
+            yield from rank(self._policy, dedupe([*own, *self._origin(cancelled)]))
             return
         latest = self.run.last_checkpoint
         if latest is not None:
             yield latest
         yield from rank(self._policy, self._listing(cancelled))  # listed only if the newest one was unusable
         yield from self.inherited
+        yield from self._origin(cancelled)
+
+    def _origin(self, cancelled: Cancellation) -> list[Checkpoint]:
+        """In a process that did not make the run (nothing inherited): the checkpoint its user_metadata says it
+        was restored from, then that run's older ones, as :meth:`RecoveryEngine.watch`'s ``inherited`` would
+        be; read from the source run's listing (a deleted run or checkpoint yields nothing)."""
+        if self.inherited or self._restored_from is None:
+            return []
+        try:
+            source = TinkerPath.parse(self._restored_from)
+            listed = CheckpointList.coerce(self._wait(self._status.list_checkpoints(source.run_id), cancelled))
+        except Exception as exc:
+            if isinstance(exc, InvalidTinkerPath) or classify(exc) is FailureKind.CHECKPOINT:
+                return []  # an edited path, or the source run or its checkpoints are gone
+            raise
+        origin = next((c for c in listed.checkpoints if c.tinker_path == self._restored_from), None)
+        if origin is None:
+            return []
+        self.origin = [origin, *rank(self._policy, [c for c in listed.checkpoints if c.time < origin.time])]
+        return self.origin
 
     def _listing(self, cancelled: Cancellation) -> list[Checkpoint]:
         if self.listed is None:
