@@ -243,8 +243,6 @@ class TinkexRecovery(Callback):
         if not self.policy.enabled:
             logger.info("TinkexRecovery: the policy has enabled=False; the run is not watched")
             return
-        if trainer.world_size > 1:  # setup() refused it already; a trainer that skipped setup() still may not
-            raise MisconfigurationException(_DDP_REFUSED.format(n=trainer.world_size))
         client = getattr(pl_module, self.client_attr, None)
         run_id = getattr(client, "model_id", None)
         if not isinstance(run_id, str) or not run_id:

@@ -20,6 +20,8 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
@@ -284,12 +286,57 @@ def test_every_batch_is_trained_once_and_counted_once_wherever_the_run_is_lost(
     assert final is not None and final == module.training_client.model_id
 
     assert sim.lineage(final) == list(range(10))  # every batch exactly once on the final run
-    assert trainer.global_step == 10  # every optimizer step counted once
     assert sim.run_ids == [first, final]  # one loss, one new run
     # The new run holds every checkpoint due after the restored one (step 4), the one due at the failing
-    # step (6) included, and each holds the steps its "step" says.
+    # step (6) included...
     assert steps_of_checkpoints(sim, final) == [6, 8, 10]
-    checkpoints_hold_their_step(sim, [first, final])
+    assert trainer.global_step == 10  # ...every optimizer step is counted once...
+    checkpoints_hold_their_step(sim, [first, final])  # ...and every checkpoint holds the steps it says
+
+
+PLACES = ("before", "mid", "stepped", "after")
+
+
+@st.composite
+def loss_schedules(draw: st.DrawFn) -> tuple[int, list[tuple[int, str]]]:
+    """A save interval and up to 3 losses (batch index, place), none before the first checkpoint nor after the
+    last batch (a run lost once the fit is over is left for the next fit)."""
+    save_every = draw(st.sampled_from([1, 2, 3, 5]))
+    places = st.tuples(st.integers(save_every, EXACT_N - 2), st.sampled_from(PLACES))
+    return save_every, draw(st.lists(places, max_size=3, unique=True))
+
+
+EXACT_N = 12
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=loss_schedules())
+def test_exactly_once_for_any_schedule_of_losses(
+    tmp_path_factory: pytest.TempPathFactory, schedule: tuple[int, list[tuple[int, str]]]
+) -> None:
+    save_every, losses = schedule
+    clock = FakeClock()
+    sim = SimulatedTinker(clock=clock)
+    lost: set[str] = set()
+
+    def lose(module: RemoteModule) -> None:
+        run = module.training_client.model_id
+        if not sim.get_training_run(run).corrupted:  # a second loss of a lost run is no new loss
+            lost.add(run)
+        corrupt(module)
+
+    def lose_and_poll(module: RemoteModule) -> None:
+        lose(module)
+        assert module.cb is not None and module.cb.handle is not None
+        module.cb.handle.check_now()
+
+    actions: dict[str, dict[int, Action]] = {place: {} for place in PLACES}
+    for batch_idx, place in losses:
+        actions[place][batch_idx] = lose_and_poll if place == "after" else lose
+    _, cb, trainer = fit_with(tmp_path_factory.mktemp("fit"), sim, clock, n=EXACT_N, save_every=save_every, **actions)
+    assert sim.lineage(cb.run_id or "") == list(range(EXACT_N))
+    assert trainer.global_step == EXACT_N
+    assert len(sim.run_ids) == 1 + len(lost) == 1 + len(cb.lineage)
 
 
 def test_two_losses_between_two_checkpoints_and_one_during_the_replay(
