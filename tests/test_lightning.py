@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 import tinkex_recovery
 import tinkex_recovery.integrations
 from tinkex_recovery import FakeClock, Recovery, RecoveryExhausted, RecoveryPolicy
-from tinkex_recovery.integrations.lightning import TinkexRecovery
+from tinkex_recovery.integrations.lightning import CannotReplay, TinkexRecovery
 from tinkex_recovery.simulated import SimulatedAPIError, SimulatedRequestFailedError, SimulatedTinker
 
 pytestmark = [
@@ -452,6 +452,18 @@ def test_a_save_that_fails_for_another_reason_keeps_the_batches(
     assert tolerated == [4]
     assert cb.lineage[0]["resume_step"] == 2
     assert sim.lineage(cb.run_id) == list(range(7)) and trainer.global_step == 7
+
+
+def test_a_checkpoint_whose_step_is_not_the_optimizer_steps_it_holds_ends_the_fit(
+    tmp_path: Path, sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    def save_the_next_step(module: RemoteModule) -> None:  # one more than the optimizer steps it holds
+        module.training_client.save_state("next", user_metadata={"step": str(module.global_step + 1)}).result()
+
+    with pytest.raises(CannotReplay, match=r"step 3\), ahead of the 2 steps"):
+        fit_with(
+            tmp_path, sim, clock, n=4, save_every=None, stepped={1: save_the_next_step}, after={1: corrupt_and_poll}
+        )
 
 
 def test_ddp_is_refused_at_fit_start(
