@@ -4,8 +4,10 @@ Run with `.venv/bin/python examples/lightning_simulated.py` (needs the lightning
 batches on a simulated Tinker run under manual optimization and saves a checkpoint every 4 steps. The server
 loses the run twice: once in the middle of a batch, once between two batches (whichever comes first, the
 background poll or the next failing call, sets off the recovery). `TinkexRecovery` restores each lost run
-from its newest checkpoint and swaps the new client into the module; the module's `on_tinker_recovery` hook
-replays the steps that checkpoint lacked, so the final run holds every item exactly once.
+from its newest checkpoint, swaps the new client into the module, sets the trainer's step counter back to that
+checkpoint's step and replays, through the module's own `training_step`, the batches the checkpoint lacks. The
+module has no recovery code (its optional `on_tinker_recovery` hook only prints); the final run holds every
+item exactly once, and `trainer.global_step` equals the batches run.
 """
 
 from __future__ import annotations
