@@ -309,7 +309,7 @@ def loss_schedules(draw: st.DrawFn) -> tuple[int, list[tuple[int, str]]]:
 EXACT_N = 12
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedule=loss_schedules())
 def test_exactly_once_for_any_schedule_of_losses(
     tmp_path_factory: pytest.TempPathFactory, schedule: tuple[int, list[tuple[int, str]]]
