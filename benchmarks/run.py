@@ -37,6 +37,7 @@ BENCHMARKS = [
     Benchmark("lightning", "_lightning", 600),
     Benchmark("scale", "_scale", 300),
     Benchmark("startup", "_startup", 300),
+    Benchmark("resume", "_resume", 300),  # no figure when tinker is not installed
     Benchmark("sdk", "_sdk", 300),  # last; no figure at all when tinker is not installed
 ]
 
@@ -61,6 +62,17 @@ TARGETS = [
         lambda r: r["threads_at_10000_runs"] <= r["threads_at_10_runs"],
     ),
     Target("import_time_ms", "<= 150", lambda r: r["import_time_ms"] <= 150),
+    Target("round_trips_per_recovery", "<= 4", lambda r: r["round_trips_per_recovery"] <= 4),
+    Target(
+        "time_to_resume_p50_s",
+        "<= 4 round trips + 0.010",
+        lambda r: r["time_to_resume_p50_s"] <= 4 * r["resume_round_trip_s"] + 0.010,
+    ),
+    Target(
+        "time_to_resume_p99_s",
+        "<= 4 round trips + 0.010",
+        lambda r: r["time_to_resume_p99_s"] <= 4 * r["resume_round_trip_s"] + 0.010,
+    ),
 ]
 
 #: The figures the issue asks for, in the table's order; every other figure is context for one of them.
@@ -80,6 +92,10 @@ REQUIRED = [
     "threads_at_10_runs",
     "threads_at_10000_runs",
     "import_time_ms",
+    "time_to_resume_p50_s",
+    "time_to_resume_p99_s",
+    "round_trips_per_recovery",
+    "resume_round_trip_s",
 ]
 
 

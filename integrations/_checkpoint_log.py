@@ -16,16 +16,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tinkex_recovery import Checkpoint
+from tinkex_recovery._integration import STEP_KEY
 
-__all__ = ["CHECKPOINTS_FILE", "RESERVED_KEYS", "CheckpointLog", "metadata_for", "step_from_metadata"]
+__all__ = ["CHECKPOINTS_FILE", "RESERVED_KEYS", "CheckpointLog", "metadata_for"]
 
 logger = logging.getLogger("tinkex_recovery")
 
 #: The file name tinker-cookbook uses under its ``log_path``.
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 #: Keys a metric may not use: they hold the step and the cookbook record's own fields.
-RESERVED_KEYS = frozenset({"step", "name", "batch", "state_path"})
+RESERVED_KEYS = frozenset({STEP_KEY, "name", "batch", "state_path"})
 
 
 def validate_step(step: object) -> int:
@@ -53,19 +53,7 @@ def validate_metrics(metrics: Mapping[str, Any] | None) -> dict[str, int | float
 
 def metadata_for(step: int, metrics: Mapping[str, int | float]) -> dict[str, str]:
     """The checkpoint user_metadata (Tinker's is str to str) recording ``step`` and the metrics."""
-    return {"step": str(step), **{k: str(v) for k, v in metrics.items()}}
-
-
-def step_from_metadata(checkpoint: Checkpoint) -> int | None:
-    raw = (checkpoint.user_metadata or {}).get("step")
-    if raw is None:
-        return None
-    try:
-        step = int(raw)
-    except ValueError:
-        logger.warning("checkpoint %s has a non-integer step %r in its user_metadata", checkpoint.tinker_path, raw)
-        return None
-    return step if step >= 0 else None
+    return {STEP_KEY: str(step), **{k: str(v) for k, v in metrics.items()}}
 
 
 class CheckpointLog:

@@ -6,13 +6,16 @@ and moves the step iterator to the step the restored checkpoint was saved at, so
 checkpoint is trained again on the new run, and none twice.
 
 - Failures are judged in ``with step:``: an exception polls the run at once; if it is corrupted (or a
-  recovery is under way) the guard waits for the new run and suppresses the exception, otherwise it
-  propagates unchanged. Recoveries the poller finds are taken in before the next step. When the iterable
-  runs out, one last poll makes sure the loop does not end on a run already marked corrupted.
+  recovery is under way) the guard waits for the new run and suppresses the exception (logged with its
+  traceback and kept as :attr:`GuardRecovery.cause`), otherwise it propagates unchanged. Recoveries the poller
+  finds are taken in before the next step. When the iterable runs out, one last poll makes sure the loop does
+  not end on a run already marked corrupted.
 - Where to resume comes from the checkpoint: ``step`` in its user_metadata (written by :meth:`save_state`),
-  else the ``batch`` of its record in ``{log_path}/checkpoints.jsonl`` (tinker-cookbook's file).
-- Without a ``client``, the guard resumes at entry, as a restarted process needs: it restores a new run from
-  ``run_id``'s checkpoint chosen by the policy, and the loop starts at :attr:`RecoveryGuard.start_step`.
+  else the ``batch`` of its record in ``{log_path}/checkpoints.jsonl`` (tinker-cookbook's file). The engine is
+  told so (``step_of``): a checkpoint with neither is never restored for a guarded loop.
+- Without a ``client``, the guard resumes at entry, as a restarted process needs: the engine restores a new
+  run from ``run_id``'s checkpoint chosen by the policy (the same recovery, with the same rules, as for a
+  corruption), and the loop starts at :attr:`RecoveryGuard.start_step`.
 """
 
 from __future__ import annotations
@@ -20,24 +23,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from types import TracebackType
 from typing import Any, Self
 
 from tinkex_recovery import (
     Checkpoint,
-    CheckpointList,
     Clock,
     Recovery,
     RecoveryEngine,
-    RecoveryExhausted,
     RecoveryPolicy,
     RunHandle,
     RunState,
     SystemClock,
-    TinkexRecoveryError,
-    TrainingRun,
 )
 from tinkex_recovery._integration import (
     SERVICE_METHODS,
@@ -47,18 +46,13 @@ from tinkex_recovery._integration import (
     rest_client_of,
     validate_run_id,
 )
-from tinkex_recovery._recovery import lineage_metadata, restore_from
-from tinkex_recovery._retry import FailureKind, classify, describe
-from tinkex_recovery._selection import dedupe, rank, walk
 
-from ._checkpoint_log import CheckpointLog, metadata_for, step_from_metadata, validate_metrics, validate_step
+from ._checkpoint_log import CheckpointLog, metadata_for, validate_metrics, validate_step
 from ._steps import Step, StepCursor
 
 __all__ = ["GuardRecovery", "RecoveryGuard", "recovery_guard"]
 
 logger = logging.getLogger("tinkex_recovery")
-
-_REST_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +62,9 @@ class GuardRecovery(Recovery):
     resumed_at: int  #: the step the loop resumed at: the restored checkpoint's ``step``
     steps_lost: int  #: steps completed after that checkpoint, trained again on the new run
     waited: float  #: seconds the loop was held up waiting for the recovery (0 if it was done in time)
+    #: the exception the loop's step raised and the guard suppressed because the run was lost (None when the
+    #: poller found the loss between steps); also logged with its traceback
+    cause: BaseException | None = field(default=None, repr=False, compare=False)
 
 
 class _State(Enum):
@@ -120,9 +117,7 @@ class RecoveryGuard:
         self._engine: RecoveryEngine | None = None
         self._handle: RunHandle | None = None
         self._cursor: StepCursor | None = None
-        self._consumed = 0
         self._recoveries: list[GuardRecovery] = []
-        self._inherited: list[Checkpoint] = []
         self.start_step: int | None = None
         """The step to start the loop at, when the guard resumed the run at entry (no ``client`` given)."""
         self.resumed_from: Checkpoint | None = None
@@ -159,14 +154,21 @@ class RecoveryGuard:
                     self._run_id,
                 )
                 return self
-            engine = RecoveryEngine(self.policy, status=self._status_client(), poll_concurrency=1, clock=self._clock)
-            self._engine = engine
-            self._handle = engine.watch(self._run_id, self._service, inherited=self._inherited)
-            engine.start()
+            if self._engine is None:
+                self._engine, self._handle = self._watch(self.policy)
         except BaseException:
             self._close()
             raise
         return self
+
+    def _watch(self, policy: RecoveryPolicy) -> tuple[RecoveryEngine, RunHandle]:
+        engine = RecoveryEngine(policy, status=self._status_client(), poll_concurrency=1, clock=self._clock)
+        try:
+            handle = engine.start().watch(self._run_id, self._service, step_of=self._step_of)
+        except BaseException:
+            engine.close()
+            raise
+        return engine, handle
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -208,7 +210,7 @@ class RecoveryGuard:
                 if self._catch_up(next_pos=cursor.pos):
                     continue
                 return
-            yield Step(self, index)
+            yield Step(self._judge, index)
 
     def _judge(self, step: Step, exc: BaseException | None) -> bool:
         """Whether to suppress ``exc``, raised inside ``step``: yes if the run is, or turns out to be,
@@ -219,6 +221,12 @@ class RecoveryGuard:
         since = self._clock.monotonic()
         if not handle.check_now() and handle.state is not RunState.EXHAUSTED:
             return False
+        logger.warning(
+            "recovery_guard: step %d failed on run %s, which was lost; recovering (the step's error follows)",
+            step.index,
+            self._run_id,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
         assert self._cursor is not None
         self._catch_up(next_pos=self._cursor.pos - 1, cause=exc, since=since)
         return True
@@ -230,16 +238,13 @@ class RecoveryGuard:
         if handle is None:
             return 0
         taken = 0
-        while len(handle.recoveries) > self._consumed or handle.state in (RunState.RECOVERING, RunState.EXHAUSTED):
+        while not handle.settled:
             started = self._clock.monotonic() if since is None else since
             since = None
-            try:
-                recovery = handle.wait_for_recovery(timeout=self._wait_bound())
-            except RecoveryExhausted as err:
-                raise RecoveryExhausted(err.run_id, err.attempts, err.last_error) from cause
-            self._consumed += 1
+            recovery = handle.wait_for_recovery(timeout=self._wait_bound())  # RecoveryExhausted leaves the loop
             taken += 1
-            self._apply(recovery, next_pos=next_pos, waited=self._clock.monotonic() - started)
+            self._apply(recovery, next_pos=next_pos, waited=self._clock.monotonic() - started, cause=cause)
+            cause = None
             assert self._cursor is not None
             next_pos = self._cursor.pos
         return taken
@@ -248,17 +253,11 @@ class RecoveryGuard:
         p = self.policy
         return p.max_attempts * (p.attempt_timeout + p.max_backoff) + 60.0
 
-    def _apply(self, recovery: Recovery, *, next_pos: int, waited: float) -> None:
+    def _apply(self, recovery: Recovery, *, next_pos: int, waited: float, cause: BaseException | None) -> None:
         self._client = recovery.client
         self._run_id = recovery.new_run_id
-        step = self._step_of(recovery.checkpoint)
-        if step is None:
-            raise TinkexRecoveryError(
-                f"run {recovery.old_run_id} was recovered as {recovery.new_run_id} from "
-                f"{recovery.checkpoint.tinker_path}, but that checkpoint records no step (no 'step' in its "
-                f"user_metadata{'' if self._log is None else f', no record in {self._log.path}'}), "
-                "so the loop cannot know where to resume; save checkpoints with guard.save_state()"
-            )
+        step = recovery.step
+        assert step is not None, "the engine restores a guarded loop only from checkpoints with a step"
         assert self._cursor is not None
         self._cursor.seek(step)
         record = GuardRecovery(
@@ -266,6 +265,7 @@ class RecoveryGuard:
             resumed_at=step,
             steps_lost=max(next_pos - self._cursor.pos, 0),
             waited=waited,
+            cause=cause,
         )
         self._recoveries.append(record)
         logger.warning(
@@ -279,7 +279,9 @@ class RecoveryGuard:
         )
 
     def _step_of(self, checkpoint: Checkpoint) -> int | None:
-        step = step_from_metadata(checkpoint)
+        """Where a loop restored from ``checkpoint`` resumes: its user_metadata ``step``, else its record in
+        checkpoints.jsonl; None when neither says (the engine then never restores from it)."""
+        step = checkpoint.step
         if step is None and self._log is not None:
             step = self._log.step_of(checkpoint.tinker_path)
         return step
@@ -325,56 +327,29 @@ class RecoveryGuard:
         return self._status
 
     def _resume(self) -> None:
-        """Without a client: restore a new run from ``run_id``'s chosen checkpoint, at its recorded step."""
+        """Without a client: the engine restores a new run from ``run_id``'s chosen checkpoint; the loop starts
+        at its step. A disabled policy still resumes (there is no client otherwise), then watches nothing."""
         require_methods(self._service, SERVICE_METHODS, "service")
-        status = self._status_client()
-        run = TrainingRun.coerce(resolve(status.get_training_run(self._origin), timeout=_REST_TIMEOUT))
-        listed = CheckpointList.coerce(resolve(status.list_checkpoints(self._origin), timeout=_REST_TIMEOUT))
-        newest = [run.last_checkpoint] if run.last_checkpoint and self.policy.checkpoint_strategy == "latest" else []
-        candidates = dedupe([*newest, *rank(self.policy, listed.checkpoints)])
-
-        def skip(checkpoint: Checkpoint, reason: str) -> None:
-            logger.warning("recovery_guard: not resuming from %s: %s", checkpoint.tinker_path, reason)
-
-        rejections = 0
-        for checkpoint in walk(candidates, rejected=set(), now=self._clock.now(), skip=skip):
-            step = self._step_of(checkpoint)
-            if step is None:
-                skip(checkpoint, "it records no step (user_metadata 'step' or a checkpoints.jsonl record)")
-                continue
-            try:
-                client = resolve(self._restore(run, checkpoint), timeout=self.policy.attempt_timeout)
-            except Exception as exc:
-                if classify(exc) is FailureKind.CHECKPOINT and rejections < self.policy.fallback_depth:
-                    rejections += 1
-                    skip(checkpoint, f"the server rejected it: {describe(exc)}")
-                    continue
-                raise
-            new_run_id = getattr(client, "model_id", None)
-            if not isinstance(new_run_id, str) or not new_run_id:
-                raise TypeError(f"the restored client has no model_id (got {type(client).__name__})")
-            self._client, self._run_id = client, new_run_id
-            self.start_step, self.resumed_from = step, checkpoint
-            # The new run has no checkpoint of its own yet; if it is lost before it saves one, these remain.
-            older = [c for c in candidates if c.time < checkpoint.time and self._step_of(c) is not None]
-            self._inherited = [checkpoint, *older]
-            logger.info(
-                "recovery_guard: run %s resumed as %s from %s; start at step %d",
-                self._origin,
-                new_run_id,
-                checkpoint.tinker_path,
-                step,
-            )
-            return
-        raise TinkexRecoveryError(
-            f"run {self._origin} has no checkpoint to resume from (none restorable with a recorded step); "
-            "pass client= to start the loop yourself"
-        )
-
-    def _restore(self, run: TrainingRun, checkpoint: Checkpoint) -> Any:
-        metadata = {**(run.user_metadata or {}), **lineage_metadata(self._origin, checkpoint.tinker_path)}
-        return restore_from(
-            self._service, checkpoint.tinker_path, with_optimizer=self.policy.restore_optimizer, metadata=metadata
+        engine, handle = self._watch(self.policy if self.policy.enabled else self.policy.replace(enabled=True))
+        try:
+            handle.request_recovery()
+            recovery = handle.wait_for_recovery(timeout=self._wait_bound())
+        except BaseException:
+            engine.close()
+            raise
+        if self.policy.enabled:
+            self._engine, self._handle = engine, handle  # the watch goes on, with what the resume learned
+        else:
+            engine.close()
+        assert recovery.step is not None, "the engine resumes a guarded loop only from checkpoints with a step"
+        self._client, self._run_id = recovery.client, recovery.new_run_id
+        self.start_step, self.resumed_from = recovery.step, recovery.checkpoint
+        logger.info(
+            "recovery_guard: run %s resumed as %s from %s; start at step %d",
+            self._origin,
+            recovery.new_run_id,
+            recovery.checkpoint.tinker_path,
+            recovery.step,
         )
 
     def __repr__(self) -> str:

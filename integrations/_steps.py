@@ -9,16 +9,15 @@ is consumed (one int per step) so the indices already yielded can be replayed.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
 
-from tinkex_recovery import TinkexRecoveryError
+from tinkex_recovery import ResumeBeforeFirstStep
 
-if TYPE_CHECKING:
-    from ._guard import RecoveryGuard
+__all__ = ["Judge", "Step", "StepCursor"]
 
-__all__ = ["Step", "StepCursor"]
+#: Decides whether an exception raised inside a step is suppressed (the run was lost and is recovered).
+Judge = Callable[["Step", BaseException], bool]
 
 
 class StepCursor:
@@ -69,7 +68,7 @@ class StepCursor:
         if len(self._items) == 0 and self._rest is None:
             return
         if len(self._items) and step < self._items[0]:
-            raise TinkexRecoveryError(
+            raise ResumeBeforeFirstStep(
                 f"cannot resume at step {step}: the iterable given to steps() starts at {self._items[0]}; "
                 "iterate over every step from the checkpoint on (e.g. one steps() over the global step index)"
             )
@@ -82,10 +81,10 @@ class Step:
     """One step of a guarded loop. ``with step:`` is where a failure is judged: caused by the run being
     corrupted (recovered, suppressed, and the loop rewound) or not (propagated unchanged)."""
 
-    __slots__ = ("_entered", "_guard", "index")
+    __slots__ = ("_entered", "_judge", "index")
 
-    def __init__(self, guard: RecoveryGuard, index: int) -> None:
-        self._guard = guard
+    def __init__(self, judge: Judge, index: int) -> None:
+        self._judge = judge
         self._entered = False
         self.index = index  #: the step index, an element of the iterable given to steps()
 
@@ -98,7 +97,7 @@ class Step:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        return exc is not None and self._guard._judge(self, exc)
+        return exc is not None and self._judge(self, exc)
 
     def __repr__(self) -> str:
         return f"<Step index={self.index}>"

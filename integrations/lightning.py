@@ -363,16 +363,12 @@ class TinkexRecovery(Callback):
         got: list[Recovery] = []
         if handle is None:
             return got, None
-        while True:
-            recovering = handle.state is RunState.RECOVERING
+        while not handle.settled:  # the common case, nothing happened, skips the loop: no lock, no wait
             try:
-                got.append(handle.wait_for_recovery(self._wait_limit() if recovering else 0.0))
-            except TimeoutError:
-                if recovering:
-                    raise
-                return got, None
+                got.append(handle.wait_for_recovery(self._wait_limit()))
             except RecoveryExhausted as exc:
                 return got, exc
+        return got, None
 
     def _wait_limit(self) -> float:
         # Every restore call is bounded by attempt_timeout and every retry delay by max_backoff; the rest is

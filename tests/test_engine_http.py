@@ -54,9 +54,10 @@ class Net:
         return sum(r.path == path for r in self.server.requests)
 
     def watched(self, **rest: Any) -> tuple[RecoveryEngine, RunHandle]:
-        """An unstarted engine watching the run through a new client: ``poll_once()`` polls on this thread."""
+        """A started engine watching the run through a new client; its clock never moves, so only the
+        test's ``poll_once()`` polls."""
         engine = self.engine(self.rest(**rest))
-        return engine, engine.watch(self.run_id, self.sim)
+        return engine.start(), engine.watch(self.run_id, self.sim)
 
     def errors(self) -> list[str]:
         return [e.error or "" for e in self.events.of(EventKind.POLL_ERROR)]
@@ -268,7 +269,7 @@ def test_the_api_key_never_appears_in_logs_events_reprs_or_errors(net: Net, capl
         caplog.set_level(logging.DEBUG, logger=name)
     rest = net.rest(max_retries=2)
     wrong = net.rest(api_key=WRONG_KEY, max_retries=2)
-    engine = net.engine(rest)
+    engine = net.engine(rest).start()
     handle = engine.watch(net.run_id, net.sim)
     texts: list[str] = [repr(rest), str(rest), repr(wrong), repr(net.server), repr(engine), repr(handle)]
 
@@ -283,7 +284,6 @@ def test_the_api_key_never_appears_in_logs_events_reprs_or_errors(net: Net, capl
             call(net.run_id)
         except Exception as exc:
             texts += [str(exc), repr(exc), repr(exc.__cause__)]
-    engine.start()  # only now: the polls above ran inline, in order
     net.sim.corrupt(net.run_id)
     handle.check_now()
     recovery = handle.wait_for_recovery(timeout=WAIT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from pytest_mock import MockerFixture
 
 from tinkex_recovery import FakeClock
-from tinkex_recovery._executor import Executor, Outcome, OutcomeKind
+from tinkex_recovery._executor import Cancellation, Executor, Outcome, OutcomeKind
 
 from .helpers import WAIT
 
@@ -23,6 +24,8 @@ class Tracker:
         self.cond = threading.Condition()
         self.started: list[str] = []
         self.outcomes: list[tuple[str, OutcomeKind]] = []
+        self.late: list[tuple[str, OutcomeKind]] = []
+        self.crashed: list[str] = []
         self.running = 0
         self.peak = 0
 
@@ -34,7 +37,9 @@ class Tracker:
 class ScriptedJob:
     """Each attempt waits for its gate (if gated), then fails until ``failures`` run out."""
 
-    def __init__(self, key: str, tracker: Tracker, *, failures: int = 0, delay: float = 0.0, gated: bool = False):
+    def __init__(
+        self, key: str, tracker: Tracker, *, failures: int = 0, delay: float | None = 0.0, gated: bool = False
+    ):
         self.key = key
         self.tracker = tracker
         self.failures = failures
@@ -43,7 +48,7 @@ class ScriptedJob:
         if not gated:
             self.gate.set()
 
-    def run_attempt(self, deadline: float) -> Outcome:
+    def run_attempt(self, deadline: float, cancelled: Cancellation) -> Outcome:
         t = self.tracker
         with t.cond:
             t.started.append(self.key)
@@ -63,6 +68,16 @@ class ScriptedJob:
             self.tracker.outcomes.append((self.key, outcome.kind))
             self.tracker.cond.notify_all()
         return self.delay if outcome.kind is not OutcomeKind.DONE else None
+
+    def on_late(self, outcome: Outcome) -> None:
+        with self.tracker.cond:
+            self.tracker.late.append((self.key, outcome.kind))
+            self.tracker.cond.notify_all()
+
+    def on_crash(self, error: BaseException) -> None:
+        with self.tracker.cond:
+            self.tracker.crashed.append(self.key)
+            self.tracker.cond.notify_all()
 
 
 @pytest.fixture
@@ -142,13 +157,48 @@ def test_a_waiting_retry_holds_no_slot(clock: FakeClock, tracker: Tracker) -> No
         ex.close()
 
 
-def test_attempt_timeout_abandons_a_hung_attempt(executor: Executor, clock: FakeClock, tracker: Tracker) -> None:
-    hung = ScriptedJob("run-hung", tracker, gated=True)
+def test_attempt_timeout_abandons_a_hung_attempt_and_its_late_result_is_never_adopted(
+    executor: Executor, clock: FakeClock, tracker: Tracker
+) -> None:
+    hung = ScriptedJob("run-hung", tracker, gated=True, delay=None)  # no retry: the job ends at the timeout
     executor.submit(hung)
     tracker.wait(lambda: tracker.started == ["run-hung"], "attempt starts")
     clock.advance(30.0)
     tracker.wait(lambda: tracker.outcomes == [("run-hung", OutcomeKind.TIMED_OUT)], "attempt times out")
-    hung.gate.set()
+    assert executor.running == 0  # the abandoned attempt no longer holds its slot
+    hung.gate.set()  # the call returns after all, with a result
+    tracker.wait(lambda: tracker.late == [("run-hung", OutcomeKind.DONE)], "the late result goes to on_late")
+    assert tracker.outcomes == [("run-hung", OutcomeKind.TIMED_OUT)]
+
+
+def test_close_cancels_what_running_attempts_wait_for(clock: FakeClock, tracker: Tracker) -> None:
+    ex = Executor(max_concurrent=2, attempt_timeout=30.0, clock=clock)
+    ex.start()
+    woken = threading.Event()
+
+    class WaitsForCancel(ScriptedJob):
+        def run_attempt(self, deadline: float, cancelled: Cancellation) -> Outcome:
+            cancelled.on_cancel(woken.set)
+            return super().run_attempt(deadline, cancelled)
+
+    job = WaitsForCancel("run-a", tracker, gated=True)
+    job.gate = woken  # the attempt blocks until it is cancelled: nothing else releases it
+    ex.submit(job)
+    tracker.wait(lambda: tracker.started == ["run-a"], "attempt starts")
+    ex.close(timeout=WAIT)
+    assert not [t for t in threading.enumerate() if t.name.startswith("tinkex-recovery-attempt")]
+
+
+def test_a_failing_outcome_handler_ends_that_job_and_the_others_go_on(executor: Executor, tracker: Tracker) -> None:
+    class Broken(ScriptedJob):
+        def on_outcome(self, outcome: Outcome) -> float | None:
+            raise RuntimeError("a bug in outcome handling")
+
+    executor.submit(Broken("run-broken", tracker))
+    tracker.wait(lambda: tracker.crashed == ["run-broken"], "the broken job is ended through on_crash")
+    assert not executor.pending("run-broken")
+    executor.submit(ScriptedJob("run-ok", tracker))
+    tracker.wait(lambda: tracker.outcomes == [("run-ok", OutcomeKind.DONE)], "the dispatcher still serves others")
 
 
 def test_invalid_max_concurrent(clock: FakeClock) -> None:
@@ -165,62 +215,120 @@ def test_close_is_idempotent_and_refuses_new_work(clock: FakeClock, tracker: Tra
     assert not ex.submit(ScriptedJob("late", tracker))
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.integers(1, 4), st.lists(st.integers(0, 2), min_size=1, max_size=12))
-def test_never_more_than_max_concurrent(max_concurrent: int, failures: list[int]) -> None:
+class TimedTracker(Tracker):
+    """Counts what the executor waits for: an attempt stops counting when it returns or is abandoned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = 0
+        self.hung = 0
+        self.per_key: dict[str, int] = {}
+        self.overlap = False
+        self.abandoned_ids: set[int] = set()
+        self.adopted_ids: list[int] = []
+        self.late_ids: list[int] = []
+        self.ids = itertools.count()
+
+
+class TimedJob:
+    """Attempt ``i`` of this job fails, succeeds, or hangs until abandoned and then returns a late success."""
+
+    def __init__(self, key: str, tracker: TimedTracker, script: list[str]) -> None:
+        self.key = key
+        self.t = tracker
+        self.script = list(script)
+
+    def run_attempt(self, deadline: float, cancelled: Cancellation) -> Outcome:
+        t = self.t
+        behaviour = self.script.pop(0) if self.script else "ok"
+        attempt_id = next(t.ids)
+        with t.cond:
+            t.waited += 1
+            t.peak = max(t.peak, t.waited)
+            t.per_key[self.key] = t.per_key.get(self.key, 0) + 1
+            t.overlap |= t.per_key[self.key] > 1
+            t.hung += behaviour == "hang"
+            t.cond.notify_all()
+        counted = [True]
+
+        def stop_counting() -> None:
+            with t.cond:
+                if counted[0]:
+                    counted[0] = False
+                    t.waited -= 1
+                    t.per_key[self.key] -= 1
+                    t.cond.notify_all()
+
+        def abandoned() -> None:
+            with t.cond:
+                t.abandoned_ids.add(attempt_id)
+                t.hung -= behaviour == "hang"
+            stop_counting()
+
+        cancelled.on_cancel(abandoned)
+        if behaviour == "hang":
+            released = threading.Event()
+            cancelled.on_cancel(released.set)
+            assert released.wait(WAIT), "a hung attempt is abandoned once its deadline passes"
+        stop_counting()
+        if behaviour == "fail":
+            return Outcome(OutcomeKind.FAILED, error=RuntimeError("boom"))
+        return Outcome(OutcomeKind.DONE, value=attempt_id)
+
+    def on_outcome(self, outcome: Outcome) -> float | None:
+        with self.t.cond:
+            self.t.outcomes.append((self.key, outcome.kind))
+            if outcome.kind is OutcomeKind.DONE:
+                self.t.adopted_ids.append(outcome.value)
+            self.t.cond.notify_all()
+        return None if outcome.kind is OutcomeKind.DONE else 1.0
+
+    def on_late(self, outcome: Outcome) -> None:
+        with self.t.cond:
+            self.t.late_ids.append(outcome.value)
+            self.t.cond.notify_all()
+
+    def on_crash(self, error: BaseException) -> None:
+        raise AssertionError(f"on_outcome never raises here: {error!r}")
+
+
+def drive(ex: Executor, max_concurrent: int, clock: FakeClock, t: TimedTracker, finished: int) -> None:
+    """Advance time whenever nothing can move without it (every attempt waited for is hung, and nothing
+    ready to start has a free slot): timeouts and backoff delays are actually taken, never only configured."""
+    for _ in range(2000):
+        with t.cond:
+            if sum(k is OutcomeKind.DONE for _, k in t.outcomes) >= finished:
+                return
+            hung = t.hung
+        running = ex.running
+        if running == hung and (ex.queued == 0 or running >= max_concurrent):
+            clock.advance(30.0)
+        with t.cond:
+            t.cond.wait(0.01)  # until an attempt moves; the bound only lets the loop re-read the counters
+    raise AssertionError(f"not finished: {t.outcomes}")
+
+
+behaviours = st.lists(st.sampled_from(["ok", "fail", "hang"]), max_size=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.lists(st.tuples(st.sampled_from("abcdef"), behaviours), min_size=1, max_size=10))
+def test_timeouts_and_retries_never_exceed_max_concurrent_nor_overlap_a_key_nor_adopt_a_late_result(
+    max_concurrent: int, requests: list[tuple[str, list[str]]]
+) -> None:
     clock = FakeClock()
-    tracker = Tracker()
+    t = TimedTracker()
     ex = Executor(max_concurrent=max_concurrent, attempt_timeout=30.0, clock=clock)
     ex.start()
     try:
-        for i, n in enumerate(failures):
-            assert ex.submit(ScriptedJob(f"run-{i}", tracker, failures=n))
-        done = len(failures)
-        tracker.wait(lambda: sum(k is OutcomeKind.DONE for _, k in tracker.outcomes) == done, "all done")
-        assert tracker.peak <= max_concurrent
-        assert len(tracker.started) == len(failures) + sum(failures)
-    finally:
-        ex.close()
-
-
-class PerKeyTracker(Tracker):
-    def __init__(self) -> None:
-        super().__init__()
-        self.per_key: dict[str, int] = {}
-        self.overlap = False
-
-
-class PerKeyJob(ScriptedJob):
-    def run_attempt(self, deadline: float) -> Outcome:
-        t = self.tracker
-        assert isinstance(t, PerKeyTracker)
+        accepted = sum(ex.submit(TimedJob(key, t, script)) for key, script in requests)
+        drive(ex, max_concurrent, clock, t, accepted)
         with t.cond:
-            t.per_key[self.key] = t.per_key.get(self.key, 0) + 1
-            t.overlap |= t.per_key[self.key] > 1
-        try:
-            return super().run_attempt(deadline)
-        finally:
-            with t.cond:
-                t.per_key[self.key] -= 1
-
-
-@settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 2)), min_size=1, max_size=15))
-def test_a_key_is_never_in_two_recoveries_at_once(requests: list[tuple[str, int]]) -> None:
-    clock = FakeClock()
-    tracker = PerKeyTracker()
-    ex = Executor(max_concurrent=3, attempt_timeout=30.0, clock=clock)
-    ex.start()
-    gate = threading.Event()  # every attempt holds its slot until all requests are in and the slots are full
-    try:
-        jobs = [PerKeyJob(key, tracker, failures=n, gated=True) for key, n in requests]
-        for job in jobs:
-            job.gate = gate
-        accepted = sum(ex.submit(job) for job in jobs)
-        tracker.wait(lambda: len(tracker.started) >= min(3, accepted), "the slots fill up")
-        gate.set()
-        tracker.wait(lambda: sum(k is OutcomeKind.DONE for _, k in tracker.outcomes) == accepted, "all done")
-        assert not tracker.overlap and accepted == len({key for key, _ in requests})
+            assert t.cond.wait_for(lambda: len(t.late_ids) == len(t.abandoned_ids), WAIT), "every late result reported"
+            assert t.peak <= max_concurrent
+            assert not t.overlap, "a key was in two attempts the executor waited for at once"
+            assert not set(t.adopted_ids) & t.abandoned_ids, "an abandoned attempt's result was adopted"
+            assert sorted(t.late_ids) == sorted(t.abandoned_ids)
+            assert len(t.adopted_ids) == accepted == len({key for key, _ in requests})
     finally:
-        gate.set()
         ex.close()

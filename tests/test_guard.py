@@ -18,11 +18,15 @@ from typing import Any
 import pytest
 
 from tinkex_recovery import (
+    EventKind,
+    ExhaustedReason,
     FakeClock,
+    NoRestorableCheckpoint,
+    RecoveryEvent,
     RecoveryExhausted,
     RecoveryPolicy,
+    ResumeBeforeFirstStep,
     SystemClock,
-    TinkexRecoveryError,
     recovery_guard,
 )
 from tinkex_recovery.integrations import GuardRecovery, RecoveryGuard, Step
@@ -196,22 +200,25 @@ def test_a_run_recovered_already_corrupted_is_recovered_again_from_the_inherited
 
 
 # -- exhaustion ---------------------------------------------------------------------------------------------
-def test_exhaustion_inside_a_step_raises_recovery_exhausted_from_the_failure(
-    sim: SimulatedTinker, clock: FakeClock
+def test_exhaustion_inside_a_step_raises_recovery_exhausted_from_the_last_error_and_logs_the_steps_own(
+    sim: SimulatedTinker, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    policy = POLICY.model_copy(update={"max_attempts": 2})
+    policy = POLICY.replace(max_attempts=2)
     sim.fail_restores(5)
     with pytest.raises(RecoveryExhausted) as info:
         guarded_loop(sim, clock, policy=policy, hook=corrupt_at(sim, (15, "before")))
     err = info.value
-    assert err.attempts == 2 and "503" in (err.last_error or "")
+    assert err.attempts == 2 and "503" in (err.last_error or "") and err.reason is ExhaustedReason.ATTEMPTS
     assert err.run_id.endswith(":train:0")
-    assert isinstance(err.__cause__, SimulatedRequestFailedError)
+    assert isinstance(err.__cause__, SimulatedAPIError) and err.__cause__.status_code == 503
+    assert err.__cause__.__traceback__ is not None  # the restore's own traceback, not only its text
+    (suppressed,) = [r for r in caplog.records if "step 15 failed" in r.getMessage()]
+    assert suppressed.exc_info is not None and isinstance(suppressed.exc_info[1], SimulatedRequestFailedError)
 
 
 def test_exhaustion_found_by_the_poller_makes_the_next_step_raise(sim: SimulatedTinker, clock: FakeClock) -> None:
     gave_up = threading.Event()
-    policy = POLICY.model_copy(update={"poll_interval": 30.0, "on_failure": lambda e: gave_up.set()})
+    policy = POLICY.replace(poll_interval=30.0, on_failure=lambda e: gave_up.set())
 
     def hook(guard: RecoveryGuard, step: Step, phase: str) -> None:
         if (step.index, phase) == (5, "after"):  # before the first checkpoint: nothing to restore
@@ -222,7 +229,8 @@ def test_exhaustion_found_by_the_poller_makes_the_next_step_raise(sim: Simulated
 
     with pytest.raises(RecoveryExhausted, match="no restorable checkpoint") as info:
         guarded_loop(sim, clock, policy=policy, hook=hook)
-    assert info.value.attempts == 1 and info.value.__cause__ is None
+    assert info.value.reason is ExhaustedReason.CHECKPOINTS
+    assert info.value.attempts == 1 and isinstance(info.value.__cause__, NoRestorableCheckpoint)
 
 
 # -- rewinding ------------------------------------------------------------------------------------------------
@@ -253,7 +261,7 @@ def test_cursor_continues_at_the_first_index_at_or_after_the_step() -> None:
 def test_cursor_refuses_a_step_before_its_start_and_bad_indices() -> None:
     cursor = StepCursor(range(30, 40))
     next(cursor)
-    with pytest.raises(TinkexRecoveryError, match="starts at 30"):
+    with pytest.raises(ResumeBeforeFirstStep, match="starts at 30"):
         cursor.seek(20)
     with pytest.raises(TypeError, match="step indices"):
         next(StepCursor(["a"]))  # type: ignore[list-item]
@@ -284,24 +292,51 @@ def test_a_checkpoint_before_the_iterables_start_is_a_clear_error(sim: Simulated
                 guard.client.forward_backward([step.index]).result()
                 guard.client.optim_step().result()
         guard.save_state("step-10", step=10)
-        with pytest.raises(TinkexRecoveryError, match="starts at 15"):
+        with pytest.raises(ResumeBeforeFirstStep, match="starts at 15"):
             for step in guard.steps(range(15, 30)):
                 with step:
                     sim.corrupt(guard.run_id)
                     guard.client.forward_backward([step.index]).result()
 
 
-def test_a_recovered_checkpoint_without_a_step_is_a_clear_error(sim: SimulatedTinker, clock: FakeClock) -> None:
+def test_a_checkpoint_without_a_step_is_never_restored_for_the_loop(sim: SimulatedTinker, clock: FakeClock) -> None:
+    """The newest checkpoint is an eval snapshot saved with a bare save_state("eval"): the loop could not know
+    where to resume from it, so the recovery skips it before any restore call and uses the older one."""
+    skipped: list[str] = []
+    policy = POLICY.replace(checkpoint_strategy="latest")
+
+    def note(event: RecoveryEvent) -> None:
+        if event.kind is EventKind.CHECKPOINT_SKIPPED:
+            skipped.append(event.checkpoint or "")
+
+    def hook(guard: RecoveryGuard, step: Step, phase: str) -> None:
+        if (step.index, phase) == (24, "after") and not guard.recoveries:
+            guard.client.save_state("eval").result()  # newest, no step
+            assert guard._engine is not None
+            guard._engine.subscribe(note)
+        if (step.index, phase) == (26, "mid") and not guard.recoveries:
+            sim.corrupt(guard.run_id)
+
+    guard, ran = guarded_loop(sim, clock, policy=policy, hook=hook)
+    assert [c[0].rsplit("/", 1)[1] for c in sim.restore_calls] == ["step-000020"]  # never the eval snapshot
+    assert skipped and skipped[0].endswith("/weights/eval")
+    assert ran == [*range(27), *range(20, 60)]
+    assert sim.lineage(guard.run_id) == list(range(60))
+
+
+def test_only_checkpoints_without_a_step_exhaust_without_creating_a_run(sim: SimulatedTinker, clock: FakeClock) -> None:
     client = sim.create_lora_training_client(base_model="m")
     client.save_state("anonymous").result()
     with (
-        pytest.raises(TinkexRecoveryError, match="records no step"),
+        pytest.raises(RecoveryExhausted, match="no restorable checkpoint") as info,
         recovery_guard(client.model_id, sim, policy=POLICY, client=client, clock=clock) as guard,
     ):
         for step in guard.steps(range(10)):
             with step:
                 sim.corrupt(guard.run_id)
                 guard.client.forward_backward([step.index]).result()
+    assert info.value.reason is ExhaustedReason.CHECKPOINTS
+    assert sim.restore_calls == [] and len(sim.run_ids) == 1
 
 
 # -- pass-through, lifecycle, threads -----------------------------------------------------------------------

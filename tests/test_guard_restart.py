@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tinkex_recovery import LINEAGE_KEYS, FakeClock, RecoveryPolicy, TinkexRecoveryError, recovery_guard
+from tinkex_recovery import LINEAGE_KEYS, ExhaustedReason, FakeClock, RecoveryExhausted, RecoveryPolicy, recovery_guard
 from tinkex_recovery.integrations import RecoveryGuard
 from tinkex_recovery.simulated import SimulatedTinker, SimulatedTrainingClient
 
@@ -113,10 +113,11 @@ def test_without_a_record_of_the_step_there_is_nothing_to_resume_from(sim: Simul
     client = sim.create_lora_training_client(base_model="m")
     train(client, 0)
     client.save_state("no-step").result()
-    with pytest.raises(TinkexRecoveryError, match="no checkpoint to resume from"):
+    with pytest.raises(RecoveryExhausted, match="no restorable checkpoint") as info:
         recovery_guard(client.model_id, sim, policy=POLICY, clock=clock).__enter__()
+    assert info.value.reason is ExhaustedReason.CHECKPOINTS
     empty = sim.create_lora_training_client(base_model="m")
-    with pytest.raises(TinkexRecoveryError, match="pass client="):
+    with pytest.raises(RecoveryExhausted, match="no restorable checkpoint"):
         recovery_guard(empty.model_id, sim, policy=POLICY, clock=clock).__enter__()
     assert len(sim.run_ids) == 2  # nothing was restored
 

@@ -6,11 +6,15 @@ are a fraction of a second. Odd JSON that the simulated server cannot produce us
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -18,9 +22,16 @@ import pytest
 
 from tinkex_recovery import (
     AuthenticationError,
+    ClientClosed,
+    EventKind,
+    FakeClock,
     MalformedResponse,
     MissingAPIKey,
     PermissionDenied,
+    RecoveryEngine,
+    RecoveryEvent,
+    RecoveryExhausted,
+    RecoveryPolicy,
     RunNotFound,
     TinkerConnectionError,
     TinkerRest,
@@ -29,7 +40,7 @@ from tinkex_recovery import (
 from tinkex_recovery.rest import DEFAULT_BASE_URL
 from tinkex_recovery.simulated import SimulatedServer, SimulatedTinker, serve
 
-from .helpers import WAIT, run_with_checkpoints
+from .helpers import WAIT, EventLog, run_with_checkpoints
 from .http_support import KEY, WRONG_KEY, FakeTime
 
 MakeRest = Callable[..., TinkerRest]
@@ -165,7 +176,7 @@ def test_repr_masks_the_key_and_close_is_idempotent(make_rest: MakeRest, run_id:
     assert KEY not in repr(rest) and "tml-***" in repr(rest)
     rest.close()
     rest.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(ClientClosed, match="closed"):
         rest.get_training_run(run_id)
 
 
@@ -406,7 +417,7 @@ def test_close_wakes_a_retry_wait(server: SimulatedServer, run_id: str) -> None:
     rest.close()
     caller.join(WAIT)
     assert not caller.is_alive()
-    assert isinstance(outcome[0], RuntimeError)
+    assert isinstance(outcome[0], ClientClosed)
 
 
 # -- malformed answers ---------------------------------------------------------------------------------------
@@ -472,3 +483,152 @@ def test_threads_share_one_keep_alive_pool(make_rest: MakeRest, server: Simulate
     assert errors == []
     assert len(server.requests) == 40
     assert len({r.connection for r in server.requests}) <= 4
+
+
+# -- secrets: a server that echoes the key -----------------------------------------------------------------
+#: A key no other test uses, so that only the TinkerRest under test can have registered it for redaction.
+FRESH_KEY = f"tml-ECHOED-{uuid.uuid4().hex}"
+
+
+def leaks(key: str, texts: Iterable[str]) -> list[str]:
+    """The texts that contain ``key``, or the part of it after its prefix (a key cut in two still leaks)."""
+    return [text for text in texts if key in text or key[4:] in text]
+
+
+def exception_texts(exc: BaseException) -> list[str]:
+    """Everything an exception shows: str, repr, args, and the whole traceback with its causes and contexts."""
+    return [str(exc), repr(exc), repr(exc.args), "".join(traceback.format_exception(exc))]
+
+
+def debug_everywhere(caplog: pytest.LogCaptureFixture) -> None:
+    """Capture DEBUG records of every logger, including the third-party ones that set a level of their own
+    (importing tinker sets httpx's to WARNING)."""
+    for name in (None, "httpx", "httpcore", "tinker"):
+        caplog.set_level(logging.DEBUG, logger=name)
+
+
+def log_lines(records: Iterable[logging.LogRecord]) -> list[str]:
+    """Each record as a handler would write it, with its traceback if it has one."""
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    return [formatter.format(record) for record in records]
+
+
+@pytest.mark.parametrize("key", [KEY, FRESH_KEY], ids=["server-key", "fresh-key"])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 503])
+def test_a_key_the_server_echoes_is_in_no_error_and_no_log_line(
+    *,
+    server: SimulatedServer,
+    fake_time: FakeTime,
+    run_id: str,
+    caplog: pytest.LogCaptureFixture,
+    key: str,
+    status: int,
+) -> None:
+    debug_everywhere(caplog)
+    rest = TinkerRest(
+        api_key=key, base_url=server.base_url, max_retries=1, sleep=fake_time.sleep, monotonic=fake_time.monotonic
+    )
+    errors: list[BaseException] = []
+    with rest:
+        for call in (rest.get_training_run, rest.list_checkpoints):
+            server.echo_key_next(2, status)  # a 503 is retried once: both answers echo the key
+            with pytest.raises(TinkerStatusError) as info:
+                call(run_id)
+            errors.append(info.value)
+    assert all("***" in str(error) for error in errors)  # the key was echoed, and redacted
+    assert not leaks(key, [text for error in errors for text in exception_texts(error)])
+    lines = log_lines(caplog.records)
+    assert any(r.name.startswith("httpx") for r in caplog.records)  # the check below is not vacuous
+    assert not leaks(key, lines)
+
+
+def test_a_key_the_server_echoes_in_a_header_is_in_no_httpcore_log_line(
+    make_rest: MakeRest, server: SimulatedServer, run_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    debug_everywhere(caplog)
+    server.echo_key_next(1, 400)
+    with pytest.raises(TinkerStatusError):
+        make_rest(max_retries=0).get_training_run(run_id)
+    lines = log_lines(r for r in caplog.records if r.name.startswith("httpcore"))
+    assert lines  # httpcore did log the exchange
+    assert not leaks(KEY, lines)
+
+
+def test_a_key_the_server_echoes_is_in_no_event_and_no_recovery_error(
+    *,
+    make_rest: MakeRest,
+    server: SimulatedServer,
+    sim: SimulatedTinker,
+    clock: FakeClock,
+    run_id: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    debug_everywhere(caplog)
+    events = EventLog()
+    policy = RecoveryPolicy(
+        enabled=True, poll_interval=3600, backoff=0, max_backoff=0, max_attempts=2, checkpoint_strategy="best"
+    )
+    with RecoveryEngine(policy, status=make_rest(max_retries=0), clock=clock) as engine:
+        engine.subscribe(events)
+        handle = engine.watch(run_id, sim)
+        server.echo_key_next(1, 503)
+        engine.poll_once()  # poll_error
+        events.wait_for(EventKind.POLL_ERROR)
+        sim.corrupt(run_id)
+        server.delay_next(1, 0.0)  # the poll that detects the corruption is answered as usual,
+        server.echo_key_next(10, 503)  # then every listing the recovery makes ('best' lists) echoes the key
+        engine.poll_once()
+        with pytest.raises(RecoveryExhausted) as info:
+            handle.wait_for_recovery(timeout=WAIT)
+        events.wait_for(EventKind.EXHAUSTED)
+    server.clear_faults()
+    failures = [e for e in events.events if e.error]
+    assert {e.kind for e in failures} >= {EventKind.POLL_ERROR, EventKind.FAILED}
+    assert all("***" in (e.error or "") for e in failures if e.kind is not EventKind.EXHAUSTED)  # echoed, redacted
+    event_texts = [repr(e) for e in events.events] + [str(v) for e in events.events for v in vars_of(e)]
+    assert not leaks(KEY, event_texts)
+    assert not leaks(KEY, exception_texts(info.value))
+    assert not leaks(KEY, log_lines(caplog.records))
+
+
+def vars_of(event: RecoveryEvent) -> list[object]:
+    """Every field of an event."""
+    return [getattr(event, f.name) for f in dataclasses.fields(event)]
+
+
+@pytest.mark.sdk
+def test_a_key_echoed_to_a_restore_through_the_sdk_is_in_no_event_error_or_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("tinker")
+    from .sdk_support import ADAM, datum, sdk_service
+
+    debug_everywhere(caplog)
+    events = EventLog()
+    # One attempt: the SDK's own error (whose message holds the echoed body) is the recovery's last error.
+    policy = RecoveryPolicy(enabled=True, poll_interval=3600, backoff=0, max_backoff=0, max_attempts=1)
+    with sdk_service(SimulatedTinker()) as net:
+        client = net.lora()
+        client.forward_backward([datum(1)], "cross_entropy").result()
+        client.optim_step(ADAM).result()
+        client.save_state("0001", user_metadata={"step": "1"}).result()
+        with (
+            TinkerRest(api_key=KEY, base_url=net.server.base_url) as rest,
+            RecoveryEngine(policy, status=rest) as engine,
+        ):
+            engine.subscribe(events)
+            handle = engine.watch(client.model_id, net.service)
+            net.sim.corrupt(client.model_id)
+            net.server.delay_next(1, 0.0)  # the poll that detects the corruption is answered as usual,
+            net.server.echo_key_next(10, 400, header=False)  # then the restore (load_weights) echoes the key
+            engine.poll_once()
+            with pytest.raises(RecoveryExhausted) as info:
+                handle.wait_for_recovery(timeout=WAIT)
+            events.wait_for(EventKind.EXHAUSTED)
+        net.server.clear_faults()
+    failed = events.of(EventKind.FAILED)
+    assert failed and all("***" in (e.error or "") for e in failed)  # the key was echoed, and redacted
+    event_texts = [repr(e) for e in events.events] + [str(v) for e in events.events for v in vars_of(e)]
+    assert not leaks(KEY, event_texts)
+    assert not leaks(KEY, exception_texts(info.value))  # its causes' tracebacks included
+    assert not leaks(KEY, log_lines(caplog.records))  # the SDK's loggers and httpcore's included

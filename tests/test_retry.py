@@ -17,9 +17,21 @@ def status_error(code: int) -> Exception:
     return exc
 
 
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 410, 422])
-def test_4xx_other_than_408_429_belongs_to_the_checkpoint(code: int) -> None:
+@pytest.mark.parametrize("code", [400, 403, 404, 409, 410, 422])
+def test_4xx_other_than_401_408_429_belongs_to_the_checkpoint(code: int) -> None:
     assert classify(status_error(code)) is FailureKind.CHECKPOINT
+
+
+def test_401_never_blames_the_checkpoint_and_no_retry_fixes_it() -> None:
+    assert classify(status_error(401)) is FailureKind.FATAL
+    error = Exception("unauthorized")
+    error.response = SimpleNamespace(status_code=401)  # type: ignore[attr-defined]
+    assert classify(error) is FailureKind.FATAL
+
+
+@pytest.mark.parametrize("exc", [TypeError("unexpected keyword 'user_metadata'"), AttributeError("no attribute 'x'")])
+def test_programming_errors_from_the_service_are_fatal(exc: Exception) -> None:
+    assert classify(exc) is FailureKind.FATAL
 
 
 @pytest.mark.parametrize("code", [408, 429, 500, 502, 503, 504])

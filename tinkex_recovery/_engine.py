@@ -2,7 +2,9 @@
 
 Threads, all owned by the engine and all gone when :meth:`RecoveryEngine.close` returns: one poller, a fixed
 pool of poll workers (so the thread count does not grow with the number of runs), the executor's dispatcher,
-and one short-lived thread per running restore attempt.
+the notifier that runs subscribers and user callbacks, and one short-lived thread per running restore attempt
+(an attempt blocked inside a service call that returns no future cannot be interrupted: it is left behind as
+a daemon thread, with a warning, and whatever it returns is discarded).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Any, Self
 
 from ._clock import Clock, SystemClock
 from ._events import EventBus, EventKind, RecoveryEvent, Subscriber, call_safely
-from ._exceptions import EngineClosed, RecoveryDisabled, RecoveryExhausted
+from ._exceptions import EngineClosed, EngineNotStarted, RecoveryDisabled, RecoveryExhausted
 from ._executor import Executor
 from ._futures import resolve
 from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._policy import RecoveryPolicy
 from ._recovery import Recovery, RecoveryJob
 from ._retry import describe
+from ._selection import StepOf
 
 __all__ = ["EngineState", "RecoveryEngine", "RunHandle", "RunState"]
 
@@ -89,6 +92,8 @@ class _Lineage:
     recoveries: tuple[Recovery, ...] = ()  # replaced, never mutated: a handle reads it without the lock
     rejected: set[str] = field(default_factory=set)
     inherited: list[Checkpoint] = field(default_factory=list)
+    step_of: StepOf | None = None
+    observed: str | None = None  # observe mode: the corrupted run already reported (it stays corrupted)
     failed_polls: int = 0
     exhausted: RecoveryExhausted | None = None
     announced: int = 0  # recoveries whose events and callbacks have run: wait_for_recovery() may return them
@@ -133,8 +138,11 @@ class RunHandle:
 
     def check_now(self) -> bool:
         """Poll this run now, on the calling thread; True if a recovery is under way (or just finished
-        one not yet collected by :meth:`wait_for_recovery`)."""
+        one not yet collected by :meth:`wait_for_recovery`). Raises :class:`EngineNotStarted` before
+        ``start()``, :class:`EngineClosed` after ``close()``."""
+        self._engine._require_opened()
         self._engine._poll_one(self._lineage)
+        self._engine._bus.flush()
         with self._engine._cond:
             lineage = self._lineage
             return lineage.state is RunState.RECOVERING or len(lineage.recoveries) > lineage.consumed
@@ -164,6 +172,14 @@ class RunHandle:
             if not done:
                 raise TimeoutError(f"no recovery of run {lineage.run_id} within {timeout}s")
             raise EngineClosed("the engine closed while waiting for a recovery")
+
+    def request_recovery(self) -> None:
+        """Restore this run now from the checkpoint the policy chooses, whether or not it is corrupted: what a
+        restarted process does to resume. The same recovery as for a corruption (rules, events, callbacks);
+        collect it with :meth:`wait_for_recovery`. Raises :class:`RuntimeError` if a recovery is under way
+        or the lineage is not being watched."""
+        self._engine._require_opened()
+        self._engine._recover(self._lineage, None)
 
     def unwatch(self) -> None:
         """Stop polling this lineage (a recovery already under way still finishes)."""
@@ -208,7 +224,7 @@ class RecoveryEngine:
         self._cond = threading.Condition()
         self._state = EngineState.UNOPENED
         self._watched: dict[str, _Lineage] = {}
-        self._rest_clients: dict[int, tuple[Any, Any]] = {}
+        self._rest_clients: dict[int, tuple[Any, Any]] = {}  # id(service) -> (service, the REST client we made)
         self._poll_requested = False
         self._threads: list[threading.Thread] = []
         self._poll_queue: queue.SimpleQueue[tuple[_Lineage, threading.Semaphore] | None] = queue.SimpleQueue()
@@ -227,6 +243,7 @@ class RecoveryEngine:
             if self._state is EngineState.OPENED:
                 return self
             self._state = EngineState.OPENED
+            self._bus.start()
             self._executor.start()
             self._threads = [threading.Thread(target=self._poller, name="tinkex-recovery-poller", daemon=True)]
             self._threads += [
@@ -238,7 +255,8 @@ class RecoveryEngine:
         return self
 
     def close(self, timeout: float = 1.0) -> None:
-        """Stop every thread; no event or callback fires afterwards. Idempotent."""
+        """Stop every thread, cancel what restore attempts wait for, and close the REST clients the engine
+        made; no event or callback fires after it returns. Idempotent."""
         with self._cond:
             if self._state is EngineState.CLOSED:
                 return
@@ -246,11 +264,16 @@ class RecoveryEngine:
             self._cond.notify_all()
             for _ in self._threads[1:]:
                 self._poll_queue.put(None)
-        self._bus.close()
+            made, self._rest_clients = list(self._rest_clients.values()), {}
         self._executor.close(timeout)
+        self._bus.close(timeout)
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout)
+        for _, rest in made:
+            close = getattr(rest, "close", None)
+            if callable(close):
+                call_safely(close, what=f"closing the REST client {type(rest).__name__}")
 
     def __enter__(self) -> Self:
         if self._state is not EngineState.UNOPENED:
@@ -274,12 +297,17 @@ class RecoveryEngine:
         metadata: Mapping[str, str] | None = None,
         *,
         inherited: Iterable[Checkpoint] = (),
+        step_of: StepOf | None = None,
     ) -> RunHandle:
         """Start watching ``run_id``; ``service`` restores it (anything with the two
         ``create_training_client_from_state*`` methods). ``metadata`` is added to every recovered run's
         user_metadata, next to the old run's own. ``inherited`` are checkpoints of earlier runs (e.g. the
-        one ``run_id`` was restored from) that a recovery may fall back on while the run has none of its own."""
+        one ``run_id`` was restored from) that a recovery may fall back on while the run has none of its own.
+        ``step_of(checkpoint)`` is for callers that must know where to resume: checkpoints for which it is
+        None are skipped before any restore call, and each :class:`Recovery` carries the restored one's step."""
         run_id = validate_run_id(run_id)
+        if step_of is not None and not callable(step_of):
+            raise TypeError(f"step_of must be callable, got {type(step_of).__name__}")
         if not self.policy.enabled:
             raise RecoveryDisabled("the policy has enabled=False; pass RecoveryPolicy(enabled=True) to opt in")
         require_methods(service, SERVICE_METHODS, "service")
@@ -300,24 +328,36 @@ class RecoveryEngine:
                 raise EngineClosed("the engine is closed")
             if run_id in self._watched:
                 raise ValueError(f"run {run_id} is already watched by this engine")
-            lineage = _Lineage(run_id=run_id, service=service, status=status, metadata=meta, inherited=fallback)
+            lineage = _Lineage(
+                run_id=run_id, service=service, status=status, metadata=meta, inherited=fallback, step_of=step_of
+            )
             self._watched[run_id] = lineage
         return RunHandle(self, lineage)
 
     def poll_once(self) -> None:
-        """Poll every watched run once, now, through the poll workers (or inline before start)."""
+        """Poll every watched run once, now, through the poll workers; returns when the polls are done and
+        their events delivered. Raises :class:`EngineNotStarted` before ``start()``, :class:`EngineClosed`
+        after ``close()``."""
+        self._require_opened()
+        self._poll_cycle()
+        self._bus.flush()
+
+    def _require_opened(self) -> None:
+        state = self._state
+        if state is EngineState.UNOPENED:
+            raise EngineNotStarted("start() the engine first: before it, a detection could not be acted on")
+        if state is EngineState.CLOSED:
+            raise EngineClosed("the engine is closed")
+
+    def _poll_cycle(self) -> None:
         done = threading.Semaphore(0)
         with self._cond:
+            if self._state is not EngineState.OPENED:
+                return
             lineages = [lin for lin in self._watched.values() if lin.state is RunState.WATCHING]
-            started = self._state is EngineState.OPENED
-            if started:
-                # Enqueued under the lock, so close() (which takes it first) queues its stop markers after these.
-                for lineage in lineages:
-                    self._poll_queue.put((lineage, done))
-        if not started:
+            # Enqueued under the lock, so close() (which takes it first) queues its stop markers after these.
             for lineage in lineages:
-                self._poll_one(lineage)
-            return
+                self._poll_queue.put((lineage, done))
         for _ in lineages:
             done.acquire()
 
@@ -336,8 +376,12 @@ class RecoveryEngine:
             return cached[1]
         status = rest_client_of(service)
         with self._cond:
-            self._rest_clients[id(service)] = (service, status)
-        return status
+            cached = self._rest_clients.setdefault(id(service), (service, status))
+        if cached[1] is not status:  # another thread made one first: keep one client per service
+            close = getattr(status, "close", None)
+            if callable(close):
+                call_safely(close, what="closing a duplicate REST client")
+        return cached[1]
 
     def _poller(self) -> None:
         next_at = self._clock.monotonic() + self.policy.poll_interval  # the first poll one interval after start
@@ -350,7 +394,7 @@ class RecoveryEngine:
                     self._clock.wait(self._cond, next_at - now)
                 if self._state is not EngineState.OPENED:
                     return
-            self.poll_once()
+            self._poll_cycle()
             now = self._clock.monotonic()
             next_at += self.policy.poll_interval
             next_at = max(next_at, now)  # a cycle that overran its interval: poll again at once, not in a burst
@@ -398,14 +442,25 @@ class RecoveryEngine:
     # -- recovery -------------------------------------------------------------------------------------
     def _detect(self, lineage: _Lineage, run: TrainingRun) -> None:
         with self._cond:
-            if (
-                lineage.state is not RunState.WATCHING
-                or lineage.run_id != run.training_run_id
-                or self._state is not EngineState.OPENED
-            ):
+            if lineage.run_id != run.training_run_id or lineage.observed == run.training_run_id:
                 return
-            lineage.state = RunState.RECOVERING
+        self._recover(lineage, run, quiet=True)
+
+    def _recover(self, lineage: _Lineage, run: TrainingRun | None, *, quiet: bool = False) -> None:
+        """Submit the one recovery job of ``lineage``: for a corruption a poll found (``run``), or on request
+        (``run`` None: fetched by the job). ``quiet``: a lineage that cannot start one now is left alone."""
+        observe = self.policy.mode == "observe"
+        with self._cond:
+            if lineage.state is not RunState.WATCHING or self._state is not EngineState.OPENED:
+                if quiet:
+                    return
+                raise RuntimeError(f"run {lineage.run_id} is {lineage.state.value}; no recovery can start now")
+            if observe:
+                lineage.observed = lineage.run_id
+            else:
+                lineage.state = RunState.RECOVERING
             job = RecoveryJob(
+                run_id=lineage.run_id,
                 run=run,
                 service=lineage.service,
                 status=lineage.status,
@@ -416,12 +471,14 @@ class RecoveryEngine:
                 metadata=lineage.metadata,
                 rejected=lineage.rejected,
                 inherited=lineage.inherited,
+                step_of=lineage.step_of,
                 number=len(lineage.recoveries) + 1,
                 detected_at=self._clock.monotonic(),
                 on_done=lambda job, recovery: self._completed(lineage, job, recovery),
-                on_exhausted=lambda job, error: self._exhausted(lineage, error),
+                on_exhausted=lambda job, error: self._exhausted(lineage, job, error),
             )
-        self._bus.emit(RecoveryEvent(EventKind.DETECTED, run.training_run_id, since_detected=0.0))
+        if run is not None:
+            self._bus.emit(RecoveryEvent(EventKind.DETECTED, run.training_run_id, since_detected=0.0))
         if not self._executor.submit(job):
             logger.warning("run %s: a recovery is already pending; duplicate request refused", job.run_id)
 
@@ -431,7 +488,8 @@ class RecoveryEngine:
         with self._cond:
             if self._state is EngineState.CLOSED:
                 return
-            self._watched.pop(lineage.run_id, None)
+            if self._watched.get(lineage.run_id) is lineage:  # not a lineage watched anew meanwhile
+                del self._watched[lineage.run_id]
             lineage.run_id = recovery.new_run_id
             lineage.client = recovery.client
             lineage.recoveries = (*lineage.recoveries, recovery)
@@ -441,7 +499,7 @@ class RecoveryEngine:
             lineage.failed_polls = 0
             if lineage.state is RunState.RECOVERING:
                 lineage.state = RunState.WATCHING
-                self._watched[recovery.new_run_id] = lineage
+                self._watched.setdefault(recovery.new_run_id, lineage)
         self._bus.emit(
             RecoveryEvent(
                 EventKind.COMPLETED,
@@ -452,23 +510,42 @@ class RecoveryEngine:
                 new_run_id=recovery.new_run_id,
             )
         )
-        if self.policy.on_recovery is not None:
-            call_safely(self.policy.on_recovery, recovery, what="on_recovery callback")
-        with self._cond:  # waiters wake once the events and callbacks have run
+        on_recovery = self.policy.on_recovery
+        if on_recovery is not None:
+            self._bus.call(lambda: call_safely(on_recovery, recovery, what="on_recovery callback"))
+        self._bus.call(lambda: self._announce(lineage))  # waiters wake once the events and callbacks have run
+
+    def _announce(self, lineage: _Lineage) -> None:
+        with self._cond:
             lineage.announced += 1
             self._cond.notify_all()
 
-    def _exhausted(self, lineage: _Lineage, error: RecoveryExhausted) -> None:
+    def _exhausted(self, lineage: _Lineage, job: RecoveryJob, error: RecoveryExhausted) -> None:
         with self._cond:
             if self._state is EngineState.CLOSED:
                 return
             lineage.state = RunState.EXHAUSTED
-        self._bus.emit(RecoveryEvent(EventKind.EXHAUSTED, error.run_id, attempt=error.attempts, error=error.last_error))
-        if self.policy.on_failure is not None:
-            call_safely(self.policy.on_failure, error, what="on_failure callback")
-        with self._cond:  # waiters wake once the event and callback have run
-            lineage.exhausted = error
-            self._cond.notify_all()
+            lineage.rejected = job.rejected
+        self._bus.emit(
+            RecoveryEvent(
+                EventKind.EXHAUSTED,
+                error.run_id,
+                attempt=error.attempts,
+                since_detected=self._clock.monotonic() - job.detected_at,
+                error=error.last_error,
+                reason=error.reason.value,
+            )
+        )
+        on_failure = self.policy.on_failure
+        if on_failure is not None:
+            self._bus.call(lambda: call_safely(on_failure, error, what="on_failure callback"))
+
+        def give_up() -> None:  # waiters wake once the event and callback have run
+            with self._cond:
+                lineage.exhausted = error
+                self._cond.notify_all()
+
+        self._bus.call(give_up)
 
     def _unwatch(self, lineage: _Lineage) -> None:
         with self._cond:

@@ -1,8 +1,13 @@
-"""Typed recovery events, and the bus that hands them to subscribers and to the ``tinkex_recovery`` logger."""
+"""Typed recovery events, and the bus that hands them to subscribers and to the ``tinkex_recovery`` logger.
+
+Delivery happens on the bus's own notifier thread, in the order things happened, so a slow or failing
+subscriber or user callback never holds up a restore, a deadline or a poll.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ class EventKind(StrEnum):
     POLL_ERROR = "poll_error"
     POLL_DEGRADED = "poll_degraded"
     CHECKPOINT_SKIPPED = "checkpoint_skipped"
+    CLIENT_DISCARDED = "client_discarded"  #: a restore answered after its attempt was abandoned; closed, not used
 
 
 _LEVELS = {
@@ -35,6 +41,7 @@ _LEVELS = {
     EventKind.POLL_ERROR: logging.WARNING,
     EventKind.POLL_DEGRADED: logging.WARNING,
     EventKind.CHECKPOINT_SKIPPED: logging.WARNING,
+    EventKind.CLIENT_DISCARDED: logging.WARNING,
     EventKind.EXHAUSTED: logging.ERROR,
 }
 
@@ -45,7 +52,8 @@ class RecoveryEvent:
 
     ``run_id`` is the run being recovered (or polled); ``attempt`` counts restore calls (0 before the first);
     ``since_detected`` is seconds since the corruption was detected and ``attempt_seconds`` the duration of
-    the current attempt, where they apply. ``error`` is a redacted one-line description of a failure.
+    the current attempt, where they apply. ``error`` is a redacted one-line description of a failure;
+    ``reason`` says why a recovery was exhausted.
     """
 
     kind: EventKind
@@ -57,6 +65,7 @@ class RecoveryEvent:
     new_run_id: str | None = None
     error: str | None = None
     will_retry: bool | None = None
+    reason: str | None = None
 
     @property
     def message(self) -> str:
@@ -74,24 +83,38 @@ class RecoveryEvent:
             parts.append(f"attempt took {self.attempt_seconds:.3f}s")
         if self.will_retry is not None:
             parts.append("will retry" if self.will_retry else "no retry")
+        if self.reason:
+            parts.append(f"reason: {self.reason}")
         if self.error:
             parts.append(f"error: {self.error}")
         return ", ".join(parts)
 
 
 Subscriber = Callable[[RecoveryEvent], object]
+_STOP = object()
 
 
 class EventBus:
-    """Delivers each event to the logger and to every subscriber, on the emitting thread.
+    """Delivers each event to the logger and to every subscriber, and runs the engine's user callbacks, in
+    order, on one notifier thread (inline until :meth:`start`).
 
-    A subscriber that raises is logged and skipped; it never stops the engine.
+    A subscriber or callback that raises is logged with its traceback and skipped; it never stops the engine.
+    After :meth:`close` returns no subscriber or callback is called again.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: tuple[Subscriber, ...] = ()
         self._closed = False
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            self._thread = threading.Thread(target=self._deliver, name="tinkex-recovery-notifier", daemon=True)
+            self._thread.start()
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         if not callable(fn):
@@ -105,24 +128,67 @@ class EventBus:
 
         return unsubscribe
 
-    def close(self) -> None:
-        """After close no subscriber is called again."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop delivering; wait up to ``timeout`` for a callback under way. Idempotent."""
         with self._lock:
             self._closed = True
             self._subscribers = ()
+            thread = self._thread
+        self._queue.put(_STOP)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("an event subscriber or callback is still running at close; left as a daemon thread")
 
     def emit(self, event: RecoveryEvent) -> None:
+        self._submit(event)
+
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` on the notifier thread, after every event emitted so far."""
+        self._submit(fn)
+
+    def flush(self) -> None:
+        """Return once everything submitted before this call has been delivered (or the bus is closed)."""
+        with self._lock:
+            if self._thread is None or self._closed or self._thread is threading.current_thread():
+                return
+        delivered = threading.Event()
+        self._queue.put(delivered.set)
+        while not delivered.wait(0.05):
+            with self._lock:
+                if self._closed:
+                    return
+
+    def _submit(self, item: object) -> None:
         with self._lock:
             if self._closed:
                 return
-            subscribers = self._subscribers
-        logger.log(_LEVELS.get(event.kind, logging.INFO), "%s", event.message)
-        for fn in subscribers:
-            call_safely(fn, event, what=f"event subscriber {fn!r}")
+            started = self._thread is not None
+        if started:
+            self._queue.put(item)
+        else:
+            self._run(item)
+
+    def _deliver(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            with self._lock:
+                if self._closed:
+                    return
+            self._run(item)
+
+    def _run(self, item: object) -> None:
+        if isinstance(item, RecoveryEvent):
+            logger.log(_LEVELS.get(item.kind, logging.INFO), "%s", item.message)
+            with self._lock:
+                subscribers = self._subscribers
+            for fn in subscribers:
+                call_safely(fn, item, what=f"event subscriber {fn!r}")
+        else:
+            call_safely(item, what="engine callback")  # type: ignore[arg-type]
 
 
 def call_safely(fn: Callable[..., object], *args: object, what: str) -> None:
-    """Call a user callback; log and swallow anything it raises."""
+    """Call a user callback; log (with the traceback) and swallow anything it raises."""
     try:
         fn(*args)
     except Exception:

@@ -3,9 +3,13 @@
     TinkexRecoveryError
     ├── InvalidTinkerPath (also ValueError)     a tinker:// path that cannot be parsed
     ├── RecoveryDisabled                        watch() on an engine whose policy has enabled=False
+    ├── EngineNotStarted                        poll_once() or check_now() before start()
     ├── EngineClosed                            the engine was used after close()
-    ├── RecoveryExhausted                       every attempt or checkpoint was tried; the run stays lost
+    ├── RecoveryExhausted                       recovery gave up (see .reason); the run stays lost
+    ├── NoRestorableCheckpoint                  no checkpoint left to restore from (a RecoveryExhausted's cause)
+    ├── ResumeBeforeFirstStep                   a guard's steps() cannot reach the restored checkpoint's step
     ├── MissingAPIKey (also ValueError)         no API key was given and TINKER_API_KEY is unset
+    ├── ClientClosed                            a TinkerRest was used after close()
     └── TinkerAPIError                          the REST client could not get an answer
         ├── TinkerConnectionError               connection refused, dropped, or timed out (after retries)
         ├── MalformedResponse                   the body was not the JSON Tinker sends
@@ -19,15 +23,22 @@ Exceptions never carry the API key: messages are built from status codes, run id
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 __all__ = [
     "AuthenticationError",
+    "ClientClosed",
     "EngineClosed",
+    "EngineNotStarted",
+    "ExhaustedReason",
     "InvalidTinkerPath",
     "MalformedResponse",
     "MissingAPIKey",
+    "NoRestorableCheckpoint",
     "PermissionDenied",
     "RecoveryDisabled",
     "RecoveryExhausted",
+    "ResumeBeforeFirstStep",
     "RunNotFound",
     "TinkerAPIError",
     "TinkerConnectionError",
@@ -48,19 +59,58 @@ class RecoveryDisabled(TinkexRecoveryError):
     """The policy has ``enabled=False``: recovery is opt-in."""
 
 
+class EngineNotStarted(TinkexRecoveryError):
+    """The engine polls and recovers only between start() and close(); a detection before start would be lost."""
+
+
 class EngineClosed(TinkexRecoveryError):
     """The engine was closed; it cannot watch runs any more."""
 
 
-class RecoveryExhausted(TinkexRecoveryError):
-    """Recovery of a run gave up: every allowed attempt or checkpoint failed."""
+class ExhaustedReason(StrEnum):
+    """Why a recovery gave up: each way of giving up is distinct."""
 
-    def __init__(self, run_id: str, attempts: int, last_error: str | None) -> None:
+    ATTEMPTS = "attempts"  #: max_attempts restore calls were made
+    CHECKPOINTS = "checkpoints"  #: no restorable checkpoint left (none, all rejected, or fallback_depth reached)
+    FATAL = "fatal"  #: an error no retry can fix: authentication, or a programming error in the service
+    BUDGET = "budget"  #: max_recoveries recoveries of the lineage within recovery_window
+    NO_PROGRESS = "no_progress"  #: max_no_progress restored runs in a row were lost before a newer checkpoint
+    INTERNAL = "internal"  #: a bug in tinkex-recovery's own handling of the recovery (logged with its traceback)
+
+
+class RecoveryExhausted(TinkexRecoveryError):
+    """Recovery of a run gave up; :attr:`reason` says why. The error that ended it is chained as
+    ``__cause__`` (with its traceback) when there was one."""
+
+    def __init__(self, run_id: str, attempts: int, last_error: str | None, *, reason: ExhaustedReason) -> None:
         self.run_id = run_id
         self.attempts = attempts
         self.last_error = last_error
+        self.reason = ExhaustedReason(reason)
         detail = f": {last_error}" if last_error else ""
-        super().__init__(f"recovery of run {run_id} exhausted after {attempts} attempt(s){detail}")
+        super().__init__(
+            f"recovery of run {run_id} exhausted ({self.reason.value}) after {attempts} restore call(s){detail}"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable (e.g. across processes) despite the keyword
+        return (_rebuild_exhausted, (self.run_id, self.attempts, self.last_error, self.reason.value))
+
+
+def _rebuild_exhausted(run_id: str, attempts: int, last_error: str | None, reason: str) -> RecoveryExhausted:
+    return RecoveryExhausted(run_id, attempts, last_error, reason=ExhaustedReason(reason))
+
+
+class NoRestorableCheckpoint(TinkexRecoveryError):
+    """Nothing left to restore from: no checkpoint, or every one within the fallback depth was unusable."""
+
+
+class ResumeBeforeFirstStep(TinkexRecoveryError):
+    """The restored checkpoint's step lies before the first index of the iterable given to ``guard.steps()``,
+    so the loop cannot resume there."""
+
+
+class ClientClosed(TinkexRecoveryError):
+    """A :class:`~tinkex_recovery.TinkerRest` was used after ``close()``."""
 
 
 class MissingAPIKey(TinkexRecoveryError, ValueError):

@@ -1,8 +1,12 @@
-"""The bounded executor: at most ``max_concurrent`` recovery attempts at once, first come first served.
+"""The bounded executor: at most ``max_concurrent`` recovery attempts waited for at once, first come first served.
 
 The executor knows nothing of Tinker. A :class:`Job` runs one attempt at a time on a short-lived thread and
 decides, from each :class:`Outcome`, whether and when to try again; the executor only keeps the slots, the
 FIFO queue, the retries waiting out their backoff (they hold no slot) and the per-attempt deadline.
+
+An attempt still running at its deadline is *abandoned*: its ``cancelled`` event is set (the job cancels what
+it waits for), its slot is freed, and its outcome, if it ever comes, goes to :meth:`Job.on_late` instead of
+:meth:`Job.on_outcome`, so nothing it produced is adopted. ``max_concurrent`` counts the attempts waited for.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import itertools
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
 from ._clock import Clock
 
-__all__ = ["Executor", "Job", "Outcome", "OutcomeKind"]
+__all__ = ["Cancellation", "Executor", "Job", "Outcome", "OutcomeKind"]
 
 logger = logging.getLogger("tinkex_recovery")
 
@@ -38,6 +43,35 @@ class Outcome:
     error: BaseException | None = None
 
 
+class Cancellation:
+    """Set once when an attempt is abandoned; what the attempt waits on registers to be woken by it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._callbacks: list[Callable[[], object]] = []
+
+    def set(self) -> None:
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def on_cancel(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` when this is set (at once if it already is)."""
+        with self._lock:
+            if not self._set:
+                self._callbacks.append(fn)
+                return
+        fn()
+
+
 class Job(Protocol):
     """One recovery, as the executor sees it."""
 
@@ -45,12 +79,19 @@ class Job(Protocol):
     def key(self) -> str:
         """At most one job per key is queued or running."""
 
-    def run_attempt(self, deadline: float) -> Outcome:
-        """Run one attempt (on a worker thread); ``deadline`` is the clock time it must end by."""
+    def run_attempt(self, deadline: float, cancelled: Cancellation) -> Outcome:
+        """Run one attempt (on a worker thread); ``deadline`` is the clock time it must end by, ``cancelled``
+        is set when the attempt is abandoned (deadline passed, or the executor closed)."""
 
     def on_outcome(self, outcome: Outcome) -> float | None:
         """Digest an attempt's outcome (on the dispatcher thread): seconds until the next attempt, or None
         when the job is finished."""
+
+    def on_late(self, outcome: Outcome) -> None:
+        """The outcome of an abandoned attempt (on its worker thread): release whatever it produced."""
+
+    def on_crash(self, error: BaseException) -> None:
+        """:meth:`on_outcome` raised ``error``: end the job (the executor goes on with the others)."""
 
 
 @dataclass(eq=False)
@@ -58,6 +99,8 @@ class _Running:
     job: Job
     deadline: float
     outcome: Outcome | None = None
+    abandoned: bool = False
+    cancelled: Cancellation = field(default_factory=Cancellation, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -79,7 +122,7 @@ class Executor:
         self._seq = itertools.count()
         self._closed = False
         self._dispatcher: threading.Thread | None = None
-        self.peak_running = 0
+        self.peak_running = 0  #: the most attempts ever waited for at once
 
     # -- public ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -105,15 +148,26 @@ class Executor:
 
     @property
     def running(self) -> int:
+        """Attempts waited for now (abandoned ones no longer count)."""
         with self._cond:
             return len(self._running)
 
+    @property
+    def queued(self) -> int:
+        """Jobs ready to start, waiting for a slot (retries waiting out their backoff not included)."""
+        with self._cond:
+            return len(self._ready)
+
     def close(self, timeout: float = 1.0) -> None:
-        """Stop dispatching; wait up to ``timeout`` for running attempts. Idempotent."""
+        """Stop dispatching, abandon the running attempts (their waits are cancelled) and wait up to
+        ``timeout`` for their threads. Idempotent."""
         with self._cond:
             self._closed = True
             self._ready.clear()
             self._delayed.clear()
+            for slot in self._running:
+                slot.abandoned = True
+                slot.cancelled.set()
             threads = [r.thread for r in self._running if r.thread] + self._abandoned
             dispatcher = self._dispatcher
             self._cond.notify_all()
@@ -140,7 +194,15 @@ class Executor:
                     self._clock.wait(self._cond, self._next_wake(now))
                     continue
             for job, outcome in finished:
-                delay = job.on_outcome(outcome)
+                try:
+                    delay = job.on_outcome(outcome)
+                except Exception as exc:  # one job's bug must not stop every other recovery
+                    logger.exception("handling the outcome of recovery %s failed; that recovery ends", job.key)
+                    delay = None
+                    try:
+                        job.on_crash(exc)
+                    except Exception:
+                        logger.exception("ending recovery %s failed too", job.key)
                 with self._cond:
                     if delay is None or self._closed:
                         self._keys.discard(job.key)
@@ -159,6 +221,8 @@ class Executor:
                     slot.thread.join()  # it has only to return: a finished attempt leaves no thread behind
             elif now >= slot.deadline:
                 outcome = Outcome(OutcomeKind.TIMED_OUT)
+                slot.abandoned = True
+                slot.cancelled.set()  # the attempt stops waiting; anything it still gets goes to on_late
                 if slot.thread is not None:
                     self._abandoned.append(slot.thread)
             else:
@@ -193,9 +257,16 @@ class Executor:
 
     def _attempt(self, slot: _Running) -> None:
         try:
-            outcome = slot.job.run_attempt(slot.deadline)
+            outcome = slot.job.run_attempt(slot.deadline, slot.cancelled)
         except BaseException as exc:  # an attempt never kills its thread noisily; the job decides
             outcome = Outcome(OutcomeKind.FAILED, error=exc)
         with self._cond:
-            slot.outcome = outcome
-            self._cond.notify_all()
+            late = slot.abandoned
+            if not late:
+                slot.outcome = outcome
+                self._cond.notify_all()
+        if late:
+            try:
+                slot.job.on_late(outcome)
+            except Exception:
+                logger.exception("releasing the late result of an abandoned attempt of %s failed", slot.job.key)

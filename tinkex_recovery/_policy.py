@@ -15,14 +15,21 @@ __all__ = ["RecoveryPolicy"]
 class RecoveryPolicy(BaseModel):
     """How runs are watched and restored. Frozen; times are in seconds.
 
-    Build it in code or from a dict (a YAML or JSON config): ``RecoveryPolicy.model_validate(cfg)``.
-    An invalid or unknown field raises :class:`pydantic.ValidationError` naming the field; nothing is
-    silently replaced by a default.
+    Build it in code or from a dict (a YAML or JSON config): ``RecoveryPolicy.model_validate(cfg)``; derive
+    one with :meth:`replace`. An invalid or unknown field raises :class:`pydantic.ValidationError` naming the
+    field; nothing is silently replaced by a default.
+
+    ``max_attempts`` and ``fallback_depth`` bound one recovery together: it ends at whichever is reached first
+    (``max_attempts`` restore calls, whatever they failed for, or ``fallback_depth + 1`` checkpoints rejected).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     enabled: bool = Field(False, description="Recovery is opt-in.")
+    mode: Literal["recover", "observe"] = Field(
+        "recover",
+        description="'observe' detects and selects as 'recover' would, reports it, and never restores a run.",
+    )
     max_attempts: int = Field(3, ge=1, description="Restore calls allowed for one recovery.")
     backoff: float = Field(5.0, ge=0, description="Delay before the first retry; doubles each retry.")
     max_backoff: float = Field(60.0, ge=0, description="Cap of the retry delay.")
@@ -66,6 +73,10 @@ class RecoveryPolicy(BaseModel):
         if self.max_backoff < self.backoff:
             raise ValueError(f"max_backoff ({self.max_backoff}) must be >= backoff ({self.backoff})")
         return self
+
+    def replace(self, **changes: Any) -> RecoveryPolicy:
+        """A copy with ``changes`` applied, validated like a new policy (``model_copy(update=...)`` is not)."""
+        return type(self).model_validate({**dict(self), **changes})
 
     @property
     def specific_path(self) -> TinkerPath | None:

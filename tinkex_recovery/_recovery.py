@@ -1,8 +1,12 @@
-"""One recovery of one corrupted run: choose a checkpoint, restore from it, decide what to do on failure.
+"""One recovery of one lineage: choose a checkpoint, restore from it, decide what to do on failure.
+
+This is the only place a run is ever restored: a poll that finds the run corrupted, a training call that
+fails, a guard resuming at entry and the Lightning callback all end up here, under one set of rules.
 
 A :class:`RecoveryJob` is what the executor runs. Each attempt happens on a worker thread and reports what it
 learned (which checkpoints turned out unusable) in its outcome; all decisions and all state changes happen in
-:meth:`RecoveryJob.on_outcome`, on the executor's dispatcher thread.
+:meth:`RecoveryJob.on_outcome`, on the executor's dispatcher thread. An abandoned attempt (past
+``attempt_timeout``) stops waiting at once; a client it still gets is closed and reported, never adopted.
 """
 
 from __future__ import annotations
@@ -11,18 +15,19 @@ import inspect
 import random
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._clock import Clock
 from ._events import EventBus, EventKind, RecoveryEvent
-from ._exceptions import RecoveryExhausted, TinkexRecoveryError
-from ._executor import Outcome, OutcomeKind
-from ._futures import resolve
+from ._exceptions import ExhaustedReason, NoRestorableCheckpoint, RecoveryExhausted
+from ._executor import Cancellation, Outcome, OutcomeKind
 from ._models import Checkpoint, CheckpointList, TrainingRun
 from ._policy import RecoveryPolicy
+from ._redact import without_secrets
 from ._retry import FailureKind, backoff_delay, classify, describe
-from ._selection import dedupe, rank, synthetic, walk
+from ._selection import StepOf, dedupe, rank, synthetic, walk
 
 __all__ = ["LINEAGE_KEYS", "Recovery"]
 
@@ -44,11 +49,12 @@ class Recovery:
     attempts: int
     seconds: float  #: from detection to the new client in hand
     number: int  #: 1 for the first recovery of a lineage, then 2, ...
+    step: int | None = None  #: the restored checkpoint's step, when the watch was given ``step_of``
     client: Any = field(default=None, repr=False, compare=False)
 
 
-class NoRestorableCheckpoint(TinkexRecoveryError):
-    """Nothing left to try: no checkpoint, or every one within the fallback depth was unusable."""
+class AttemptAbandoned(Exception):
+    """The attempt's wait was cancelled (deadline passed, or the engine closed)."""
 
 
 @dataclass
@@ -86,13 +92,64 @@ def accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def _concurrent_future(value: Any) -> Future[Any] | None:
+    """The ``concurrent.futures.Future`` behind ``value``: itself, or the SDK's ``APIFuture.future()``."""
+    if isinstance(value, Future):
+        return value
+    getter = getattr(type(value), "future", None)  # on the class: not an attribute a mock conjures
+    if callable(getter):
+        inner = value.future()
+        if isinstance(inner, Future):
+            return inner
+    return None
+
+
+_POLL_SLICE = 0.05  # a future-like with nothing to wait on but result(timeout) is asked again this often
+
+
+def await_result(value: Any, cancelled: Cancellation, on_late: Callable[[Any], None]) -> Any:
+    """``value``, or the result of the future it is, waiting until it is ready or ``cancelled`` is set.
+
+    On cancellation the future is cancelled; if it is already running, ``on_late(result)`` receives its
+    result if one ever comes. Raises :class:`AttemptAbandoned` then.
+    """
+    result = getattr(value, "result", None)
+    if result is None or not callable(result) or inspect.isclass(value):
+        return value
+    inner = _concurrent_future(value)
+    if inner is None:  # a future-like of unknown make: ask in slices
+        while not cancelled.is_set():
+            try:
+                return result(timeout=_POLL_SLICE)
+            except TimeoutError:
+                continue
+        raise AttemptAbandoned
+    wake = threading.Event()
+    inner.add_done_callback(lambda _: wake.set())
+    cancelled.on_cancel(wake.set)
+    wake.wait()
+    if inner.done():
+        return inner.result()
+    if not inner.cancel():
+
+        def late(done: Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                on_late(done.result())
+
+        inner.add_done_callback(late)
+    raise AttemptAbandoned
+
+
 class RecoveryJob:
-    """Recovers ``run_id``; reports the result through ``on_done`` or ``on_exhausted``."""
+    """Recovers one lineage from ``run`` (fetched on the first attempt when None: a recovery the caller asked
+    for); reports through ``on_done`` or ``on_exhausted``. In ``observe`` mode it selects and reports the
+    checkpoint it would restore, and never calls a restore."""
 
     def __init__(
         self,
         *,
-        run: TrainingRun,
+        run_id: str,
+        run: TrainingRun | None,
         service: Any,
         status: Any,
         policy: RecoveryPolicy,
@@ -102,41 +159,42 @@ class RecoveryJob:
         metadata: dict[str, str],
         rejected: set[str],
         inherited: list[Checkpoint],
+        step_of: StepOf | None,
         number: int,
         detected_at: float,
         on_done: Callable[[RecoveryJob, Recovery], None],
         on_exhausted: Callable[[RecoveryJob, RecoveryExhausted], None],
     ) -> None:
         self.run = run
-        self.run_id = run.training_run_id
+        self.run_id = run_id
         self._service = service
         self._status = status
         self._policy = policy
+        self._observe = policy.mode == "observe"
         self._clock = clock
         self._bus = bus
         self._rng = rng
         self._metadata = metadata
-        self.rejected = rejected
+        self.rejected = set(rejected)
         self.inherited = inherited
+        self._step_of = step_of
         self._number = number
         self.detected_at = detected_at
         self._on_done = on_done
         self._on_exhausted = on_exhausted
         self.attempts = 0
         self._server_rejections = 0
-        self._token = 0
-        self._token_lock = threading.Lock()
         self.listed: list[Checkpoint] | None = None
+        self._refetched = False
 
     @property
     def key(self) -> str:
         return self.run_id
 
     # -- events ---------------------------------------------------------------------------------------
-    def _emit(self, kind: EventKind, *, token: int | None = None, **fields: Any) -> None:
-        with self._token_lock:
-            if token is not None and token != self._token:
-                return  # an abandoned (timed-out) attempt speaks no more
+    def _emit(self, kind: EventKind, cancelled: Cancellation | None = None, **fields: Any) -> None:
+        if cancelled is not None and cancelled.is_set():
+            return  # an abandoned attempt speaks no more
         self._bus.emit(
             RecoveryEvent(
                 kind=kind,
@@ -148,29 +206,33 @@ class RecoveryJob:
         )
 
     # -- one attempt, on a worker thread ---------------------------------------------------------------
-    def run_attempt(self, deadline: float) -> Outcome:
-        with self._token_lock:
-            token = self._token
-        self.attempts += 1
+    def run_attempt(self, deadline: float, cancelled: Cancellation) -> Outcome:
         started = self._clock.monotonic()
         report = _Report()
-        self._emit(EventKind.STARTED, token=token)
+        if not self._observe:
+            self.attempts += 1
+            self._emit(EventKind.STARTED, cancelled)
 
         def skip(c: Checkpoint, reason: str) -> None:
             report.unusable.add(c.tinker_path)
-            self._emit(EventKind.CHECKPOINT_SKIPPED, token=token, checkpoint=c.tinker_path, error=reason)
+            self._emit(EventKind.CHECKPOINT_SKIPPED, cancelled, checkpoint=c.tinker_path, error=reason)
 
         rejected = set(self.rejected)
         try:
-            chosen = next(walk(self._candidates(), rejected=rejected, now=self._clock.now(), skip=skip), None)
+            candidates = self._candidates(cancelled)
+            chosen = next(
+                walk(candidates, rejected=rejected, now=self._clock.now(), skip=skip, step_of=self._step_of), None
+            )
             if chosen is None:
                 raise NoRestorableCheckpoint(f"no restorable checkpoint left for run {self.run_id}")
         except Exception as exc:
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         report.checkpoint = chosen
-        self._emit(EventKind.CHECKPOINT_SELECTED, token=token, checkpoint=chosen.tinker_path)
+        self._emit(EventKind.CHECKPOINT_SELECTED, cancelled, checkpoint=chosen.tinker_path)
+        if self._observe:
+            return Outcome(OutcomeKind.DONE, value=(report, None))
         try:
-            client = resolve(self._restore(chosen), timeout=max(deadline - self._clock.monotonic(), 0.0))
+            client = await_result(self._restore(chosen), cancelled, on_late=self.discard)
         except Exception as exc:
             if classify(exc) is FailureKind.CHECKPOINT:
                 report.unusable.add(chosen.tinker_path)
@@ -182,39 +244,44 @@ class RecoveryJob:
             return Outcome(OutcomeKind.FAILED, value=report, error=error)
         self._emit(
             EventKind.CLIENT_CREATED,
-            token=token,
+            cancelled,
             checkpoint=chosen.tinker_path,
             new_run_id=new_run_id,
             attempt_seconds=self._clock.monotonic() - started,
         )
         return Outcome(OutcomeKind.DONE, value=(report, client))
 
-    def _candidates(self) -> Iterator[Checkpoint]:
+    def _candidates(self, cancelled: Cancellation) -> Iterator[Checkpoint]:
+        if self.run is None or (self.run.last_checkpoint is None and not self._refetched):
+            # asked for (no poll result yet), or a poll result without last_checkpoint: read the run afresh
+            self._refetched = True
+            self.run = TrainingRun.coerce(self._wait(self._status.get_training_run(self.run_id), cancelled))
         pinned = self._policy.specific_path
         if pinned is not None:
-            known = {c.tinker_path: c for c in [*self._listing(), *self.inherited]}
+            known = {c.tinker_path: c for c in [*self._listing(cancelled), *self.inherited]}
             yield known.get(str(pinned)) or synthetic(pinned)
             return
         if self._policy.checkpoint_strategy == "best":
-            yield from rank(self._policy, dedupe([*self._listing(), *self.inherited]))
+            yield from rank(self._policy, dedupe([*self._listing(cancelled), *self.inherited]))
             return
-        latest = self.run.last_checkpoint or self._refetch_last()
+        latest = self.run.last_checkpoint
         if latest is not None:
             yield latest
-        yield from rank(self._policy, self._listing())  # listed only if the newest one was unusable
+        yield from rank(self._policy, self._listing(cancelled))  # listed only if the newest one was unusable
         yield from self.inherited
 
-    def _refetch_last(self) -> Checkpoint | None:
-        run = TrainingRun.coerce(resolve(self._status.get_training_run(self.run_id), timeout=60.0))
-        return run.last_checkpoint
-
-    def _listing(self) -> list[Checkpoint]:
+    def _listing(self, cancelled: Cancellation) -> list[Checkpoint]:
         if self.listed is None:
-            listed = CheckpointList.coerce(resolve(self._status.list_checkpoints(self.run_id), timeout=60.0))
+            listed = CheckpointList.coerce(self._wait(self._status.list_checkpoints(self.run_id), cancelled))
             self.listed = listed.checkpoints
         return self.listed
 
+    @staticmethod
+    def _wait(pending: Any, cancelled: Cancellation) -> Any:
+        return await_result(pending, cancelled, on_late=lambda _: None)
+
     def _restore(self, checkpoint: Checkpoint) -> Any:
+        assert self.run is not None
         metadata = {
             **(self.run.user_metadata or {}),
             **self._metadata,
@@ -224,40 +291,61 @@ class RecoveryJob:
             self._service, checkpoint.tinker_path, with_optimizer=self._policy.restore_optimizer, metadata=metadata
         )
 
+    # -- results that are not adopted ------------------------------------------------------------------
+    def on_late(self, outcome: Outcome) -> None:
+        if outcome.kind is OutcomeKind.DONE:
+            _, client = outcome.value
+            if client is not None:
+                self.discard(client)
+
+    def discard(self, client: Any) -> None:
+        """A client no recovery adopts (its attempt was abandoned): close it if it can be, and name its run."""
+        close = getattr(client, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception as exc:  # closing is best effort; the event below still names the run
+                self._emit(EventKind.FAILED, error=f"closing a discarded client failed: {describe(exc)}")
+        self._emit(
+            EventKind.CLIENT_DISCARDED,
+            new_run_id=str(getattr(client, "model_id", "?")),
+            error="a restore answered after its attempt was abandoned (attempt_timeout); that run is not used",
+        )
+
     # -- decisions, on the dispatcher thread ----------------------------------------------------------
     def on_outcome(self, outcome: Outcome) -> float | None:
-        with self._token_lock:
-            self._token += 1
-        if outcome.kind is OutcomeKind.DONE:
-            report, client = outcome.value
-            self.rejected |= report.unusable
-            recovery = Recovery(
-                old_run_id=self.run_id,
-                new_run_id=client.model_id,
-                checkpoint=report.checkpoint,
-                attempts=self.attempts,
-                seconds=self._clock.monotonic() - self.detected_at,
-                number=self._number,
-                client=client,
-            )
-            self._on_done(self, recovery)
-            return None
-        report = outcome.value if isinstance(outcome.value, _Report) else _Report()
+        report = outcome.value[0] if outcome.kind is OutcomeKind.DONE else outcome.value
+        report = report if isinstance(report, _Report) else _Report()
         self.rejected |= report.unusable
+        if outcome.kind is OutcomeKind.DONE:
+            client = outcome.value[1]
+            if client is not None:
+                assert report.checkpoint is not None
+                recovery = Recovery(
+                    old_run_id=self.run_id,
+                    new_run_id=client.model_id,
+                    checkpoint=report.checkpoint,
+                    attempts=self.attempts,
+                    seconds=self._clock.monotonic() - self.detected_at,
+                    number=self._number,
+                    step=self._step_of(report.checkpoint) if self._step_of is not None else None,
+                    client=client,
+                )
+                self._on_done(self, recovery)
+            return None  # observe mode: the selection was reported, nothing else to do
         error: BaseException = outcome.error or TimeoutError(
             f"restore did not finish within attempt_timeout={self._policy.attempt_timeout}s"
         )
         if report.rejected_by_server:
             self._server_rejections += 1
-        give_up = (
-            isinstance(error, NoRestorableCheckpoint)
-            or self.attempts >= self._policy.max_attempts
-            or self._server_rejections > self._policy.fallback_depth
-        )
+        reason = self._give_up_reason(error, report)
         checkpoint = report.checkpoint.tinker_path if report.checkpoint else None
-        self._emit(EventKind.FAILED, checkpoint=checkpoint, error=describe(error), will_retry=not give_up)
-        if give_up:
-            self._on_exhausted(self, RecoveryExhausted(self.run_id, self.attempts, describe(error)))
+        will_retry = reason is None and not self._observe
+        self._emit(EventKind.FAILED, checkpoint=checkpoint, error=describe(error), will_retry=will_retry)
+        if self._observe:
+            return None  # observing: a failed selection is reported, never retried
+        if reason is not None:
+            self._exhaust(reason, error)
             return None
         if report.rejected_by_server:
             return 0.0  # a rejected checkpoint says nothing about the next one: try it at once
@@ -268,3 +356,23 @@ class RecoveryJob:
             jitter=self._policy.jitter,
             u=self._rng.random(),
         )
+
+    def _give_up_reason(self, error: BaseException, report: _Report) -> ExhaustedReason | None:
+        """One rule for every bound: whichever is reached first ends the recovery."""
+        if isinstance(error, NoRestorableCheckpoint):
+            return ExhaustedReason.CHECKPOINTS
+        if not report.rejected_by_server and classify(error) is FailureKind.FATAL:
+            return ExhaustedReason.FATAL
+        if self._server_rejections > self._policy.fallback_depth:
+            return ExhaustedReason.CHECKPOINTS
+        if self.attempts >= self._policy.max_attempts:
+            return ExhaustedReason.ATTEMPTS
+        return None
+
+    def on_crash(self, error: BaseException) -> None:
+        self._exhaust(ExhaustedReason.INTERNAL, error)
+
+    def _exhaust(self, reason: ExhaustedReason, error: BaseException) -> None:
+        exhausted = RecoveryExhausted(self.run_id, self.attempts, describe(error), reason=reason)
+        exhausted.__cause__ = without_secrets(error)  # as `raise ... from error`: its traceback is kept
+        self._on_exhausted(self, exhausted)

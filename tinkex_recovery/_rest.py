@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from ._exceptions import (
     AuthenticationError,
+    ClientClosed,
     MalformedResponse,
     MissingAPIKey,
     PermissionDenied,
@@ -253,7 +254,7 @@ class TinkerRest:
         attempt = 0
         while True:
             if self._closed.is_set():
-                raise RuntimeError("this TinkerRest is closed")
+                raise ClientClosed("this TinkerRest is closed")
             attempt += 1
             outcome = self._attempt(path, params, what=what, run_id=run_id, deadline=deadline)
             if not isinstance(outcome, _Failure):

@@ -15,10 +15,15 @@ _TRANSIENT_STATUS = frozenset({408, 429})
 
 
 class FailureKind(Enum):
-    """Whether retrying the same checkpoint can help."""
+    """Who is to blame for a failed restore, and so what helps."""
 
     TRANSIENT = "transient"  # connection error, timeout, 408/429/5xx, or unknown: retry the same checkpoint
-    CHECKPOINT = "checkpoint"  # the server rejected this checkpoint: never try it again for this run
+    CHECKPOINT = "checkpoint"  # the checkpoint is invalid (400...), inaccessible (403) or gone (404): never again
+    FATAL = "fatal"  # no retry and no other checkpoint can help: a refused key (401) or a programming error
+
+
+#: Errors that mean the call itself is wrong (a signature, a missing attribute): retrying repeats them.
+_PROGRAMMING_ERRORS = (TypeError, AttributeError)
 
 
 def status_code_of(exc: BaseException) -> int | None:
@@ -31,8 +36,11 @@ def status_code_of(exc: BaseException) -> int | None:
 
 
 def classify(exc: BaseException) -> FailureKind:
-    """Decide whether a failed restore belongs to the checkpoint or is worth retrying as it is."""
+    """Decide who is to blame for a failed restore: the checkpoint, nobody (retry as it is), or something no
+    retry fixes. 401 never blames the checkpoint: a refused key says nothing about the checkpoint."""
     code = status_code_of(exc)
+    if code == 401:
+        return FailureKind.FATAL
     if code is not None:
         if 400 <= code < 500 and code not in _TRANSIENT_STATUS:
             return FailureKind.CHECKPOINT
@@ -40,6 +48,8 @@ def classify(exc: BaseException) -> FailureKind:
     category: Any = getattr(exc, "category", None)
     if category is not None and str(getattr(category, "value", category)).lower() == "user":
         return FailureKind.CHECKPOINT
+    if isinstance(exc, _PROGRAMMING_ERRORS):
+        return FailureKind.FATAL
     return FailureKind.TRANSIENT
 
 

@@ -14,7 +14,10 @@ from datetime import UTC, datetime
 from ._models import Checkpoint, TinkerPath
 from ._policy import RecoveryPolicy
 
-__all__ = ["dedupe", "metric_of", "rank"]
+__all__ = ["StepOf", "dedupe", "metric_of", "rank"]
+
+#: Where a checkpoint resumes a loop: its step (optimizer steps it holds), or None when it records none.
+StepOf = Callable[[Checkpoint], int | None]
 
 logger = logging.getLogger("tinkex_recovery")
 
@@ -77,9 +80,11 @@ def walk(
     rejected: set[str],
     now: datetime,
     skip: Callable[[Checkpoint, str], None],
+    step_of: StepOf | None = None,
 ) -> Iterator[Checkpoint]:
     """Yield the restorable candidates in order; call ``skip(checkpoint, reason)`` for each one passed over
-    because it cannot work, and remember it in ``rejected`` so it is never offered again."""
+    because it cannot work, and remember it in ``rejected`` so it is never offered again. With ``step_of``
+    (a caller that must know where to resume), a checkpoint that records no step cannot work either."""
     for c in candidates:
         if c.tinker_path in rejected:
             continue
@@ -88,6 +93,8 @@ def walk(
             reason = f"not a training checkpoint ({c.checkpoint_type})"
         elif c.expired(now):
             reason = f"expired at {c.expires_at}"
+        elif step_of is not None and step_of(c) is None:
+            reason = "it records no step, so a loop restored from it could not know where to resume"
         if reason is not None:
             rejected.add(c.tinker_path)
             skip(c, reason)

@@ -197,7 +197,7 @@ class ServedRequest:
 
 @dataclass(frozen=True, slots=True)
 class _Fault:
-    kind: Literal["status", "malformed", "drop", "delay"]
+    kind: Literal["status", "malformed", "drop", "delay", "echo_key"]
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
@@ -268,6 +268,12 @@ class SimulatedServer:
     def delay_next(self, n: int = 1, seconds: float = 1.0) -> None:
         """The next ``n`` responses are sent ``seconds`` late (on top of :attr:`latency`)."""
         self._queue(n, _Fault("delay", delay=seconds))
+
+    def echo_key_next(self, n: int = 1, status_code: int = 503, *, header: bool = True) -> None:
+        """The next ``n`` requests answer ``status_code`` with the API key they carried echoed back, as a careless
+        server might: in the body (``{"detail": "... <key> ...", "api_key": "<key>"}``) and, if ``header``, in an
+        ``X-Echo-API-Key`` header. For tests that no log line, error or event repeats a key."""
+        self._queue(n, _Fault("echo_key", status=status_code, headers={"X-Echo-API-Key": ""} if header else {}))
 
     def clear_faults(self) -> None:
         """Forget every queued fault (``latency`` stays)."""
@@ -348,6 +354,10 @@ class SimulatedServer:
             return fault, Reply(200, fault.body)
         if fault is not None and fault.kind == "drop":
             return fault, Reply(0)
+        if fault is not None and fault.kind == "echo_key":
+            sent = headers.get("X-API-Key") or ""
+            echoed = {"detail": f"request with API key {sent} refused", "api_key": sent}
+            return fault, _json_reply(Reply(fault.status, echoed, {name: sent for name in fault.headers}))
         key = (headers.get("X-API-Key") or "").encode()
         if not hmac.compare_digest(key, self._api_key):
             return fault, _json_reply(Reply(401, {"detail": "Invalid API key"}))
