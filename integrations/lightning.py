@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, cast
 
 from tinkex_recovery import (
+    Checkpoint,
     Clock,
     Recovery,
     RecoveryEngine,
@@ -269,8 +270,7 @@ class TinkexRecovery(Callback):
         self._exhausted = None
         engine = RecoveryEngine(self.policy, status=self._status, poll_concurrency=1, clock=self._clock)
         try:
-            # TODO(step_of): pass step_of=self._step_of once RecoveryEngine.watch takes it (issue 12).
-            self._handle = engine.watch(run_id, service)
+            self._handle = engine.watch(run_id, service, step_of=self._step_of)
             self._engine = engine.start()
         except BaseException:
             engine.close()
@@ -378,7 +378,7 @@ class TinkexRecovery(Callback):
 
     def _swap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recovery: Recovery) -> None:
         reached = self._reached
-        resume = recovery.checkpoint.step  # TODO(step_of): recovery.step once Recovery carries it (issue 12)
+        resume = recovery.step
         record = LineageRecord(
             number=len(self._lineage) + 1,
             old_run_id=recovery.old_run_id,
@@ -540,10 +540,14 @@ class TinkexRecovery(Callback):
         while buffer and buffer[0].step < step:
             buffer.popleft()
 
-    def _step_of(self, checkpoint: Any) -> int | None:
-        """The engine's choice of checkpoints: only those with a step the buffer can replay from."""
-        step: int | None = checkpoint.step
-        if step is None or (self.replay and step < self._floor):
+    def _step_of(self, checkpoint: Checkpoint) -> int | None:
+        """The engine's choice of checkpoints (called on its threads): only those with a step, and with replay,
+        a step the buffer can replay from (no older than it reaches back, no further than the steps taken)."""
+        step = checkpoint.step
+        if step is None or not self.replay:
+            return step
+        counter = self._counter
+        if step < self._floor or (counter is not None and step > counter.completed):
             return None
         return step
 

@@ -454,16 +454,63 @@ def test_a_save_that_fails_for_another_reason_keeps_the_batches(
     assert sim.lineage(cb.run_id) == list(range(7)) and trainer.global_step == 7
 
 
-def test_a_checkpoint_whose_step_is_not_the_optimizer_steps_it_holds_ends_the_fit(
+def restored_names(sim: SimulatedTinker) -> list[str]:
+    return [path.rsplit("/", 1)[-1] for path, _, _ in sim.restore_calls]
+
+
+def test_a_checkpoint_without_a_step_is_never_restored(tmp_path: Path, sim: SimulatedTinker, clock: FakeClock) -> None:
+    def save_an_eval_snapshot(module: RemoteModule) -> None:  # newer than the checkpoint at step 4, no step
+        module.training_client.save_state("eval").result()
+
+    _, cb, trainer = fit_with(
+        tmp_path, sim, clock, n=8, stepped={4: save_an_eval_snapshot}, after={4: corrupt_and_poll}
+    )
+    # The engine skipped the snapshot before any restore call and restored the checkpoint at step 4; the
+    # callback replayed batch 4, and the fit went on, every batch once.
+    assert restored_names(sim) == ["step-0004"]
+    assert cb.lineage[0]["resume_step"] == 4
+    assert sim.lineage(cb.run_id or "") == list(range(8)) and trainer.global_step == 8
+
+
+def test_a_checkpoint_ahead_of_the_steps_taken_is_never_restored(
     tmp_path: Path, sim: SimulatedTinker, clock: FakeClock
 ) -> None:
     def save_the_next_step(module: RemoteModule) -> None:  # one more than the optimizer steps it holds
         module.training_client.save_state("next", user_metadata={"step": str(module.global_step + 1)}).result()
 
-    with pytest.raises(CannotReplay, match=r"step 3\), ahead of the 2 steps"):
+    with pytest.raises(RecoveryExhausted, match="no restorable checkpoint"):
         fit_with(
             tmp_path, sim, clock, n=4, save_every=None, stepped={1: save_the_next_step}, after={1: corrupt_and_poll}
         )
+    assert restored_names(sim) == [] and len(sim.run_ids) == 1
+
+
+def break_the_newest_and_lose(module: RemoteModule) -> None:
+    sim = module.service_client
+    sim.break_checkpoint(sim.list_checkpoints(module.training_client.model_id).checkpoints[0].tinker_path)
+    corrupt_and_poll(module)
+
+
+def test_a_checkpoint_older_than_the_buffer_is_never_restored(
+    tmp_path: Path, sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    # The server rejects the checkpoint at step 4; the one at step 2 holds fewer steps than the buffer reaches
+    # back to (batches 2 and 3 were dropped once the checkpoint at 4 was saved): it is skipped, and the recovery
+    # is exhausted without creating a run the callback could not replay on.
+    with pytest.raises(RecoveryExhausted, match="no restorable checkpoint"):
+        fit_with(tmp_path, sim, clock, n=8, after={4: break_the_newest_and_lose})
+    assert restored_names(sim) == ["step-0004"] and len(sim.run_ids) == 1
+
+
+def test_a_checkpoint_restored_past_the_buffer_ends_the_fit_with_cannot_replay(
+    tmp_path: Path, sim: SimulatedTinker, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Staged: the engine chooses as if the buffer still reached back to step 2 (as when a checkpoint's save
+    # completes while a recovery chooses). The callback refuses to train on rather than train batches twice.
+    monkeypatch.setattr(TinkexRecovery, "_step_of", lambda self, checkpoint: checkpoint.step)
+    with pytest.raises(CannotReplay, match=r"step 2\), older than the replay buffer reaches \(step 4\)"):
+        fit_with(tmp_path, sim, clock, n=8, after={4: break_the_newest_and_lose})
+    assert restored_names(sim) == ["step-0004", "step-0002"]
 
 
 def test_ddp_is_refused_at_fit_start(
