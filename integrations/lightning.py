@@ -22,7 +22,8 @@ for the length of the fit):
   kept, never copies, and nothing is kept after the fit.
 
 The ``step`` of a checkpoint is the number of optimizer steps it holds (``self.global_step`` right after
-``optimizers().step()``). A checkpoint without one, or older than the buffer reaches, is never restored.
+``optimizers().step()``). A checkpoint without one, older than the buffer reaches, or with a step beyond the
+steps taken, is never restored: the engine skips it (``step_of``) before any restore call.
 
 DDP is refused at fit start: Tinker gives a run one training client, and the SDK (0.38) cannot attach a second
 process to an existing run, so ranks cannot share one run, nor move together to one recovered run.
@@ -84,7 +85,8 @@ _DDP_REFUSED = (
 
 class CannotReplay(TinkexRecoveryError):
     """The restored checkpoint is one the callback cannot replay from: it records no step, or it lies outside
-    the batches the replay buffer holds. Training on would train some batch twice or never."""
+    the batches the replay buffer holds. Training on would train some batch twice or never. The engine skips
+    such checkpoints when it chooses; this is the backstop for one chosen while the buffer moved."""
 
 
 class LineageRecord(TypedDict):
