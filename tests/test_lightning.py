@@ -295,14 +295,16 @@ def test_every_batch_is_trained_once_and_counted_once_wherever_the_run_is_lost(
 
 
 PLACES = ("before", "mid", "stepped", "after")
+AGAIN = "again"  # at the start of the batch's second run: in a replay, or in the rerun of a failed batch
 
 
 @st.composite
 def loss_schedules(draw: st.DrawFn) -> tuple[int, list[tuple[int, str]]]:
     """A save interval and up to 3 losses (batch index, place), none before the first checkpoint nor after the
-    last batch (a run lost once the fit is over is left for the next fit)."""
+    last batch (a run lost once the fit is over is left for the next fit). A loss "again" happens only if the
+    batch runs a second time."""
     save_every = draw(st.sampled_from([1, 2, 3, 5]))
-    places = st.tuples(st.integers(save_every, EXACT_N - 2), st.sampled_from(PLACES))
+    places = st.tuples(st.integers(save_every, EXACT_N - 2), st.sampled_from((*PLACES, AGAIN)))
     return save_every, draw(st.lists(places, max_size=3, unique=True))
 
 
@@ -330,10 +332,24 @@ def test_exactly_once_for_any_schedule_of_losses(
         assert module.cb is not None and module.cb.handle is not None
         module.cb.handle.check_now()
 
+    again = {batch_idx for batch_idx, place in losses if place == AGAIN}
+    runs: dict[int, int] = {}
+
+    class Rerun(RemoteModule):
+        def training_step(self, batch: list[int], batch_idx: int) -> dict[str, torch.Tensor]:
+            runs[batch_idx] = runs.get(batch_idx, 0) + 1
+            if runs[batch_idx] == 2 and batch_idx in again:
+                again.discard(batch_idx)
+                lose(self)
+            return super().training_step(batch, batch_idx)
+
     actions: dict[str, dict[int, Action]] = {place: {} for place in PLACES}
     for batch_idx, place in losses:
-        actions[place][batch_idx] = lose_and_poll if place == "after" else lose
-    _, cb, trainer = fit_with(tmp_path_factory.mktemp("fit"), sim, clock, n=EXACT_N, save_every=save_every, **actions)
+        if place != AGAIN:
+            actions[place][batch_idx] = lose_and_poll if place == "after" else lose
+    _, cb, trainer = fit_with(
+        tmp_path_factory.mktemp("fit"), sim, clock, n=EXACT_N, save_every=save_every, module_cls=Rerun, **actions
+    )
     assert sim.lineage(cb.run_id or "") == list(range(EXACT_N))
     assert trainer.global_step == EXACT_N
     assert len(sim.run_ids) == 1 + len(lost) == 1 + len(cb.lineage)
