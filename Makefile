@@ -21,7 +21,7 @@ $(VENV)/.core-installed: pyproject.toml $(VENV)/.created
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.created
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev,lightning,tinker]"
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev,lightning,tinker,otel]"
 	touch $@ $(VENV)/.core-installed
 
 demo: venv

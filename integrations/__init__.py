@@ -1,7 +1,8 @@
 """Framework wrappers over the core engine, shipped as ``tinkex_recovery.integrations``.
 
 ``recovery_guard`` is for plain training loops; ``lightning.TinkexRecovery`` is a Lightning callback
-(needs the ``lightning`` extra, imported only when used).
+(needs the ``lightning`` extra, imported only when used); ``opentelemetry.RecoveryInstrumentor`` records
+OpenTelemetry metrics from every engine of the process (needs the ``otel`` extra, imported only when used).
 """
 
 from ._guard import GuardRecovery, RecoveryGuard, recovery_guard

@@ -41,6 +41,7 @@ from tinkex_recovery import (
 from tinkex_recovery._integration import (
     SERVICE_METHODS,
     STATUS_METHODS,
+    report_steps_lost,
     require_methods,
     resolve,
     rest_client_of,
@@ -268,6 +269,7 @@ class RecoveryGuard:
             cause=cause,
         )
         self._recoveries.append(record)
+        report_steps_lost(record.steps_lost, "guard")
         logger.warning(
             "recovery_guard: run %s recovered as %s from %s in %.3fs; resuming at step %d (%d step(s) trained again)",
             record.old_run_id,

@@ -53,7 +53,7 @@ from tinkex_recovery import (
     SystemClock,
     TinkexRecoveryError,
 )
-from tinkex_recovery._integration import STEP_KEY, describe, resolve
+from tinkex_recovery._integration import STEP_KEY, describe, report_steps_lost, resolve
 
 try:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -411,6 +411,7 @@ class TinkexRecovery(Callback):
         metrics = {"tinker/recoveries": float(record["number"]), "tinker/seconds_to_recover": record["seconds"]}
         if record["steps_lost"] is not None:
             metrics["tinker/steps_lost"] = float(record["steps_lost"])
+            report_steps_lost(record["steps_lost"], "lightning")
         for lightning_logger in trainer.loggers:
             lightning_logger.log_metrics(metrics, step=reached)
         if self.replay:

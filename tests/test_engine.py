@@ -513,7 +513,7 @@ def test_no_callback_after_close(sim: SimulatedTinker, clock: FakeClock, events:
         handle.wait_for_recovery(0.1)
 
 
-@pytest.mark.parametrize("run_id", ["", " ", "a/b", "run 1", None, 42])
+@pytest.mark.parametrize("run_id", ["", " ", "a/b", "run 1", "run\n", "\trun", None, 42])
 def test_bad_run_ids_are_refused_where_passed(sim: SimulatedTinker, make_engine: Any, run_id: Any) -> None:
     with pytest.raises(ValueError, match="invalid run id"):
         make_engine().watch(run_id, sim)

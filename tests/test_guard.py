@@ -109,7 +109,7 @@ def test_a_corrupting_failure_rewinds_to_the_checkpoint_step_and_swaps_the_clien
 
 def test_the_step_after_a_corrupting_failure_runs_without_waiting_for_the_poll_interval() -> None:
     """Must show 2. The real clock and an hour-long interval: only the error can have triggered the poll."""
-    policy = POLICY.model_copy(update={"poll_interval": 3600.0})
+    policy = POLICY.replace(poll_interval=3600.0)
     sim_real = SimulatedTinker()
     started = time.monotonic()
     guard, ran = guarded_loop(sim_real, SystemClock(), policy=policy, hook=corrupt_at(sim_real, (33, "before")))
@@ -125,7 +125,7 @@ def test_a_recovery_found_by_the_background_poller_between_steps_rewinds_the_ite
     sim: SimulatedTinker, clock: FakeClock, mocker: Any
 ) -> None:
     recovered = threading.Event()
-    policy = POLICY.model_copy(update={"poll_interval": 30.0, "on_recovery": lambda r: recovered.set()})
+    policy = POLICY.replace(poll_interval=30.0, on_recovery=lambda r: recovered.set())
 
     def hook(guard: RecoveryGuard, step: Step, phase: str) -> None:
         if (step.index, phase) == (14, "after") and not recovered.is_set():
@@ -527,7 +527,7 @@ def test_save_state_rejects_what_cannot_be_resumed_from(
 
 
 def test_best_strategy_ranks_by_the_metrics_save_state_stored(sim: SimulatedTinker, clock: FakeClock) -> None:
-    policy = POLICY.model_copy(update={"checkpoint_strategy": "best", "best_metric": "loss", "best_mode": "min"})
+    policy = POLICY.replace(checkpoint_strategy="best", best_metric="loss", best_mode="min")
     losses = {10: 0.5, 20: 0.1, 30: 0.3}
     client = sim.create_lora_training_client(base_model="m")
     ran: list[int] = []

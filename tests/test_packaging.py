@@ -18,10 +18,12 @@ def run_python(python: str | Path, code: str, cwd: Path) -> str:
     return out.stdout
 
 
-def test_import_pulls_in_neither_torch_lightning_nor_tinker(tmp_path: Path) -> None:
+def test_import_pulls_in_neither_torch_lightning_tinker_nor_opentelemetry(tmp_path: Path) -> None:
+    heavy = ("torch", "lightning", "tinker", "pytorch_lightning", "opentelemetry")
     code = (
         "import sys, tinkex_recovery, tinkex_recovery.simulated, tinkex_recovery.integrations;"
-        "print(sorted(m for m in ('torch', 'lightning', 'tinker', 'pytorch_lightning') if m in sys.modules))"
+        "import tinkex_recovery.__main__;"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     assert run_python(sys.executable, code, tmp_path).strip() == "[]"
 

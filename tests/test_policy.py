@@ -76,3 +76,22 @@ def test_callbacks_are_accepted_and_kept() -> None:
     seen: list[object] = []
     p = RecoveryPolicy(enabled=True, on_recovery=seen.append, on_failure=seen.append)
     assert p.on_recovery is not None and p.on_failure is not None
+
+
+def test_replace_derives_a_validated_policy_and_keeps_the_rest() -> None:
+    calls: list[object] = []
+    base = RecoveryPolicy(enabled=True, backoff=2.0, on_recovery=calls.append)
+    derived = base.replace(max_attempts=7, mode="observe")
+    assert (derived.max_attempts, derived.mode, derived.backoff, derived.on_recovery) == (
+        7,
+        "observe",
+        2.0,
+        calls.append,
+    )
+    assert base.max_attempts == 3  # frozen: the original is unchanged
+    with pytest.raises(ValidationError, match="max_attempts"):
+        base.replace(max_attempts=0)
+    with pytest.raises(ValidationError, match="max_backoff"):
+        base.replace(max_backoff=1.0)  # checked against the kept backoff
+    with pytest.raises(ValidationError, match="no_such_field"):
+        base.replace(no_such_field=1)

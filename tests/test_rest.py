@@ -632,3 +632,17 @@ def test_a_key_echoed_to_a_restore_through_the_sdk_is_in_no_event_error_or_log_l
     assert not leaks(KEY, event_texts)
     assert not leaks(KEY, exception_texts(info.value))  # its causes' tracebacks included
     assert not leaks(KEY, log_lines(caplog.records))  # the SDK's loggers and httpcore's included
+
+
+def test_the_training_runs_listing_is_retried_bounded_and_validated_as_the_other_calls(
+    make_rest: MakeRest, server: SimulatedServer, fake_time: FakeTime, run_id: str
+) -> None:
+    rest = make_rest()
+    server.fail_next(2, 503)
+    page = rest.list_training_runs(limit=1)
+    assert [r.training_run_id for r in page.training_runs] == [run_id] and fake_time.waits == [0.5, 1.0]
+    assert page.cursor is not None and (page.cursor.limit, page.cursor.total_count) == (1, 1)
+    server.malform_next(1, body=b'{"training_runs": 3}')
+    with pytest.raises(MalformedResponse, match="first at training_runs") as info:
+        rest.list_training_runs()
+    assert info.value.run_id is None and KEY not in str(info.value)

@@ -32,7 +32,7 @@ from ._exceptions import (
     TinkerStatusError,
     TinkexRecoveryError,
 )
-from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun
+from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
 from ._policy import RecoveryPolicy
 from ._recovery import LINEAGE_KEYS, Recovery
 
@@ -81,6 +81,7 @@ __all__ = [
     "TinkexRecovery",
     "TinkexRecoveryError",
     "TrainingRun",
+    "TrainingRunList",
     "recovery_guard",
 ]
 

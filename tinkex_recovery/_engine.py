@@ -25,6 +25,7 @@ from ._exceptions import EngineClosed, EngineNotStarted, RecoveryDisabled, Recov
 from ._executor import Executor
 from ._futures import resolve
 from ._models import Checkpoint, TrainingRun, validate_run_id
+from ._observers import report_poll, track_engine
 from ._policy import RecoveryPolicy
 from ._recovery import Recovery, RecoveryJob
 from ._retry import describe
@@ -229,6 +230,7 @@ class RecoveryEngine:
         self._threads: list[threading.Thread] = []
         self._poll_queue: queue.SimpleQueue[tuple[_Lineage, threading.Semaphore] | None] = queue.SimpleQueue()
         self._poll_concurrency = poll_concurrency
+        track_engine(self)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     @property
@@ -417,8 +419,10 @@ class RecoveryEngine:
                 resolve(lineage.status.get_training_run(run_id), timeout=min(self.policy.poll_interval, 60.0))
             )
         except Exception as exc:
+            report_poll(False)
             self._poll_failed(lineage, run_id, exc)
             return
+        report_poll(True)
         with self._cond:
             if lineage.failed_polls >= self.policy.degraded_after:
                 logger.info("run %s: polls answer again after %d failures", run_id, lineage.failed_polls)
@@ -495,7 +499,7 @@ class RecoveryEngine:
             lineage.recoveries = (*lineage.recoveries, recovery)
             lineage.rejected = job.rejected
             # The new run has no checkpoint of its own yet; if it is lost too, these are what it can use.
-            lineage.inherited = [restored, *(c for c in older if c.tinker_path not in job.rejected)]
+            lineage.inherited = [restored, *older]  # those in lineage.rejected are passed over at selection
             lineage.failed_polls = 0
             if lineage.state is RunState.RECOVERING:
                 lineage.state = RunState.WATCHING

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ._observers import report_event
+
 __all__ = ["EventKind", "RecoveryEvent"]
 
 logger = logging.getLogger("tinkex_recovery")
@@ -179,6 +181,7 @@ class EventBus:
     def _run(self, item: object) -> None:
         if isinstance(item, RecoveryEvent):
             logger.log(_LEVELS.get(item.kind, logging.INFO), "%s", item.message)
+            report_event(item)
             with self._lock:
                 subscribers = self._subscribers
             for fn in subscribers:

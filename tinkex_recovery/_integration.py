@@ -9,15 +9,20 @@ from __future__ import annotations
 from ._engine import SERVICE_METHODS, STATUS_METHODS, require_methods, rest_client_of
 from ._futures import resolve
 from ._models import STEP_KEY, validate_run_id
+from ._observers import RecoveryObserver, add_observer, report_steps_lost, watched_run_count
 from ._retry import describe
 
 __all__ = [
     "SERVICE_METHODS",
     "STATUS_METHODS",
     "STEP_KEY",
+    "RecoveryObserver",
+    "add_observer",
     "describe",
+    "report_steps_lost",
     "require_methods",
     "resolve",
     "rest_client_of",
     "validate_run_id",
+    "watched_run_count",
 ]

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ._exceptions import InvalidTinkerPath
 
-__all__ = ["Checkpoint", "CheckpointList", "Cursor", "TinkerPath", "TrainingRun", "validate_run_id"]
+__all__ = ["Checkpoint", "CheckpointList", "Cursor", "TinkerPath", "TrainingRun", "TrainingRunList", "validate_run_id"]
 
 _SCHEME = "tinker://"
 _RUN_ID = re.compile(r"[^\s/]+")
@@ -176,3 +176,10 @@ class CheckpointList(_Wire):
         if isinstance(value, list | tuple):
             return cls(checkpoints=[Checkpoint.coerce(c) for c in value])
         return super().coerce(value)
+
+
+class TrainingRunList(_Wire):
+    """``GET /api/v1/training_runs``: one page of the account's runs, ``{"training_runs": [...], "cursor": ...}``."""
+
+    training_runs: list[TrainingRun]
+    cursor: Cursor | None = None

@@ -38,7 +38,7 @@ from ._exceptions import (
     TinkerConnectionError,
     TinkerStatusError,
 )
-from ._models import Checkpoint, CheckpointList, TrainingRun, validate_run_id
+from ._models import Checkpoint, CheckpointList, TrainingRun, TrainingRunList, validate_run_id
 from ._redact import mask, redact, register_secret
 from ._retry import backoff_delay
 
@@ -53,7 +53,7 @@ _MAX_PAGES = 1000
 _DETAIL_CHARS = 200
 # Characters left as they are in a path segment: Tinker's run ids contain ':' and the SDK sends it raw.
 _SEGMENT_SAFE = ":@!$&'()*+,;="
-_Model = TypeVar("_Model", TrainingRun, CheckpointList)
+_Model = TypeVar("_Model", TrainingRun, CheckpointList, TrainingRunList)
 _STATUS_ERRORS: dict[int, type[TinkerStatusError]] = {
     401: AuthenticationError,
     403: PermissionDenied,
@@ -219,6 +219,18 @@ class TinkerRest:
             params = {"offset": offset, "limit": cursor.limit}
         raise MalformedResponse(f"{what}: more than {_MAX_PAGES} pages", run_id=run_id)
 
+    def list_training_runs(self, limit: int = 20, offset: int = 0) -> TrainingRunList:
+        """``GET /api/v1/training_runs?limit=..&offset=..&access_scope=owned``: one page of the account's runs,
+        as the SDK's ``RestClient.list_training_runs`` asks for it; the cursor says whether more exist."""
+        for name, value, least in (("limit", limit, 1), ("offset", offset, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        what = f"GET training runs (offset {offset}, limit {limit})"
+        deadline = self._monotonic() + self._timeout
+        params = {"limit": limit, "offset": offset, "access_scope": "owned"}
+        data = self._get_json("/api/v1/training_runs", params, what=what, run_id=None, deadline=deadline)
+        return self._parse(TrainingRunList, data, what=what, run_id=None)
+
     # -- lifecycle -------------------------------------------------------------------------------------
     @property
     def base_url(self) -> httpx.URL:
@@ -250,7 +262,9 @@ class TinkerRest:
         # times, the larger part of a poll's CPU time (the path's run id is already quoted by _segment).
         return httpx.URL(f"{self._prefix}{path}?{urlencode(params)}" if params else f"{self._prefix}{path}")
 
-    def _get_json(self, path: str, params: dict[str, Any] | None, *, what: str, run_id: str, deadline: float) -> Any:
+    def _get_json(
+        self, path: str, params: dict[str, Any] | None, *, what: str, run_id: str | None, deadline: float
+    ) -> Any:
         attempt = 0
         while True:
             if self._closed.is_set():
@@ -280,7 +294,9 @@ class TinkerRest:
             )
             self._sleep(delay)
 
-    def _attempt(self, path: str, params: dict[str, Any] | None, *, what: str, run_id: str, deadline: float) -> Any:
+    def _attempt(
+        self, path: str, params: dict[str, Any] | None, *, what: str, run_id: str | None, deadline: float
+    ) -> Any:
         """One request: the decoded JSON of a 2xx, or a :class:`_Failure` saying what went wrong."""
         remaining = deadline - self._monotonic()
         if remaining <= 0:
@@ -322,7 +338,7 @@ class TinkerRest:
             retry_after=self._retry_after(response),
         )
 
-    def _read(self, response: httpx.Response, deadline: float, *, what: str, run_id: str) -> bytes:
+    def _read(self, response: httpx.Response, deadline: float, *, what: str, run_id: str | None) -> bytes:
         chunks: list[bytes] = []
         size = 0
         for chunk in response.iter_bytes():
@@ -369,7 +385,7 @@ class TinkerRest:
         return text[:_DETAIL_CHARS] or None
 
     def _error(
-        self, failure: _Failure, *, what: str, run_id: str, attempts: int, note: str | None = None
+        self, failure: _Failure, *, what: str, run_id: str | None, attempts: int, note: str | None = None
     ) -> TinkerAPIError:
         tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
         extra = f"; {note}" if note else ""
@@ -391,7 +407,7 @@ class TinkerRest:
         return error
 
     @staticmethod
-    def _parse(model: type[_Model], data: Any, *, what: str, run_id: str) -> _Model:
+    def _parse(model: type[_Model], data: Any, *, what: str, run_id: str | None) -> _Model:
         if not isinstance(data, dict):
             raise MalformedResponse(f"{what}: expected a JSON object, got {type(data).__name__}", run_id=run_id)
         try:

@@ -7,9 +7,11 @@ The table in ``docs/fault-matrix.md`` is generated from ``MATRIX`` below; a test
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,16 +127,44 @@ def restore_raises(h: Harness) -> None:
     assert h.engine_handle.wait_for_recovery(WAIT).attempts == 2  # type: ignore[attr-defined]
 
 
-def restore_hangs_past_attempt_timeout(h: Harness) -> None:
-    h.sim.hang_restores(1)
+def hang_past_attempt_timeout(h: Harness, **hang: Any) -> str:
+    """The first restore call hangs past attempt_timeout, the retry succeeds; then the hung call is let go.
+    Returns the adopted run."""
+    h.sim.hang_restores(1, **hang)
     h.sim.corrupt(h.run_id)
     h.engine.poll_once()
     h.events.wait_for(EventKind.CHECKPOINT_SELECTED)
     h.clock.advance(20.0)
     assert "attempt_timeout" in str(h.events.wait_for(EventKind.FAILED)[0].error)
     h.clock.advance(5.0)
-    assert h.engine_handle.wait_for_recovery(WAIT).attempts == 2  # type: ignore[attr-defined]
-    h.sim.release()
+    recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    assert recovery.attempts == 2
+    h.sim.release()  # the abandoned call answers now
+    return str(recovery.new_run_id)
+
+
+def created_runs(h: Harness) -> list[str]:
+    for t in threading.enumerate():  # the released call's thread has returned: the server's books are final
+        if t.name.startswith("tinkex-recovery-attempt"):
+            t.join(WAIT)
+    return [r for r in h.sim.run_ids if r != h.run_id]
+
+
+def restore_hangs_past_attempt_timeout(h: Harness) -> None:
+    adopted = hang_past_attempt_timeout(h)  # the hung call ends in a 504
+    assert created_runs(h) == [adopted] and not h.events.of(EventKind.CLIENT_DISCARDED)
+
+
+def restore_hangs_then_succeeds_late(h: Harness) -> None:
+    adopted = hang_past_attempt_timeout(h, then="succeed")
+    (discarded,) = h.events.wait_for(EventKind.CLIENT_DISCARDED)
+    assert sorted(created_runs(h)) == sorted([adopted, str(discarded.new_run_id)]) and discarded.new_run_id != adopted
+    assert h.engine_handle.run_id == adopted  # type: ignore[attr-defined]
+
+
+def restore_future_pending_past_attempt_timeout(h: Harness) -> None:
+    adopted = hang_past_attempt_timeout(h, then="succeed", future=True)
+    assert created_runs(h) == [adopted]  # the abandoned future was cancelled: its run was never created
 
 
 def restored_client_fails_its_first_call(h: Harness) -> None:
@@ -190,9 +220,19 @@ MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ),
     ("restore raises (503)", "failed, retried after backoff on the same checkpoint, completed", restore_raises),
     (
-        "restore hangs past attempt_timeout",
-        "failed (timed out), retried, completed",
+        "restore hangs past attempt_timeout, then fails (504)",
+        "failed (timed out), retried, completed; one new run",
         restore_hangs_past_attempt_timeout,
+    ),
+    (
+        "restore hangs past attempt_timeout, then succeeds late",
+        "the retry's run is adopted; the late one is closed and named in client_discarded, never used",
+        restore_hangs_then_succeeds_late,
+    ),
+    (
+        "restore future still pending at attempt_timeout",
+        "the future is cancelled (no run created); retried, completed; one new run",
+        restore_future_pending_past_attempt_timeout,
     ),
     (
         "restored run fails its first call (corrupted again)",

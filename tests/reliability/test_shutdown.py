@@ -1,4 +1,8 @@
-"""Shutdown during an in-flight recovery: every thread gone within a second, nothing fires afterwards."""
+"""Shutdown during an in-flight recovery: every thread gone within a second, nothing fires afterwards.
+
+The restore in flight is a future that has not completed when the threads are counted (it completes only after,
+or never): a test that released it first could not see a thread left waiting on it.
+"""
 
 from __future__ import annotations
 
@@ -30,24 +34,17 @@ def test_close_during_a_recovery_stops_every_thread_within_a_second(
     engine.subscribe(events)
     engine.start()
     engine.watch(client.model_id, sim)
-    gate = threading.Event()
     if stage == "restore":
-        real = sim.create_training_client_from_state_with_optimizer
-
-        def slow_restore(path: str, **kw: object) -> object:
-            gate.wait(5)  # an in-flight restore call, released only after close() has returned
-            return real(path, **kw)  # type: ignore[arg-type]
-
-        sim.create_training_client_from_state_with_optimizer = slow_restore  # type: ignore[method-assign]
+        sim.hang_restores(1, then="succeed", future=True)  # in flight, pending until release()
     sim.corrupt(client.model_id)
     engine.poll_once()
     events.wait_for(EventKind.FAILED if stage == "backoff" else EventKind.CHECKPOINT_SELECTED)
     started = time.monotonic()
     engine.close(timeout=1.0)
     seen = len(events.events)
-    gate.set()
-    alive = [t for t in engine_threads() if (t.join(1.0), t.is_alive())[1]]
+    alive = [t.name for t in engine_threads() if (t.join(1.0), t.is_alive())[1]]  # the restore still pending
     assert not alive and time.monotonic() - started < 2.5
+    sim.release()  # the restore completes after close: nothing may act on it
     assert len(events.events) == seen and callbacks == []
 
 
@@ -57,19 +54,16 @@ def test_an_exception_in_training_step_during_a_recovery_stops_every_thread(
 ) -> None:
     from ..test_lightning import RemoteModule, TinkexRecovery, loader, make_trainer
 
-    entered, gate = threading.Event(), threading.Event()
-    real = sim.create_training_client_from_state_with_optimizer
-
-    def slow_restore(path: str, **kw: object) -> object:
-        entered.set()
-        gate.wait(5)  # the restore is in flight when the step fails, and returns only after fit has ended
-        return real(path, **kw)  # type: ignore[arg-type]
-
     def lose_run_then_fail(module: RemoteModule) -> None:
-        sim.create_training_client_from_state_with_optimizer = slow_restore  # type: ignore[method-assign]
+        # The restore is in flight when the step fails, and completes only after fit has ended.
+        sim.hang_restores(1, then="succeed", future=True)
         sim.corrupt(module.training_client.model_id)
         assert module.cb is not None and module.cb.handle is not None and module.cb.handle.check_now()
-        assert entered.wait(5)
+        for _ in range(500):
+            if sim.restore_calls:
+                break
+            threading.Event().wait(0.01)
+        assert sim.restore_calls
         raise RuntimeError("a bug in the step, while a recovery is in flight")
 
     module = RemoteModule(sim, mid={2: lose_run_then_fail})  # after the checkpoint at step 2
@@ -79,7 +73,7 @@ def test_an_exception_in_training_step_during_a_recovery_stops_every_thread(
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="a bug in the step"):
         trainer.fit(module, loader(4))
-    gate.set()
-    alive = [t for t in engine_threads() if (t.join(1.0), t.is_alive())[1]]
+    alive = [t.name for t in engine_threads() if (t.join(1.0), t.is_alive())[1]]  # the restore still pending
     assert not alive and time.monotonic() - started < 5
+    sim.release()
     assert cb.lineage == ()  # the recovery finished after close: nothing was swapped in or recorded

@@ -166,15 +166,31 @@ def test_1000_runs_200_corrupted_each_recovered_exactly_once() -> None:
     assert kinds[EventKind.EXHAUSTED] == 0 and kinds[EventKind.POLL_ERROR] == 0
 
 
+def settle(engine: RecoveryEngine, clock: FakeClock) -> None:
+    """Let the recoveries started so far finish, taking their retries' backoff on the clock."""
+    executor = engine._executor
+    for _ in range(int(WAIT / 0.005)):
+        with executor._cond:
+            running, ready, delayed = len(executor._running), len(executor._ready), len(executor._delayed)
+        if not running and not ready and not delayed:
+            return
+        if delayed and not running and not ready:
+            clock.advance(1.0)  # only retries waiting out their backoff remain: let them run
+        threading.Event().wait(0.005)
+    raise AssertionError("the executor did not settle")
+
+
 def test_soak_random_faults_memory_threads_and_queues_stay_flat() -> None:
     rng = random.Random(1234)
     clock = FakeClock()
     sim = SimulatedTinker(clock=clock)
     runs = seeded_runs(sim, 40)
     events = EventLog()
-    policy = RecoveryPolicy(enabled=True, backoff=0.0, max_backoff=0.0, max_attempts=5)
+    policy = RecoveryPolicy(enabled=True, backoff=1.0, max_backoff=1.0, jitter=0.0, max_attempts=5)
     with RecoveryEngine(policy, max_concurrent=2, poll_concurrency=4, clock=clock) as engine:
         engine.subscribe(events)
+        executor = engine._executor
+
         handles = [engine.watch(r, sim) for r in runs]
         corrupted: set[str] = set()
         samples: list[tuple[int, int]] = []
@@ -190,8 +206,9 @@ def test_soak_random_faults_memory_threads_and_queues_stay_flat() -> None:
                     if rng.random() < 0.5:
                         sim.fail_restores(1, from_run=handle.run_id)
                 engine.poll_once()
-                # Let the recoveries started by this cycle finish before the next, so counts are comparable.
-                events.wait_until(lambda: engine._executor.running == 0 and not engine._executor._ready)
+                settle(
+                    engine, clock
+                )  # the recoveries started by this cycle finish before the next, so counts are comparable
                 if cycle % 50 == 49:
                     gc.collect()
                     samples.append((tracemalloc.get_traced_memory()[0], threading.active_count()))
@@ -199,10 +216,11 @@ def test_soak_random_faults_memory_threads_and_queues_stay_flat() -> None:
             tracemalloc.stop()
         # A corruption whose polls all failed in the last cycle is found by one more.
         engine.poll_once()
-        events.wait_until(lambda: engine._executor.running == 0 and not engine._executor._ready)
+        settle(engine, clock)
         assert not corrupted & {handle.run_id for handle in handles}
         assert len(engine.watched_runs) == 40  # one current run per lineage, however many recoveries
-        assert not engine._executor._delayed and not engine._executor._ready
+        assert not executor._delayed and not executor._ready
+        assert 1.0 in clock.waits  # retries did wait out a backoff: the queue checks above were exercised
     first_mem, first_threads = samples[0]
     for mem, threads in samples[1:]:
         assert threads == first_threads

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import BaseModel
 
-from .._models import CheckpointList, Cursor
+from .._models import CheckpointList, Cursor, TrainingRunList
 from .._redact import register_secret
 from ._tinker import SimulatedAPIError, SimulatedTinker
 
@@ -165,6 +165,23 @@ def _get_training_run(call: Call) -> Any:
     if scope not in ("owned", "accessible"):
         raise HTTPError(422, f"access_scope must be 'owned' or 'accessible', not {scope!r}")
     return call.sim.get_training_run(call.params["run_id"])
+
+
+@ROUTES.route("GET", "/api/v1/training_runs")
+def _list_training_runs(call: Call) -> Any:
+    """The SDK's ``RestClient.list_training_runs``: ``limit`` (default 20), ``offset``, ``access_scope``; every
+    run the key owns (the simulation has one owner), the most recently created first."""
+    scope = call.query.get("access_scope", "owned")
+    if scope not in ("owned", "accessible"):
+        raise HTTPError(422, f"access_scope must be 'owned' or 'accessible', not {scope!r}")
+    runs = call.sim.list_training_runs()
+    offset = call.query_int("offset", 0)
+    limit = call.query_int("limit", 20, minimum=1)
+    if call.server.page_size is not None:
+        limit = min(limit, call.server.page_size)
+    return TrainingRunList(
+        training_runs=runs[offset : offset + limit], cursor=Cursor(offset=offset, limit=limit, total_count=len(runs))
+    )
 
 
 @ROUTES.route("GET", "/api/v1/training_runs/{run_id}/checkpoints")

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from .._clock import Clock, SystemClock
 from .._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
@@ -102,6 +102,20 @@ class _Run:
     steps: int = 0
     fail_next_calls: int = 0
 
+    def model(self) -> TrainingRun:
+        last = max(self.checkpoints, key=lambda c: c.time, default=None)
+        return TrainingRun(
+            training_run_id=self.run_id,
+            base_model=self.base_model,
+            model_owner="simulated",
+            is_lora=True,
+            corrupted=self.corrupted,
+            lora_rank=self.lora_rank,
+            last_request_time=self.last_request or self.created,
+            last_checkpoint=last.model() if last else None,
+            user_metadata=dict(self.user_metadata) if self.user_metadata is not None else None,
+        )
+
 
 def _done(value: Any) -> Future[Any]:
     fut: Future[Any] = Future()
@@ -141,7 +155,8 @@ class SimulatedTinker:
         self._last_time: datetime | None = None
         self._restore_failures: list[tuple[str | None, int]] = []  # (only restores from this run, status)
         self._poll_failures: list[int] = []
-        self._hangs = 0
+        self._hangs: list[tuple[bool, bool]] = []  # (then succeed, as a pending future), one per hung restore
+        self._pending: list[tuple[Future[SimulatedTrainingClient], Any]] = []  # hung futures: (future, finish)
         self._released = threading.Event()
         self.restore_calls: list[tuple[str, bool, dict[str, str] | None]] = []
         self.poll_count = 0
@@ -211,19 +226,12 @@ class SimulatedTinker:
             if self._poll_failures:
                 code = self._poll_failures.pop(0)
                 raise SimulatedAPIError(code, "simulated poll failure")
-            run = self._run(run_id)
-            last = max(run.checkpoints, key=lambda c: c.time, default=None)
-            return TrainingRun(
-                training_run_id=run.run_id,
-                base_model=run.base_model,
-                model_owner="simulated",
-                is_lora=True,
-                corrupted=run.corrupted,
-                lora_rank=run.lora_rank,
-                last_request_time=run.last_request or run.created,
-                last_checkpoint=last.model() if last else None,
-                user_metadata=dict(run.user_metadata) if run.user_metadata is not None else None,
-            )
+            return self._run(run_id).model()
+
+    def list_training_runs(self) -> list[TrainingRun]:
+        """Every run not deleted, the most recently created first (not a poll: ``poll_count`` stays)."""
+        with self._lock:
+            return [run.model() for run in reversed(self._runs.values()) if not run.deleted]
 
     def list_checkpoints(self, run_id: str) -> CheckpointList:
         with self._lock:
@@ -264,15 +272,27 @@ class SimulatedTinker:
         with self._lock:
             self._run(run_id).fail_next_calls += n
 
-    def hang_restores(self, n: int = 1) -> None:
-        """The next ``n`` restore calls block until :meth:`release` (or :meth:`close`), then fail with 504."""
+    def hang_restores(self, n: int = 1, *, then: Literal["fail", "succeed"] = "fail", future: bool = False) -> None:
+        """The next ``n`` restore calls hang until :meth:`release` (or :meth:`close`), then fail with 504 or,
+        with ``then="succeed"``, create their new run after all (a late success). The call itself blocks, or,
+        with ``future=True``, returns at once a future that stays pending until then (never, without release)."""
+        if then not in ("fail", "succeed"):
+            raise ValueError(f"then must be 'fail' or 'succeed', got {then!r}")
         with self._lock:
-            self._hangs += n
+            self._hangs += [(then == "succeed", future)] * n
             self._released.clear()
 
     def release(self) -> None:
-        """Unblock every hung restore."""
-        self._released.set()
+        """Unblock every hung restore (pending futures complete now)."""
+        with self._lock:
+            self._released.set()
+            pending, self._pending = self._pending, []
+        for fut, finish in pending:
+            if fut.set_running_or_notify_cancel():  # a future the caller cancelled stays cancelled
+                try:
+                    fut.set_result(finish())
+                except Exception as exc:
+                    fut.set_exception(exc)
 
     close = release
 
@@ -323,12 +343,31 @@ class SimulatedTinker:
         metadata = _check_metadata(user_metadata)
         with self._lock:
             self.restore_calls.append((path, with_optimizer, metadata))
-            hang = self._hangs > 0
-            if hang:
-                self._hangs -= 1
-        if hang:
+            hang = self._hangs.pop(0) if self._hangs else None
+        if hang is not None:
+            succeed, as_future = hang
+
+            def finish() -> SimulatedTrainingClient:
+                if not succeed:
+                    raise SimulatedAPIError(504, "restore timed out at the gateway")
+                return self._restore_now(path, metadata, run_id).result()
+
+            if as_future:
+                fut: Future[SimulatedTrainingClient] = Future()
+                with self._lock:
+                    if not self._released.is_set():
+                        self._pending.append((fut, finish))
+                        return fut
             self._released.wait()
-            return _failed(SimulatedAPIError(504, "restore timed out at the gateway"))
+            try:
+                return _done(finish())
+            except SimulatedAPIError as exc:
+                return _failed(exc)
+        return self._restore_now(path, metadata, run_id)
+
+    def _restore_now(
+        self, path: str, metadata: dict[str, str] | None, run_id: str | None
+    ) -> Future[SimulatedTrainingClient]:
         with self._lock:
             source_run_id = path[len("tinker://") :].split("/", 1)[0]
             for i, (only, code) in enumerate(self._restore_failures):
