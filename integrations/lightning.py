@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, cast
 
 from tinkex_recovery import (
+    CannotReplay,
     Checkpoint,
     Clock,
     Recovery,
@@ -51,7 +52,6 @@ from tinkex_recovery import (
     RunHandle,
     RunState,
     SystemClock,
-    TinkexRecoveryError,
 )
 from tinkex_recovery._integration import STEP_KEY, describe, report_steps_lost, resolve
 
@@ -68,7 +68,7 @@ else:
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["CannotReplay", "LineageRecord", "TinkexRecovery"]
+__all__ = ["LineageRecord", "TinkexRecovery"]
 
 logger = logging.getLogger("tinkex_recovery")
 
@@ -81,12 +81,6 @@ _DDP_REFUSED = (
     "share one run nor move together to one recovered run. Train with one process (devices=1, num_nodes=1); "
     "the model lives on Tinker, so more local processes add no training capacity."
 )
-
-
-class CannotReplay(TinkexRecoveryError):
-    """The restored checkpoint is one the callback cannot replay from: it records no step, or it lies outside
-    the batches the replay buffer holds. Training on would train some batch twice or never. The engine skips
-    such checkpoints when it chooses; this is the backstop for one chosen while the buffer moved."""
 
 
 class LineageRecord(TypedDict):

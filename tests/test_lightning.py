@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 import tinkex_recovery
 import tinkex_recovery.integrations
-from tinkex_recovery import FakeClock, Recovery, RecoveryExhausted, RecoveryPolicy
-from tinkex_recovery.integrations.lightning import CannotReplay, TinkexRecovery
+from tinkex_recovery import CannotReplay, FakeClock, Recovery, RecoveryExhausted, RecoveryPolicy
+from tinkex_recovery.integrations.lightning import TinkexRecovery
 from tinkex_recovery.simulated import SimulatedAPIError, SimulatedRequestFailedError, SimulatedTinker
 
 pytestmark = [

@@ -14,6 +14,7 @@ from ._engine import EngineState, RecoveryEngine, RunHandle, RunState
 from ._events import EventKind, RecoveryEvent
 from ._exceptions import (
     AuthenticationError,
+    CannotReplay,
     ClientClosed,
     EngineClosed,
     EngineNotStarted,
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LINEAGE_KEYS",
     "AuthenticationError",
+    "CannotReplay",
     "Checkpoint",
     "CheckpointList",
     "ClientClosed",
