@@ -20,6 +20,7 @@ from tinkex_recovery.integrations.lightning import TinkexRecovery
 from tinkex_recovery.simulated import SimulatedTinker
 
 from .sdk_support import ADAM, SdkNet, datum, sdk_service
+from .test_lightning import make_trainer
 
 pytestmark = [
     pytest.mark.sdk,
@@ -79,17 +80,7 @@ def test_a_lightning_fit_on_the_sdk_trains_every_batch_once(net: SdkNet, tmp_pat
     module = SdkModule(net)
     first = module.training_client.model_id
     cb = module.cb = TinkexRecovery(POLICY)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[cb],
-    )
+    trainer = make_trainer(tmp_path, cb)
     trainer.fit(module, DataLoader(list(range(BATCHES)), batch_size=1, collate_fn=list))
 
     assert not module.losses
