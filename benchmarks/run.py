@@ -53,6 +53,7 @@ TARGETS = [
     Target("poll_speedup_vs_sequential", ">= 10", lambda r: r["poll_speedup_vs_sequential"] >= 10),
     Target("guard_overhead_ns_per_step", "<= 1000", lambda r: r["guard_overhead_ns_per_step"] <= 1000),
     Target("lightning_overhead_us_per_batch", "<= 20", lambda r: r["lightning_overhead_us_per_batch"] <= 20),
+    Target("lightning_hook_us_per_batch", "<= 20", lambda r: r["lightning_hook_us_per_batch"] <= 20),
     Target("recovery_overhead_ms", "<= 5", lambda r: r["recovery_overhead_ms"] <= 5),
     Target("detection_by_error_p99_s", "<= 0.1", lambda r: r["detection_by_error_p99_s"] <= 0.1),
     Target(
@@ -84,6 +85,8 @@ REQUIRED = [
     "detection_by_error_p99_s",
     "guard_overhead_ns_per_step",
     "lightning_overhead_us_per_batch",
+    "lightning_hook_us_per_batch",
+    "lightning_replay_seconds_per_recovery",
     "recovery_overhead_ms",
     "rss_mb_per_1000_runs",
     "threads_at_10_runs",
@@ -128,6 +131,8 @@ def _fmt(value: float) -> str:
         return f"{value:.0f}"
     if abs(value) >= 1:
         return f"{value:.2f}"
+    if 0 < abs(value) < 0.01:
+        return f"{value:.3g}"  # three significant digits, not "0.000"
     return f"{value:.3f}"
 
 

@@ -22,6 +22,8 @@ REQUIRED = [
     "detection_by_error_p99_s",
     "guard_overhead_ns_per_step",
     "lightning_overhead_us_per_batch",
+    "lightning_hook_us_per_batch",
+    "lightning_replay_seconds_per_recovery",
     "recovery_overhead_ms",
     "rss_mb_per_1000_runs",
     "threads_at_10_runs",

@@ -14,6 +14,7 @@ from ._engine import EngineState, RecoveryEngine, RunHandle, RunState
 from ._events import EventKind, RecoveryEvent
 from ._exceptions import (
     AuthenticationError,
+    CannotReplay,
     ClientClosed,
     EngineClosed,
     EngineNotStarted,
@@ -48,6 +49,7 @@ __all__ = [
     "BUDGET_KEYS",
     "LINEAGE_KEYS",
     "AuthenticationError",
+    "CannotReplay",
     "Checkpoint",
     "CheckpointList",
     "ClientClosed",

@@ -9,6 +9,7 @@
     ├── NoRestorableCheckpoint                  no checkpoint left to restore from (a RecoveryExhausted's cause)
     ├── RecoveryRefused                         a safety budget refused the next recovery (a RecoveryExhausted's cause)
     ├── ResumeBeforeFirstStep                   a guard's steps() cannot reach the restored checkpoint's step
+    ├── CannotReplay                            Lightning: the restored checkpoint lies outside the replay buffer
     ├── MissingAPIKey (also ValueError)         no API key was given and TINKER_API_KEY is unset
     ├── ClientClosed                            a TinkerRest was used after close()
     └── TinkerAPIError                          the REST client could not get an answer
@@ -28,6 +29,7 @@ from enum import StrEnum
 
 __all__ = [
     "AuthenticationError",
+    "CannotReplay",
     "ClientClosed",
     "EngineClosed",
     "EngineNotStarted",
@@ -127,6 +129,12 @@ def _rebuild_refused(message: str, reason: str) -> RecoveryRefused:
 class ResumeBeforeFirstStep(TinkexRecoveryError):
     """The restored checkpoint's step lies before the first index of the iterable given to ``guard.steps()``,
     so the loop cannot resume there."""
+
+
+class CannotReplay(TinkexRecoveryError):
+    """The restored checkpoint is one the Lightning callback cannot replay from: it records no step, or it lies
+    outside the batches the replay buffer holds. Training on would train some batch twice or never. The engine
+    skips such checkpoints when it chooses; this is the backstop for one chosen while the buffer moved."""
 
 
 class ClientClosed(TinkexRecoveryError):
