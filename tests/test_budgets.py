@@ -266,8 +266,8 @@ def test_a_resumed_guard_counts_the_recoveries_of_the_previous_process(
     restores = len(sim.restore_calls)
     clock.advance(restart_at - 10.0)
     if not allowed:
-        with pytest.raises(RecoveryExhausted) as info:
-            recovery_guard(last_run, sim, policy=policy, clock=clock).__enter__()
+        with pytest.raises(RecoveryExhausted) as info, recovery_guard(last_run, sim, policy=policy, clock=clock):
+            pass
         assert info.value.reason is ExhaustedReason.BUDGET
         assert len(sim.restore_calls) == restores  # the resume was refused before any restore call
         return
@@ -306,8 +306,8 @@ def test_a_process_crashing_before_each_save_is_stopped_at_entry(sim: SimulatedT
             assert guard.start_step == 4
             train(guard.client, [4])  # then the process dies, before any save
         run_id = guard.run_id
-    with pytest.raises(RecoveryExhausted) as info:
-        recovery_guard(run_id, sim, policy=policy, clock=clock).__enter__()
+    with pytest.raises(RecoveryExhausted) as info, recovery_guard(run_id, sim, policy=policy, clock=clock):
+        pass
     assert info.value.reason is ExhaustedReason.NO_PROGRESS
     assert [name(c[0]) for c in sim.restore_calls] == ["0004", "0004"]
 
