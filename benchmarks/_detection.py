@@ -84,7 +84,9 @@ def by_error(samples: int) -> list[float]:
     (whose background poll is an hour away: only the guard's own poll after the failure can detect)."""
     sim = SimulatedTinker()
     client = sim.create_lora_training_client(base_model="bench/model")
-    policy = RecoveryPolicy(enabled=True, poll_interval=3600.0, backoff=0.0, max_backoff=0.0)
+    policy = RecoveryPolicy(  # one lineage recovered many times on purpose: no budget
+        enabled=True, poll_interval=3600.0, backoff=0.0, max_backoff=0.0, max_recoveries=None, max_no_progress=None
+    )
     log = _DetectedLog()
     logger = logging.getLogger("tinkex_recovery")
     logger.addHandler(log)

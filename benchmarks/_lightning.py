@@ -1,14 +1,18 @@
-"""Lightning: the cost of ``TinkexRecovery`` per batch of a ``Trainer.fit`` while all is well.
+"""Lightning: the cost of ``TinkexRecovery`` per batch of a ``Trainer.fit`` while all is well, and of one replay.
 
 A module with no parameters trains each batch on the simulated Tinker (manual optimization, as a remote
-client needs). Each fit is timed from ``on_train_start`` to ``on_train_end`` in CPU time of the training
-thread; fits with and without the callback alternate, and the best of each is kept. Beside the difference of
-fits, the callback's own per-batch hook is timed inside a fit (``_TimedRecovery``).
+client needs) and saves a checkpoint every 10 steps, so the callback's replay buffer fills and is released as
+in real use. Each fit is timed from ``on_train_start`` to ``on_train_end`` in CPU time of the training thread;
+fits with and without the callback alternate, and the best of each is kept. Beside the difference of fits, the
+callback's own per-batch cost is timed inside a fit (``_TimedRecovery``): the CPU time of its wrapper around
+``training_step`` minus that of the module's own step. The replay figure is the wall time of replaying 10
+buffered batches after a loss found by a poll (``_TimedReplay``), median over several recoveries.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 import warnings
 from typing import Any
@@ -20,20 +24,37 @@ from tinkex_recovery import RecoveryPolicy
 from tinkex_recovery.integrations.lightning import TinkexRecovery
 from tinkex_recovery.simulated import SimulatedTinker
 
+SAVE_EVERY = 10
+
 
 class RemoteModule(pl.LightningModule):
-    """Zero local parameters; every batch is a forward_backward and an optim_step on the Tinker client."""
+    """Zero local parameters; every batch is a forward_backward and an optim_step on the Tinker client, and a
+    checkpoint every ``save_every`` steps. ``own_ns`` is the training-thread CPU time of its own steps."""
 
-    def __init__(self, sim: SimulatedTinker) -> None:
+    def __init__(self, sim: SimulatedTinker, save_every: int = SAVE_EVERY, lose_after: frozenset[int] = frozenset()):
         super().__init__()
         self.automatic_optimization = False
         self.service_client = sim
         self.training_client: Any = sim.create_lora_training_client(base_model="bench/model")
+        self.save_every = save_every
+        self.lose_after = set(lose_after)  # batch indices after which the run is lost (once each)
+        self.cb: TinkexRecovery | None = None
+        self.own_ns = 0
 
     def training_step(self, batch: list[int], batch_idx: int) -> None:
-        self.training_client.forward_backward(batch, "cross_entropy").result()
-        self.training_client.optim_step().result()
+        start = time.thread_time_ns()
+        client = self.training_client
+        client.forward_backward(batch, "cross_entropy").result()
+        client.optim_step().result()
         self.optimizers().step()  # advances global_step
+        if self.global_step % self.save_every == 0:
+            client.save_state(f"step-{self.global_step:06d}", user_metadata={"step": str(self.global_step)}).result()
+        self.own_ns += time.thread_time_ns() - start
+        if batch_idx in self.lose_after:
+            self.lose_after.discard(batch_idx)
+            self.service_client.corrupt(client.model_id)
+            assert self.cb is not None and self.cb.handle is not None
+            self.cb.handle.check_now()  # the poll that finds it (the background poller is an hour away)
 
     def configure_optimizers(self) -> None:
         return None
@@ -48,25 +69,48 @@ class _Timer(pl.Callback):
 
 
 class _TimedRecovery(TinkexRecovery):
-    """TinkexRecovery with the training-thread CPU time of its per-batch hook counted: its own cost, free of the
-    fit-to-fit noise that the difference of two fits carries."""
+    """TinkexRecovery with the training-thread CPU time of its ``training_step`` wrapper counted: its own cost per
+    batch (the wrapper's time less the module's), free of the fit-to-fit noise of the difference of two fits."""
 
-    hook_ns = 0
+    outer_ns = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        start = time.thread_time_ns()
-        super().on_train_batch_start(trainer, pl_module, batch, i)
-        self.hook_ns += time.thread_time_ns() - start
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._wrapper = wrapper = pl_module.training_step
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time_ns()
+            try:
+                return wrapper(*args, **kwargs)
+            finally:
+                self.outer_ns += time.thread_time_ns() - start
+
+        pl_module.training_step = timed  # type: ignore[method-assign]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.training_step = self._wrapper  # type: ignore[method-assign]  # so the callback can undo its own
+        super().teardown(trainer, pl_module, stage)
+
+
+class _TimedReplay(TinkexRecovery):
+    """TinkexRecovery with the wall time of each replay recorded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replays: list[tuple[float, int]] = []  # (seconds, batches replayed)
+
+    def _replay(self, original: Any) -> None:
+        start, batches = time.perf_counter(), self.buffered
+        super()._replay(original)
+        self.replays.append((time.perf_counter() - start, batches))
 
 
 class _Noop(pl.Callback):
     """A callback that does nothing: what Lightning itself charges for one more callback."""
 
 
-def _fit(batches: int, extra: pl.Callback | None) -> float:
-    """Microseconds of training-thread CPU per batch."""
-    timer = _Timer()
-    trainer = pl.Trainer(
+def _trainer(callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=1,
@@ -75,15 +119,51 @@ def _fit(batches: int, extra: pl.Callback | None) -> float:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[timer] if extra is None else [timer, extra],
+        callbacks=callbacks,
     )
+
+
+def _fit(batches: int, extra: pl.Callback | None) -> tuple[float, RemoteModule]:
+    """Microseconds of training-thread CPU per batch, and the module."""
+    timer = _Timer()
+    trainer = _trainer([timer] if extra is None else [timer, extra])
     loader = DataLoader(list(range(batches)), batch_size=1, collate_fn=list)
-    trainer.fit(RemoteModule(SimulatedTinker()), loader)
-    return timer.elapsed / batches / 1e3
+    module = RemoteModule(SimulatedTinker())
+    trainer.fit(module, loader)
+    return timer.elapsed / batches / 1e3, module
+
+
+def _timer_pair_ns() -> float:
+    """What one pair of thread_time_ns() calls costs (the module's own timing, counted in the wrapper's time)."""
+    n = 20000
+    start = time.thread_time_ns()
+    for _ in range(n):
+        time.thread_time_ns()
+        time.thread_time_ns()
+    return (time.thread_time_ns() - start) / n
+
+
+def _replay_seconds(policy: RecoveryPolicy, fits: int) -> list[float]:
+    """Wall time of each replay of 10 buffered batches: with a checkpoint every 20 steps, the run is lost 10
+    batches after one, 4 times a fit."""
+    batches, save_every, replayed = 100, 20, 10
+    lose_after = frozenset(range(save_every + replayed - 1, batches - 1, save_every))  # 29, 49, 69, 89
+    seconds: list[float] = []
+    for _ in range(fits):
+        sim = SimulatedTinker()
+        module = RemoteModule(sim, save_every=save_every, lose_after=lose_after)
+        cb = module.cb = _TimedReplay(policy)
+        trainer = _trainer([cb])
+        trainer.fit(module, DataLoader(list(range(batches)), batch_size=1, collate_fn=list))
+        assert sim.lineage(module.training_client.model_id) == list(range(batches)), "not exactly once"
+        assert trainer.global_step == batches and [n for _, n in cb.replays] == [replayed] * len(lose_after)
+        seconds += [s for s, _ in cb.replays]
+    return seconds
 
 
 def bench(quick: bool) -> dict[str, float]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("tinkex_recovery").setLevel(logging.ERROR)  # the replays log each recovery
     warnings.filterwarnings("ignore", module="lightning")  # no optimizer, few DataLoader workers: on purpose
     policy = RecoveryPolicy(enabled=True, poll_interval=3600.0)
     variants = {
@@ -97,16 +177,21 @@ def bench(quick: bool) -> dict[str, float]:
         _fit(50, make())  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
     hooks: list[float] = []
+    pair = _timer_pair_ns()
     for _ in range(repeats):
         for name, make in variants.items():
             callback = make()
-            times[name].append(_fit(batches, callback))
+            per_batch, module = _fit(batches, callback)
+            times[name].append(per_batch)
             if isinstance(callback, _TimedRecovery):
-                hooks.append(callback.hook_ns / batches / 1e3)
+                hooks.append((callback.outer_ns - module.own_ns - pair * batches) / batches / 1e3)
     best = {name: min(values) for name, values in times.items()}
+    replays = _replay_seconds(policy, 3 if quick else 8)
     return {
         "lightning_bare_us_per_batch": best["bare"],
         "lightning_noop_callback_us_per_batch": best["noop"] - best["bare"],
         "lightning_overhead_us_per_batch": best["recovery"] - best["bare"],
         "lightning_hook_us_per_batch": min(hooks),
+        "lightning_replay_seconds_per_recovery": statistics.median(replays),
+        "lightning_replay_samples": float(len(replays)),
     }

@@ -62,7 +62,9 @@ def recovery_overhead(samples: int) -> list[float]:
         if event.kind is EventKind.DETECTED:
             detected.append(time.perf_counter())
 
-    policy = RecoveryPolicy(enabled=True, poll_interval=3600.0, backoff=0.0, max_backoff=0.0)
+    policy = RecoveryPolicy(  # one lineage recovered many times on purpose: no budget
+        enabled=True, poll_interval=3600.0, backoff=0.0, max_backoff=0.0, max_recoveries=None, max_no_progress=None
+    )
     seconds = []
     with RecoveryEngine(policy, status=sim) as engine:
         engine.subscribe(on_event)

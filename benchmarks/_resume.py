@@ -33,7 +33,9 @@ from tinkex_recovery.rest import TinkerRest
 from tinkex_recovery.simulated import ServedRequest, SimulatedServer, SimulatedTinker, serve
 
 BASE_MODEL = "Qwen/Qwen3-8B"
-POLICY = RecoveryPolicy(enabled=True, poll_interval=3600.0, backoff=0.0, max_backoff=0.0)
+POLICY = RecoveryPolicy(
+    enabled=True, poll_interval=3600.0, backoff=0.0, max_backoff=0.0, max_recoveries=None, max_no_progress=None
+)  # a benchmark recovers one lineage many times on purpose
 #: The SDK's own housekeeping, on its own timers: never part of a recovery, excluded if one lands in a window.
 BACKGROUND = ("/api/v1/session_heartbeat", "/api/v1/telemetry", "/api/v1/client/dynamic_config")
 #: Requests made by the recovery's status source (the rest are restore calls).

@@ -69,6 +69,7 @@ TARGETS = [
         lambda r: r["threads_at_16_guards"] <= r["threads_at_1_guard"] + 4,
     ),
     Target("lightning_overhead_us_per_batch", "<= 20", lambda r: r["lightning_overhead_us_per_batch"] <= 20),
+    Target("lightning_hook_us_per_batch", "<= 20", lambda r: r["lightning_hook_us_per_batch"] <= 20),
     Target("recovery_overhead_ms", "<= 5", lambda r: r["recovery_overhead_ms"] <= 5),
     Target("detection_by_error_p99_s", "<= 0.1", lambda r: r["detection_by_error_p99_s"] <= 0.1),
     Target(
@@ -104,6 +105,8 @@ REQUIRED = [
     "threads_at_1_guard",
     "threads_at_16_guards",
     "lightning_overhead_us_per_batch",
+    "lightning_hook_us_per_batch",
+    "lightning_replay_seconds_per_recovery",
     "recovery_overhead_ms",
     "rss_mb_per_1000_runs",
     "threads_at_10_runs",
@@ -148,6 +151,8 @@ def _fmt(value: float) -> str:
         return f"{value:.0f}"
     if abs(value) >= 1:
         return f"{value:.2f}"
+    if 0 < abs(value) < 0.01:
+        return f"{value:.3g}"  # three significant digits, not "0.000"
     return f"{value:.3f}"
 
 

@@ -4,8 +4,10 @@ Run with `.venv/bin/python examples/lightning_simulated.py` (needs the lightning
 batches on a simulated Tinker run under manual optimization and saves a checkpoint every 4 steps. The server
 loses the run twice: once in the middle of a batch, once between two batches (whichever comes first, the
 background poll or the next failing call, sets off the recovery). `TinkexRecovery` restores each lost run
-from its newest checkpoint and swaps the new client into the module; the module's `on_tinker_recovery` hook
-replays the steps that checkpoint lacked, so the final run holds every item exactly once.
+from its newest checkpoint, swaps the new client into the module, sets the trainer's step counter back to that
+checkpoint's step and replays, through the module's own `training_step`, the batches the checkpoint lacks. The
+module has no recovery code (its optional `on_tinker_recovery` hook only prints); the final run holds every
+item exactly once, and `trainer.global_step` equals the batches run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tinkex_recovery.integrations.lightning import TinkexRecovery
 from tinkex_recovery.simulated import SimulatedTinker
 
 ITEMS, BATCH, SAVE_EVERY = 48, 2, 4
-LOST_MID_BATCH, LOST_AFTER_BATCH = 9, 16  # where the simulated server loses the run
+LOST_MID_BATCH, LOST_AFTER_BATCH = 10, 18  # where the simulated server loses the run
 
 
 class RemoteModule(pl.LightningModule):
@@ -35,33 +37,28 @@ class RemoteModule(pl.LightningModule):
         self.automatic_optimization = False  # Tinker's optim_step is the optimizer
         self.service_client = service_client
         self.training_client = service_client.create_lora_training_client(base_model=base_model)
-        self.by_step: dict[int, list[int]] = {}  # what each global step trained, for the replay
-        self.lose_mid_batch = True
+        self.losses = {LOST_MID_BATCH: "mid", LOST_AFTER_BATCH: "after"}  # each happens once (not on replays)
 
     def training_step(self, batch: list[int], batch_idx: int) -> dict[str, torch.Tensor]:
         fwd = self.training_client.forward_backward(batch, "cross_entropy").result()
-        if batch_idx == LOST_MID_BATCH and self.lose_mid_batch:
-            self.lose_mid_batch = False
+        if self.losses.get(batch_idx) == "mid":
+            del self.losses[batch_idx]
             self.service_client.corrupt(self.training_client.model_id)  # the server fails in the middle
         self.training_client.optim_step().result()
-        self.by_step[self.global_step] = batch
         self.optimizers().step()  # no local parameters; this advances trainer.global_step
         if self.global_step % SAVE_EVERY == 0:
             name = f"step-{self.global_step:04d}"
             self.training_client.save_state(name, user_metadata={"step": str(self.global_step)}).result()
-        if batch_idx == LOST_AFTER_BATCH:
+        if self.losses.get(batch_idx) == "after":
+            del self.losses[batch_idx]
             self.service_client.corrupt(self.training_client.model_id)  # the server fails between batches
         return {"loss": torch.tensor(fwd.loss)}
 
-    def on_tinker_recovery(self, recovery: Recovery) -> None:
-        """Called by TinkexRecovery after the swap: train again what the restored checkpoint lacks."""
-        resume = int((recovery.checkpoint.user_metadata or {})["step"])
-        for step in range(resume, self.global_step):
-            self.training_client.forward_backward(self.by_step[step], "cross_entropy").result()
-            self.training_client.optim_step().result()
+    def on_tinker_recovery(self, recovery: Recovery, steps: range) -> None:
+        """Optional: called after the swap, before TinkexRecovery replays ``steps`` on the new run."""
         print(
             f"  recovery {recovery.number}: {recovery.old_run_id} -> {recovery.new_run_id} "
-            f"from {recovery.checkpoint.checkpoint_id}; replayed steps {resume}..{self.global_step - 1}"
+            f"from {recovery.checkpoint.checkpoint_id}; replaying steps {steps.start}..{steps.stop - 1}"
         )
 
     def configure_optimizers(self) -> None:
@@ -109,11 +106,13 @@ def run() -> int:
     for record in recovery.lineage:
         print(
             f"  #{record['number']} at global step {record['global_step']}: restored {record['checkpoint']}, "
-            f"{record['steps_lost']} step(s) lost and replayed, {record['seconds']:.3f}s to recover"
+            f"{record['steps_lost']} step(s) replayed, {record['seconds']:.3f}s to recover"
         )
     exact = sim.lineage(final) == list(range(ITEMS))
     print(f"every item trained exactly once on the final run: {exact}")
-    return 0 if exact and final != first else 1
+    steps = trainer.global_step == ITEMS // BATCH
+    print(f"global step equals the batches run: {steps}")
+    return 0 if exact and steps and final != first else 1
 
 
 if __name__ == "__main__":

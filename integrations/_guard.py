@@ -52,6 +52,7 @@ from tinkex_recovery._integration import (
     require_methods,
     resolve,
     validate_run_id,
+    would_do,
 )
 
 from . import _aio
@@ -255,6 +256,10 @@ class RecoveryGuard:
             model_id = getattr(client, "model_id", None)
             if isinstance(model_id, str) and model_id != run_id:
                 raise ValueError(f"client is bound to run {model_id}, not to run_id {run_id}")
+        elif policy.mode == "observe":
+            raise ValueError(
+                "observe mode needs client=: resuming at entry restores a new run, which observe never does"
+            )
         elif policy.specific_path is not None:
             raise ValueError(
                 "a checkpoint_strategy pinned to a path needs client=: resuming at entry starts a new run, "
@@ -456,6 +461,16 @@ class RecoveryGuard:
         since = self._clock.monotonic()
         lost = yield _Poll(handle)
         if not lost and handle.state is not RunState.EXHAUSTED:
+            if handle.observed is not None:  # observe mode: report what recover mode would do, change nothing
+                wait = self._wait_bound()
+                would = yield _Call(lambda: would_do(handle, wait))  # waits for the engine's check of it
+                logger.warning(
+                    "recovery_guard (observe mode): step %d failed on run %s, which is corrupted; %s; the error is "
+                    "let through",
+                    step.index,
+                    handle.observed,
+                    would,
+                )
             return False
         logger.warning(
             "recovery_guard: step %d failed on run %s, which was lost; recovering (the step's error follows)",

@@ -1,20 +1,32 @@
-"""A Lightning callback that keeps a Tinker run alive through ``Trainer.fit``.
+"""A Lightning callback that keeps a Tinker run alive through ``Trainer.fit``, every batch trained exactly once.
 
 ``Trainer(callbacks=[TinkexRecovery(policy)])`` is all it takes when the LightningModule holds its Tinker
-training client as ``training_client`` and its service client as ``service_client``. The engine's threads
-poll the run and restore it; the callback only reads their results, on the main thread:
+training client as ``training_client`` and its service client as ``service_client``, optimizes manually
+(``self.optimizers().step()`` once per batch, after the Tinker calls) and saves its checkpoints with
+``user_metadata={"step": str(self.global_step)}``. The engine's threads poll the run and restore it; the
+callback only reads their results, on the main thread, inside the module's ``training_step`` (which it wraps
+for the length of the fit):
 
-- at each ``on_train_batch_start`` it swaps the recovered client into the module before the batch runs, calls
-  the module's optional ``on_tinker_recovery(recovery)`` hook (where the module can rewind its own data), and
-  logs ``tinker/recoveries``, ``tinker/seconds_to_recover`` and ``tinker/steps_lost`` to the trainer's loggers;
-- a ``training_step`` that raises checks the run at once: if the run was corrupted (the usual reason a
-  Tinker call fails mid-batch), it waits for the recovery, swaps, and runs the same batch again on the new
-  client; any other error propagates unchanged.
+- **Detection.** Before each batch the callback looks (two lock-free reads) at whether a poll found the run
+  lost. A ``training_step`` that raises makes it check the run at once; if the run is lost, it waits for the
+  recovery, otherwise the error propagates unchanged.
+- **Swap and replay.** The new client is swapped into the module; the trainer's step counter is set back to
+  the restored checkpoint's step; the module's optional ``on_tinker_recovery(recovery[, steps])`` hook runs;
+  then the batches trained since that checkpoint are run again, through the module's own ``training_step``,
+  on the new client (each calls ``optimizers().step()`` again, so the counter comes back to where it was);
+  then the interrupted batch runs from its start. Checkpoints due during the replay, or at the batch that
+  failed, are saved on the new run by the module's own code.
+- **The replay buffer** holds the batches trained since the newest checkpoint the callback knows of: it wraps
+  the client's ``save_state`` to learn each checkpoint's ``step`` and, once the save has succeeded, drops the
+  batches that checkpoint holds. Memory is bounded by the save interval; only references to the batches are
+  kept, never copies, and nothing is kept after the fit.
 
-Under DDP only global rank 0 polls. At each batch start rank 0 broadcasts what happened; the other ranks
-rebuild their client from the same checkpoint through their own service, so every rank swaps at the same
-batch. Recovering a failed step inside ``training_step`` is single-process only: the ranks could not agree
-on it without a collective that the healthy ranks are not in.
+The ``step`` of a checkpoint is the number of optimizer steps it holds (``self.global_step`` right after
+``optimizers().step()``). A checkpoint without one, older than the buffer reaches, or with a step beyond the
+steps taken, is never restored: the engine skips it (``step_of``) before any restore call.
+
+DDP is refused at fit start: Tinker gives a run one training client, and the SDK (0.38) cannot attach a second
+process to an existing run, so ranks cannot share one run, nor move together to one recovered run.
 
 Lightning is imported here only; without it, importing this module works and constructing the callback
 raises :class:`ImportError` with the install command.
@@ -23,26 +35,33 @@ raises :class:`ImportError` with the install command.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, cast
 
-from tinkex_recovery._clock import Clock, SystemClock
-from tinkex_recovery._engine import RecoveryEngine, RunHandle, RunState
-from tinkex_recovery._exceptions import ExhaustedReason, RecoveryExhausted
-from tinkex_recovery._futures import resolve
-from tinkex_recovery._integration import report_steps_lost
-from tinkex_recovery._models import Checkpoint
-from tinkex_recovery._policy import RecoveryPolicy
-from tinkex_recovery._recovery import Recovery, lineage_metadata, restore_from
-from tinkex_recovery._retry import backoff_delay, describe
+from tinkex_recovery import (
+    CannotReplay,
+    Checkpoint,
+    Clock,
+    Recovery,
+    RecoveryEngine,
+    RecoveryExhausted,
+    RecoveryPolicy,
+    RunHandle,
+    RunState,
+    SystemClock,
+)
+from tinkex_recovery._integration import STEP_KEY, describe, report_steps_lost, resolve, would_do
 
 try:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import Callback
 except ImportError as exc:  # the callback can still be named; constructing it says what to install
     _LIGHTNING_MISSING: ImportError | None = exc
     Callback = object  # type: ignore[assignment,misc]
+    MisconfigurationException = RuntimeError  # type: ignore[assignment,misc]
 else:
     _LIGHTNING_MISSING = None
 
@@ -54,9 +73,14 @@ __all__ = ["LineageRecord", "TinkexRecovery"]
 logger = logging.getLogger("tinkex_recovery")
 
 _INSTALL_HINT = "TinkexRecovery needs Lightning: pip install 'tinkex-recovery[lightning]'"
-_STEP_KEY = "step"  # checkpoint user_metadata: the index of the next step to run (as recovery_guard writes it)
 _MAX_STEP_RERUNS = 3  # a batch that keeps failing after this many recoveries lets its error through
 _HOOK = "on_tinker_recovery"
+_DDP_REFUSED = (
+    "TinkexRecovery does not support distributed training (world_size={n}): Tinker gives a run one training "
+    "client and the SDK (0.38) cannot attach a second process to an existing run, so the ranks can neither "
+    "share one run nor move together to one recovered run. Train with one process (devices=1, num_nodes=1); "
+    "the model lives on Tinker, so more local processes add no training capacity."
+)
 
 
 class LineageRecord(TypedDict):
@@ -68,37 +92,44 @@ class LineageRecord(TypedDict):
     checkpoint: str  #: the tinker:// path restored from
     attempts: int
     seconds: float  #: from detection to the new client in hand
-    global_step: int  #: the trainer's global_step when the new client was swapped in
-    resume_step: int | None  #: the checkpoint's user_metadata "step", when it has one
-    steps_lost: int | None  #: global_step - resume_step, when known
+    global_step: int  #: the optimizer steps the lost run had taken in completed batches
+    resume_step: int | None  #: the restored checkpoint's step
+    steps_lost: int | None  #: global_step - resume_step: the steps the checkpoint lacked (replayed by default)
 
 
-class _Notice(TypedDict):
-    """What rank 0 tells every rank at a batch start (None when nothing happened)."""
+class _Batch(NamedTuple):
+    """A trained batch kept for replay: the global step it started at and the arguments of its
+    ``training_step`` (references, not copies)."""
 
-    records: list[LineageRecord]
-    checkpoints: list[dict[str, Any]]
-    exhausted: tuple[str, int, str | None, str] | None
+    step: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 class TinkexRecovery(Callback):
-    """Recovers the module's Tinker run when the server marks it corrupted, without stopping ``fit``.
+    """Recovers the module's Tinker run when the server marks it corrupted, and replays the batches the
+    restored checkpoint lacks, so the final run has trained every batch exactly once and
+    ``trainer.global_step`` equals the optimizer steps run.
 
     ``policy`` defaults to ``RecoveryPolicy(enabled=True)``: adding the callback is the opt-in, and a policy
     with ``enabled=False`` makes it a no-op. ``client_attr`` and ``service_attr`` name the module's
     attributes holding the training client and the service client (the service restores the run, and
     provides the REST client that polls it unless ``status`` is given).
 
-    After each swap the module's optional ``on_tinker_recovery(recovery)`` hook is called (on every rank, on
-    the main thread, with the new client already in place) so the module can rewind its data. A checkpoint
-    whose ``user_metadata`` has ``"step"`` (the index of the next step to run) gives ``steps_lost``.
+    After each swap the module's optional ``on_tinker_recovery(recovery)`` hook is called on the main thread,
+    with the new client in place; a hook with a second parameter also gets ``steps``, the ``range`` of global
+    steps the restored checkpoint lacks (``range(recovery_step, steps_taken)``). With ``replay=True`` (the
+    default) the callback then replays those steps itself, and ``trainer.global_step`` is at the start of the
+    range when the hook runs. ``replay=False`` is for a module that replays on its own in the hook: the
+    callback then leaves data and step counter to it (it only undoes the steps a failed batch counted before
+    running that batch again). Replay needs manual optimization.
 
     ``on_exhausted="raise"`` lets :class:`RecoveryExhausted` leave ``fit``; ``"stop"`` ends the fit
-    gracefully instead (``trainer.should_stop``; Lightning still starts the batch in flight, which the
-    ``training_step`` wrapper skips, since its run is lost). ``retry_failed_step`` wraps the module's
-    ``training_step`` so that a step failing because the run was corrupted mid-batch is recovered and run
-    again, from its start, on the new client (at most 3 times; single-process only): call
-    ``self.optimizers().step()`` after the Tinker calls. ``clock`` is injectable for tests.
+    gracefully instead (``trainer.should_stop``; the batch in flight is skipped, since its run is lost).
+    ``retry_failed_step=False`` lets a step that fails on a lost run end the fit instead of being recovered
+    and run again (at most 3 times). ``clock`` is injectable for tests.
+
+    Single process only: a fit with ``world_size > 1`` is refused at its start (see the module docs).
     """
 
     def __init__(
@@ -110,6 +141,7 @@ class TinkexRecovery(Callback):
         status: Any = None,
         on_exhausted: Literal["raise", "stop"] = "raise",
         retry_failed_step: bool = True,
+        replay: bool = True,
         clock: Clock | None = None,
     ) -> None:
         if _LIGHTNING_MISSING is not None:
@@ -128,6 +160,7 @@ class TinkexRecovery(Callback):
         self.service_attr = service_attr
         self.on_exhausted = on_exhausted
         self.retry_failed_step = retry_failed_step
+        self.replay = replay
         self._status = status
         self._clock = clock or SystemClock()
         self._lineage: list[LineageRecord] = []
@@ -135,11 +168,18 @@ class TinkexRecovery(Callback):
         self._engine: RecoveryEngine | None = None
         self._handle: RunHandle | None = None
         self._state_key = ("", "")  # (client_attr, the key built from it)
-        self._watching = False  # between on_fit_start and the release, on every rank
-        self._rank_zero, self._distributed = True, False  # read from the trainer at fit start (the hot path)
         self._stopped = False
         self._exhausted: RecoveryExhausted | None = None
-        self._unwrap: Callable[[], None] | None = None
+        self._undo: list[Callable[[], None]] = []  # what on_fit_start patched, undone at the release
+        # The trainer's step counter (Lightning's progress trackers behind trainer.global_step), from the
+        # training start; None under automatic optimization.
+        self._counter: Any = None
+        self._progress: Any = None
+        self._buffer: deque[_Batch] = deque()
+        self._floor = 0  # the step of the newest checkpoint known: the buffer holds every batch from there
+        self._saves: list[tuple[int, Any]] = []  # (step, the save_state future) not yet known to have succeeded
+        self._replay_from: int | None = None  # set by a recovery, cleared when its replay starts
+        self._reached = 0  # the steps taken by the batches before the current one
 
     # -- public state ---------------------------------------------------------------------------------
     @property
@@ -164,13 +204,18 @@ class TinkexRecovery(Callback):
 
     @property
     def handle(self) -> RunHandle | None:
-        """The engine's handle on the run, on global rank 0 during ``fit`` (None elsewhere)."""
+        """The engine's handle on the run during ``fit`` (None outside it)."""
         return self._handle
 
     @property
     def exhausted(self) -> RecoveryExhausted | None:
         """Why recovery gave up, if it did."""
         return self._exhausted
+
+    @property
+    def buffered(self) -> int:
+        """How many trained batches the replay buffer holds now (those since the newest known checkpoint)."""
+        return len(self._buffer)
 
     # -- Lightning state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -185,6 +230,11 @@ class TinkexRecovery(Callback):
         self._run_id = run_id if isinstance(run_id, str) else None
 
     # -- hooks ----------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before the strategy wraps the model or any collective runs: refuse what cannot be kept alive.
+        if stage == "fit" and self.policy.enabled and trainer.world_size > 1:
+            raise MisconfigurationException(_DDP_REFUSED.format(n=trainer.world_size))
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()  # a second fit with the same callback starts afresh
         if not self.policy.enabled:
@@ -203,34 +253,37 @@ class TinkexRecovery(Callback):
                 f"TinkexRecovery: {type(pl_module).__name__}.{self.service_attr} must hold the Tinker service "
                 "client that restores the run"
             )
+        if self.replay and pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "TinkexRecovery replays batches through training_step, which needs manual optimization "
+                "(self.automatic_optimization = False, and self.optimizers().step() once per batch); pass "
+                "replay=False to replay on your own"
+            )
         if self._run_id is not None and self._run_id != run_id:
             logger.info("TinkexRecovery: the lineage of run %s continues with run %s", self._run_id, run_id)
         self._run_id = run_id
         self._stopped = False
         self._exhausted = None
-        self._rank_zero, self._distributed = trainer.is_global_zero, trainer.world_size > 1
-        if self._rank_zero:
-            engine = RecoveryEngine(self.policy, status=self._status, poll_concurrency=1, clock=self._clock)
-            self._handle = engine.watch(run_id, service)
+        engine = RecoveryEngine(self.policy, status=self._status, poll_concurrency=1, clock=self._clock)
+        try:
+            self._handle = engine.watch(run_id, service, step_of=self._step_of)
             self._engine = engine.start()
-        self._watching = True
-        if self.retry_failed_step:
-            self._wrap_training_step(trainer, pl_module)
+        except BaseException:
+            engine.close()
+            self._handle = None
+            raise
+        self._wrap_training_step(trainer, pl_module)
+        if self.replay:
+            self._track_saves(client)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._watching or self._stopped:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores its loops (global_step included) after on_fit_start; read the counter from here.
+        if pl_module.automatic_optimization:
             return
-        local: list[Recovery] = []
-        notice: _Notice | None = None
-        if self._rank_zero:
-            local, exhausted = self._collect()
-            notice = self._notice(trainer, local, exhausted)
-        if self._distributed:
-            notice = trainer.strategy.broadcast(notice, src=0)
-        if notice is not None:
-            self._act(trainer, pl_module, notice, local)
+        self._progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        self._counter = self._progress.total
+        self._floor = self._reached = self._counter.completed
+        self._buffer.clear()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
@@ -238,7 +291,76 @@ class TinkexRecovery(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()  # Lightning calls no teardown after an exception
 
-    # -- rank 0: what the engine did since the last look ----------------------------------------------
+    # -- the wrapped training_step: every decision happens here, on the main thread -------------------
+    def _wrap_training_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        original = pl_module.training_step
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            if self._stopped:  # once stopped, the rest of the fit must not call the lost run
+                return None
+            counter = self._counter
+            self._reached = counter.completed if counter is not None else 0
+            handle = self._handle
+            if handle is not None and not handle.settled:  # a poll found the run lost: swap before the batch
+                self._take_recoveries(trainer, pl_module, cause=None)
+            for rerun in range(_MAX_STEP_RERUNS + 1):
+                if self._stopped:
+                    return None
+                try:
+                    if self._replay_from is not None:
+                        self._replay(original)
+                    step = counter.completed if counter is not None else 0
+                    output = original(*args, **kwargs)
+                except Exception as exc:
+                    if rerun == _MAX_STEP_RERUNS or not self._recover_failed_step(trainer, pl_module, exc):
+                        raise
+                    continue
+                if self.replay:
+                    self._buffer.append(_Batch(step, args, kwargs))
+                    if self._saves:
+                        self._settle_saves()
+                return output
+            raise AssertionError("unreachable")
+
+        setattr(pl_module, "training_step", training_step)  # noqa: B010 (an instance attribute, undone below)
+
+        def unwrap() -> None:
+            if vars(pl_module).get("training_step") is training_step:
+                delattr(pl_module, "training_step")
+
+        self._undo.append(unwrap)
+
+    def _recover_failed_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exc: Exception) -> bool:
+        """True if the step should run again (a recovery was swapped in) or be skipped (a graceful stop)."""
+        handle = self._handle
+        if handle is None or not self.retry_failed_step:
+            return False
+        if not handle.check_now() and handle.state is not RunState.EXHAUSTED:
+            if handle.observed is not None:  # observe mode: report what recover mode would do, change nothing
+                logger.warning(
+                    "TinkexRecovery (observe mode): training_step failed on run %s, which is corrupted (%s); %s; "
+                    "the error is let through",
+                    handle.observed,
+                    describe(exc),
+                    would_do(handle, self._wait_limit()),
+                )
+            return False  # the run is healthy (or only observed): the error is the step's own
+        logger.warning("TinkexRecovery: training_step failed on a lost run (%s); recovering", describe(exc))
+        return self._take_recoveries(trainer, pl_module, cause=exc)
+
+    def _take_recoveries(self, trainer: pl.Trainer, pl_module: pl.LightningModule, cause: Exception | None) -> bool:
+        """Swap in what the engine recovered (waiting for a recovery under way); False if there was nothing."""
+        recoveries, exhausted = self._collect()
+        if not recoveries and exhausted is None:
+            return False
+        for recovery in recoveries:
+            self._swap(trainer, pl_module, recovery)
+        if exhausted is not None:
+            self._set_counter(self._reached)  # the failed batch's own steps never happened on a live run
+            self._give_up(trainer, exhausted, cause)
+        return True
+
     def _collect(self) -> tuple[list[Recovery], RecoveryExhausted | None]:
         """Recoveries finished since the last call (waiting for one under way), and exhaustion if any."""
         handle = self._handle
@@ -258,133 +380,183 @@ class TinkexRecovery(Callback):
         p = self.policy
         return p.max_attempts * (p.attempt_timeout + p.max_backoff) + 120.0
 
-    def _notice(
-        self, trainer: pl.Trainer, recoveries: list[Recovery], exhausted: RecoveryExhausted | None
-    ) -> _Notice | None:
-        if not recoveries and exhausted is None:
-            return None
-        step = trainer.global_step
-        records: list[LineageRecord] = []
-        for i, recovery in enumerate(recoveries):
-            resume = _resume_step(recovery.checkpoint)
-            records.append(
-                LineageRecord(
-                    number=len(self._lineage) + i + 1,
-                    old_run_id=recovery.old_run_id,
-                    new_run_id=recovery.new_run_id,
-                    checkpoint=recovery.checkpoint.tinker_path,
-                    attempts=recovery.attempts,
-                    seconds=recovery.seconds,
-                    global_step=step,
-                    resume_step=resume,
-                    steps_lost=max(step - resume, 0) if resume is not None else None,
-                )
-            )
-        return _Notice(
-            records=records,
-            checkpoints=[r.checkpoint.model_dump(mode="json") for r in recoveries],
-            exhausted=(exhausted.run_id, exhausted.attempts, exhausted.last_error, exhausted.reason.value)
-            if exhausted
-            else None,
+    def _swap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recovery: Recovery) -> None:
+        reached = self._reached
+        resume = recovery.step
+        record = LineageRecord(
+            number=len(self._lineage) + 1,
+            old_run_id=recovery.old_run_id,
+            new_run_id=recovery.new_run_id,
+            checkpoint=recovery.checkpoint.tinker_path,
+            attempts=recovery.attempts,
+            seconds=recovery.seconds,
+            global_step=reached,
+            resume_step=resume,
+            steps_lost=max(reached - resume, 0) if resume is not None else None,
         )
+        if recovery.client is not None:
+            old = getattr(pl_module, self.client_attr, None)
+            setattr(pl_module, self.client_attr, recovery.client)
+            if self.replay:
+                self._untrack_saves(old)
+                self._track_saves(recovery.client)
+        self._run_id = recovery.new_run_id
+        self._lineage.append(record)
+        logger.info(
+            "TinkexRecovery: run %s recovered as %s from %s (step %s); the lost run had taken %d step(s)",
+            record["old_run_id"],
+            record["new_run_id"],
+            record["checkpoint"],
+            "?" if resume is None else resume,
+            reached,
+        )
+        metrics = {"tinker/recoveries": float(record["number"]), "tinker/seconds_to_recover": record["seconds"]}
+        if record["steps_lost"] is not None:
+            metrics["tinker/steps_lost"] = float(record["steps_lost"])
+            report_steps_lost(record["steps_lost"], "lightning")
+        for lightning_logger in trainer.loggers:
+            lightning_logger.log_metrics(metrics, step=reached)
+        if self.replay:
+            self._check_replayable(recovery, resume)
+            assert resume is not None  # checked above
+            self._set_counter(resume)
+            self._release_to(resume)
+            self._replay_from = resume
+        else:
+            self._set_counter(reached)  # undo what a failed batch counted; the module rewinds on its own
+        self._call_hook(pl_module, recovery, range(resume if resume is not None else reached, reached))
 
-    # -- every rank: act on the notice, on the main thread --------------------------------------------
-    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, notice: _Notice, local: list[Recovery]) -> None:
-        records = notice["records"]
-        if records:
-            recoveries: list[Recovery] | None = local
-            error: BaseException | None = None
-            if not trainer.is_global_zero:
-                try:
-                    recoveries = self._restore_here(pl_module, notice)
-                except Exception as exc:
-                    recoveries, error = None, exc
-            # Every rank learns whether every rank has its client, so none is left waiting in a collective.
-            if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(error is None, all=True):
-                cause = describe(error) if error else "another rank could not restore from the checkpoint"
-                raise RecoveryExhausted(
-                    records[-1]["old_run_id"], records[-1]["attempts"], cause, reason=ExhaustedReason.FATAL
-                ) from error
-            assert recoveries is not None
-            self._swap(trainer, pl_module, records, recoveries)
-        if notice["exhausted"] is not None:
-            run_id, attempts, last_error, reason = notice["exhausted"]
-            self._give_up(trainer, RecoveryExhausted(run_id, attempts, last_error, reason=ExhaustedReason(reason)))
+    def _check_replayable(self, recovery: Recovery, resume: int | None) -> None:
+        where = f"run {recovery.new_run_id} was restored from {recovery.checkpoint.tinker_path}"
+        if resume is None:
+            raise CannotReplay(f"{where}, which records no {STEP_KEY!r} in its user_metadata")
+        if resume < self._floor:
+            raise CannotReplay(
+                f"{where} (step {resume}), older than the replay buffer reaches (step {self._floor}): the "
+                "batches in between are no longer held"
+            )
+        if resume > self._reached:
+            raise CannotReplay(
+                f"{where} (step {resume}), ahead of the {self._reached} steps this fit has taken: its step does "
+                "not count optimizer steps as the trainer does"
+            )
 
-    def _swap(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        records: list[LineageRecord],
-        recoveries: list[Recovery],
-    ) -> None:
+    def _call_hook(self, pl_module: pl.LightningModule, recovery: Recovery, steps: range) -> None:
         hook = getattr(pl_module, _HOOK, None)
-        for record, recovery in zip(records, recoveries, strict=True):
-            if recovery.client is not None:
-                setattr(pl_module, self.client_attr, recovery.client)
-                self._run_id = recovery.new_run_id
-            self._lineage.append(record)
-            logger.info(
-                "TinkexRecovery: run %s recovered as %s from %s; swapped in at global step %d (steps lost: %s)",
-                record["old_run_id"],
-                recovery.new_run_id,
-                record["checkpoint"],
-                record["global_step"],
-                "?" if record["steps_lost"] is None else record["steps_lost"],
-            )
-            if trainer.is_global_zero:
-                metrics = {"tinker/recoveries": float(record["number"]), "tinker/seconds_to_recover": record["seconds"]}
-                if record["steps_lost"] is not None:
-                    metrics["tinker/steps_lost"] = float(record["steps_lost"])
-                    report_steps_lost(record["steps_lost"], "lightning")
-                for lightning_logger in trainer.loggers:
-                    lightning_logger.log_metrics(metrics, step=trainer.global_step)
-            if callable(hook):
-                hook(recovery)
+        if not callable(hook):
+            return
+        if _takes_two(hook):
+            hook(recovery, steps)
+        else:
+            hook(recovery)
 
-    def _restore_here(self, pl_module: pl.LightningModule, notice: _Notice) -> list[Recovery]:
-        """On a rank other than 0: a client of this rank's own, restored from the newest broadcast checkpoint."""
-        records = notice["records"]
-        checkpoints = [Checkpoint.model_validate(c) for c in notice["checkpoints"]]
-        old_run_id = self._run_id or records[0]["old_run_id"]
-        client = self._restore(pl_module, checkpoints[-1].tinker_path, old_run_id, records[-1]["number"])
-        recoveries = []
-        for i, (record, checkpoint) in enumerate(zip(records, checkpoints, strict=True)):
-            last = i == len(records) - 1
-            recoveries.append(
-                Recovery(
-                    old_run_id=old_run_id if i == 0 else records[i - 1]["new_run_id"],
-                    new_run_id=client.model_id if last else record["new_run_id"],
-                    checkpoint=checkpoint,
-                    attempts=record["attempts"],
-                    seconds=record["seconds"],
-                    number=record["number"],
-                    client=client if last else None,
-                )
-            )
-        return recoveries
-
-    def _restore(self, pl_module: pl.LightningModule, path: str, old_run_id: str, number: int) -> Any:
-        service = getattr(pl_module, self.service_attr)
-        metadata = lineage_metadata(old_run_id, path, number)
-        cond = threading.Condition()
-        for attempt in range(1, self.policy.max_attempts + 1):
+    def _replay(self, original: Callable[..., Any]) -> None:
+        """Run again, on the new client, every buffered batch from the restored checkpoint's step on. The
+        replayed batches go back into the buffer as they complete, so a run lost during the replay is replayed
+        from the next recovery in turn."""
+        start, self._replay_from = self._replay_from, None
+        assert start is not None
+        todo = [b for b in self._buffer if b.step >= start]
+        self._buffer.clear()
+        counter = self._counter
+        logger.info("TinkexRecovery: replaying %d batch(es) from step %d on the new run", len(todo), start)
+        for i, batch in enumerate(todo):
+            step = counter.completed if counter is not None else batch.step
             try:
-                pending = restore_from(service, path, with_optimizer=self.policy.restore_optimizer, metadata=metadata)
-                client = resolve(pending, timeout=self.policy.attempt_timeout)
-                if not isinstance(getattr(client, "model_id", None), str):
-                    raise TypeError(f"the restored client has no model_id (got {type(client).__name__})")
-                return client
-            except Exception as exc:
-                if attempt == self.policy.max_attempts:
-                    raise
-                logger.warning("TinkexRecovery: restore from %s failed (%s); retrying", path, describe(exc))
-                p = self.policy
-                delay = backoff_delay(attempt, base=p.backoff, cap=p.max_backoff, jitter=0.0, u=0.0)
-                with cond:
-                    self._clock.wait(cond, delay)
-        raise AssertionError("unreachable")
+                original(*batch.args, **batch.kwargs)
+            except BaseException:
+                self._buffer.extend(todo[i:])
+                raise
+            self._buffer.append(_Batch(step, batch.args, batch.kwargs))
 
+    def _set_counter(self, step: int) -> None:
+        """Set ``trainer.global_step`` (under manual optimization: the optimizer-step progress) to ``step``.
+
+        Called on the main thread between optimizer steps, never during one. Both trackers (``total``, which
+        global_step reads, and ``current``) move by the same amount, and ``ready`` is aligned with ``completed``,
+        as Lightning's own restart does."""
+        progress = self._progress
+        if progress is None:
+            return
+        delta = step - progress.total.completed
+        if delta == 0:
+            return
+        for tracker in (progress.total, progress.current):
+            tracker.completed = max(tracker.completed + delta, 0)
+            tracker.ready = tracker.completed
+
+    # -- the checkpoints the module saves: where the replay buffer starts -----------------------------
+    def _track_saves(self, client: Any) -> None:
+        """Wrap ``client.save_state`` (an instance attribute, removed at the release) to learn the step of each
+        checkpoint the module saves."""
+        original = getattr(client, "save_state", None)
+        if not callable(original) or getattr(original, "_tinkex_tracked", False):
+            return
+
+        @functools.wraps(original)
+        def save_state(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            metadata = kwargs["user_metadata"] if "user_metadata" in kwargs else (args[3] if len(args) > 3 else None)
+            step = _step_in(metadata)
+            if step is not None:
+                self._saves.append((step, result))
+            return result
+
+        save_state._tinkex_tracked = True  # type: ignore[attr-defined]
+        try:
+            setattr(client, "save_state", save_state)  # noqa: B010
+        except (AttributeError, TypeError) as exc:
+            raise TypeError(
+                f"TinkexRecovery: cannot follow {type(client).__name__}.save_state to bound the replay buffer "
+                f"({exc}); pass replay=False and replay in on_tinker_recovery"
+            ) from exc
+        self._undo.append(lambda: self._untrack_saves(client))
+
+    @staticmethod
+    def _untrack_saves(client: Any) -> None:
+        current = vars(client).get("save_state") if hasattr(client, "__dict__") else None
+        if current is not None and getattr(current, "_tinkex_tracked", False):
+            delattr(client, "save_state")
+
+    def _settle_saves(self) -> None:
+        """Drop from the buffer what a checkpoint that is now known to be saved holds."""
+        handle = self._handle
+        if handle is not None and not handle.settled:
+            return  # a recovery is choosing its checkpoint: keep every batch until it is swapped in
+        pending: list[tuple[int, Any]] = []
+        newest = self._floor
+        for step, future in self._saves:
+            try:
+                resolve(future, timeout=0)
+            except TimeoutError:
+                pending.append((step, future))
+                continue
+            except Exception:  # the save failed: there is no such checkpoint
+                continue
+            newest = max(newest, step)
+        self._saves = pending
+        if newest > self._floor:
+            self._release_to(newest)
+
+    def _release_to(self, step: int) -> None:
+        """The newest known checkpoint holds ``step`` optimizer steps: the batches before it are not needed."""
+        self._floor = step
+        buffer = self._buffer
+        while buffer and buffer[0].step < step:
+            buffer.popleft()
+
+    def _step_of(self, checkpoint: Checkpoint) -> int | None:
+        """The engine's choice of checkpoints (called on its threads): only those with a step, and with replay,
+        a step the buffer can replay from (no older than it reaches back, no further than the steps taken)."""
+        step = checkpoint.step
+        if step is None or not self.replay:
+            return step
+        counter = self._counter
+        if step < self._floor or (counter is not None and step > counter.completed):
+            return None
+        return step
+
+    # -- the end -----------------------------------------------------------------------------------------
     def _give_up(self, trainer: pl.Trainer, error: RecoveryExhausted, cause: BaseException | None = None) -> None:
         self._exhausted = error
         if self.on_exhausted == "raise":
@@ -393,57 +565,18 @@ class TinkexRecovery(Callback):
         self._stopped = True
         trainer.should_stop = True
 
-    # -- a training_step that fails because the run was lost mid-batch --------------------------------
-    def _wrap_training_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        original = pl_module.training_step
-
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            for rerun in range(_MAX_STEP_RERUNS + 1):
-                if self._stopped:  # once stopped, the rest of the fit must not call the lost run
-                    break
-                try:
-                    return original(*args, **kwargs)
-                except Exception as exc:
-                    if rerun == _MAX_STEP_RERUNS or not self._recover_failed_step(trainer, pl_module, exc):
-                        raise
-            return None
-
-        setattr(pl_module, "training_step", training_step)  # noqa: B010 (an instance attribute, undone below)
-
-        def unwrap() -> None:
-            if vars(pl_module).get("training_step") is training_step:
-                delattr(pl_module, "training_step")
-
-        self._unwrap = unwrap
-
-    def _recover_failed_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exc: Exception) -> bool:
-        """True if the step should run again (a recovery was swapped in) or be skipped (a graceful stop)."""
-        handle = self._handle
-        if handle is None or trainer.world_size > 1:
-            return False
-        if not handle.check_now() and handle.state is not RunState.EXHAUSTED:
-            return False  # the run is healthy: the error is the step's own
-        logger.warning("TinkexRecovery: training_step failed on a lost run (%s); recovering", describe(exc))
-        recoveries, exhausted = self._collect()
-        notice = self._notice(trainer, recoveries, exhausted)
-        if notice is None:
-            return False
-        if notice["records"]:
-            self._swap(trainer, pl_module, notice["records"], recoveries)
-        if exhausted is not None:
-            self._give_up(trainer, exhausted, cause=exc)
-        return True
-
     def _release(self) -> None:
-        """Stop the engine's threads and undo the training_step wrapper. Idempotent."""
-        self._watching = False
+        """Stop the engine's threads, undo the wrappers, drop the buffer. Idempotent."""
         engine, self._engine, self._handle = self._engine, None, None
         if engine is not None:
             engine.close()
-        unwrap, self._unwrap = self._unwrap, None
-        if unwrap is not None:
-            unwrap()
+        undo, self._undo = self._undo, []
+        for fn in reversed(undo):
+            fn()
+        self._buffer.clear()
+        self._saves = []
+        self._replay_from = None
+        self._counter = self._progress = None
 
 
 def _as_record(value: Any) -> LineageRecord:
@@ -453,9 +586,25 @@ def _as_record(value: Any) -> LineageRecord:
     return cast(LineageRecord, {k: value[k] for k in LineageRecord.__annotations__})
 
 
-def _resume_step(checkpoint: Checkpoint) -> int | None:
-    value = (checkpoint.user_metadata or {}).get(_STEP_KEY)
+def _step_in(metadata: object) -> int | None:
+    """The step a save_state call records (as :attr:`Checkpoint.step` would read it), or None."""
+    if not isinstance(metadata, Mapping):
+        return None
+    raw = metadata.get(STEP_KEY)
     try:
-        return int(value) if value is not None else None
+        step = int(raw) if isinstance(raw, str | int) else None
     except ValueError:
         return None
+    return step if step is not None and step >= 0 else None
+
+
+def _takes_two(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` (the module's bound hook) accepts a second positional argument."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional for p in params) >= 2

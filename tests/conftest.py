@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from tinkex_recovery import FakeClock
+from tinkex_recovery import FakeClock, RecoveryEngine, RecoveryPolicy
 from tinkex_recovery.simulated import SimulatedTinker
 
 from .helpers import EventLog
@@ -51,3 +52,26 @@ def sim(clock: FakeClock) -> Iterator[SimulatedTinker]:
 @pytest.fixture
 def events() -> EventLog:
     return EventLog()
+
+
+#: The policy of ``make_engine``'s engines: retries wait out a known backoff, no jitter, and only the test polls.
+ENGINE_POLICY = {"enabled": True, "jitter": 0.0, "backoff": 5.0, "max_backoff": 60.0, "poll_interval": 3600.0}
+
+
+@pytest.fixture
+def make_engine(clock: FakeClock, events: EventLog) -> Iterator[Callable[..., RecoveryEngine]]:
+    """Started engines on the test's clock, every event recorded in ``events``; closed after the test.
+    ``make_engine(status=None, max_concurrent=1, **policy_fields)``."""
+    engines: list[RecoveryEngine] = []
+
+    def make(status: Any = None, max_concurrent: int = 1, **policy: Any) -> RecoveryEngine:
+        engine = RecoveryEngine(
+            RecoveryPolicy(**{**ENGINE_POLICY, **policy}), status=status, max_concurrent=max_concurrent, clock=clock
+        )
+        engine.subscribe(events)
+        engines.append(engine.start())
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()

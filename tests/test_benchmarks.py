@@ -26,6 +26,8 @@ REQUIRED = [
     "threads_at_1_guard",
     "threads_at_16_guards",
     "lightning_overhead_us_per_batch",
+    "lightning_hook_us_per_batch",
+    "lightning_replay_seconds_per_recovery",
     "recovery_overhead_ms",
     "rss_mb_per_1000_runs",
     "threads_at_10_runs",

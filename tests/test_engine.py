@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tinkex_recovery import (
+    BUDGET_KEYS,
     LINEAGE_KEYS,
     EngineClosed,
     EngineState,
@@ -28,25 +28,6 @@ from tinkex_recovery import (
 from tinkex_recovery.simulated import SimulatedTinker
 
 from .helpers import WAIT, EventLog, run_with_checkpoints, train
-
-FAST = {"enabled": True, "jitter": 0.0, "backoff": 5.0, "max_backoff": 60.0}
-
-
-@pytest.fixture
-def make_engine(clock: FakeClock, events: EventLog) -> Iterator[Any]:
-    engines: list[RecoveryEngine] = []
-
-    def make(status: Any = None, max_concurrent: int = 1, **policy: Any) -> RecoveryEngine:
-        engine = RecoveryEngine(
-            RecoveryPolicy(**{**FAST, **policy}), status=status, max_concurrent=max_concurrent, clock=clock
-        )
-        engine.subscribe(events)
-        engines.append(engine.start())
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
 
 
 # -- Tinkex's checklist -------------------------------------------------------------------------------------
@@ -315,6 +296,8 @@ def test_the_new_run_gets_the_old_runs_metadata_and_lineage_keys(sim: SimulatedT
         LINEAGE_KEYS[0]: client.model_id,
         LINEAGE_KEYS[1]: path,
         LINEAGE_KEYS[2]: "1",
+        BUDGET_KEYS[0]: "2026-01-01T00:00:00.000000Z",  # the FakeClock's wall time of this recovery
+        BUDGET_KEYS[1]: "0",
     }
 
 
@@ -419,24 +402,6 @@ def test_all_checkpoints_broken_ends_exhausted_within_the_depth(
     with pytest.raises(RecoveryExhausted):
         handle.wait_for_recovery(WAIT)
     assert [TinkerName(c[0]) for c in sim.restore_calls] == ["0010", "0008", "0006"]
-
-
-def test_attempt_timeout_bounds_a_hung_restore(
-    sim: SimulatedTinker, make_engine: Any, events: EventLog, clock: FakeClock
-) -> None:
-    client = run_with_checkpoints(sim)
-    sim.hang_restores(1)
-    engine = make_engine(attempt_timeout=20.0)
-    handle = engine.watch(client.model_id, sim)
-    sim.corrupt(client.model_id)
-    engine.poll_once()
-    events.wait_for(EventKind.CHECKPOINT_SELECTED)
-    clock.advance(20.0)
-    failed = events.wait_for(EventKind.FAILED)[0]
-    assert "attempt_timeout=20.0" in str(failed.error) and failed.will_retry
-    clock.advance(5.0)
-    assert handle.wait_for_recovery(WAIT).attempts == 2
-    sim.release()
 
 
 def test_a_recovered_run_lost_before_its_first_checkpoint_restores_from_the_inherited_one(

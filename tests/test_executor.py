@@ -329,6 +329,7 @@ def test_timeouts_and_retries_never_exceed_max_concurrent_nor_overlap_a_key_nor_
             assert not t.overlap, "a key was in two attempts the executor waited for at once"
             assert not set(t.adopted_ids) & t.abandoned_ids, "an abandoned attempt's result was adopted"
             assert sorted(t.late_ids) == sorted(t.abandoned_ids)
-            assert len(t.adopted_ids) == accepted == len({key for key, _ in requests})
+            # A duplicate submitted after its twin finished is accepted: every accepted job ends adopted, once.
+            assert len(t.adopted_ids) == accepted >= len({key for key, _ in requests})
     finally:
         ex.close()

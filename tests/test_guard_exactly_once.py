@@ -66,7 +66,14 @@ def run(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], list[int
             recovered.notify_all()
 
     policy = RecoveryPolicy(
-        enabled=True, poll_interval=INTERVAL, backoff=0, max_backoff=0, max_attempts=3, on_recovery=on_recovery
+        enabled=True,
+        poll_interval=INTERVAL,
+        backoff=0,
+        max_backoff=0,
+        max_attempts=3,
+        on_recovery=on_recovery,
+        max_recoveries=None,  # schedules corrupt one lineage many times, on a clock that barely moves, on purpose
+        max_no_progress=None,
     )
     service = CorruptOnArrival(sim, doomed)
     client = sim.create_lora_training_client(base_model="Qwen/Qwen3-8B")
@@ -120,7 +127,14 @@ def run_async(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], li
             asyncio.run_coroutine_threadsafe(count(), loop)
 
         policy = RecoveryPolicy(
-            enabled=True, poll_interval=INTERVAL, backoff=0, max_backoff=0, max_attempts=3, on_recovery=on_recovery
+            enabled=True,
+            poll_interval=INTERVAL,
+            backoff=0,
+            max_backoff=0,
+            max_attempts=3,
+            on_recovery=on_recovery,
+            max_recoveries=None,  # as in run(): many recoveries of one lineage, on a clock that barely moves
+            max_no_progress=None,
         )
         async with recovery_guard(client.model_id, service, policy=policy, client=client, clock=clock) as guard:
             async for step in guard.steps(range(STEPS)):

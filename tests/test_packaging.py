@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -73,3 +74,51 @@ def test_built_wheel_installs_and_imports(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "tinkex_recovery/integrations/__init__.py" in names and "tinkex_recovery/py.typed" in names
     assert not any(n.startswith("integrations/") for n in names)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The modules ``path`` imports (relative imports made absolute within its package)."""
+    package = "tinkex_recovery.integrations" if path.parent.name == "integrations" else "tinkex_recovery"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([package, *([base] if base else [])])
+            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_integrations_use_the_public_api_and_the_one_internal_seam() -> None:
+    seam = "tinkex_recovery._integration"
+    for path in sorted((ROOT / "integrations").glob("*.py")):
+        private = {
+            m
+            for m in imports_of(path)
+            if m.startswith("tinkex_recovery._")
+            and not m.startswith("tinkex_recovery.__")  # __version__ is public
+            and m != seam
+            and not m.startswith(f"{seam}.")
+        }
+        assert not private, f"{path.name} imports private core modules {sorted(private)}: use {seam}"
+
+
+def test_no_import_circles_within_integrations_and_rest_stays_out_of_the_engine() -> None:
+    modules = {p.stem: imports_of(p) for p in (ROOT / "integrations").glob("*.py")}
+    graph = {
+        name: {
+            m.split(".")[2]
+            for m in mods
+            if m.startswith("tinkex_recovery.integrations.") and m.split(".")[2] in modules
+        }
+        for name, mods in modules.items()
+    }
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph[start])
+
+    circles = sorted(name for name in graph if reaches(name, name, {name}))
+    assert not circles, f"import circle through {circles}"
+    assert not {m for m in imports_of(ROOT / "tinkex_recovery" / "_rest.py") if m.startswith("tinkex_recovery._engine")}

@@ -20,6 +20,12 @@ def test_defaults_match_the_contract() -> None:
         300.0,
     )
     assert p.fallback_depth == 2 and p.on_recovery is None and p.on_failure is None
+    assert (p.max_recoveries, p.recovery_window, p.max_no_progress, p.mode) == (10, 3600.0, 3, "recover")
+
+
+def test_budgets_can_be_turned_off() -> None:
+    p = RecoveryPolicy.model_validate({"max_recoveries": None, "max_no_progress": None})
+    assert p.max_recoveries is None and p.max_no_progress is None
 
 
 def test_builds_from_a_json_config() -> None:
@@ -43,6 +49,12 @@ def test_is_frozen() -> None:
         ("poll_interval", 0),
         ("attempt_timeout", -5),
         ("fallback_depth", -1),
+        ("max_recoveries", 0),
+        ("max_recoveries", "unlimited"),
+        ("recovery_window", 0),
+        ("recovery_window", -60),
+        ("max_no_progress", 0),
+        ("mode", "dry-run"),
         ("checkpoint_strategy", "newest"),
         ("checkpoint_strategy", "tinker://run-1/weights"),
         ("checkpoint_strategy", "tinker://run-1/sampler_weights/0001"),

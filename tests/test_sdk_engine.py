@@ -11,7 +11,7 @@ import pytest
 import tinker
 from pytest_mock import MockerFixture
 
-from tinkex_recovery import LINEAGE_KEYS, EventKind, RecoveryEngine, RecoveryPolicy, RunState
+from tinkex_recovery import BUDGET_KEYS, LINEAGE_KEYS, EventKind, RecoveryEngine, RecoveryPolicy, RunState
 from tinkex_recovery.simulated import SimulatedTinker
 
 from .helpers import WAIT, EventLog
@@ -64,6 +64,8 @@ def test_a_corrupted_run_is_restored_through_the_sdk_twice_with_the_status_sourc
             LINEAGE_KEYS[0]: client.model_id,
             LINEAGE_KEYS[1]: second_path,
             LINEAGE_KEYS[2]: "1",
+            BUDGET_KEYS[0]: run.user_metadata[BUDGET_KEYS[0]],  # the wall-clock time of this recovery
+            BUDGET_KEYS[1]: "0",
         }
 
         # The recovered client trains on; its run is lost before it saves: restored from the same checkpoint.

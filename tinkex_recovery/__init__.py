@@ -14,6 +14,7 @@ from ._engine import EngineState, RecoveryEngine, RunHandle, RunState
 from ._events import EventKind, RecoveryEvent
 from ._exceptions import (
     AuthenticationError,
+    CannotReplay,
     ClientClosed,
     EngineClosed,
     EngineNotStarted,
@@ -25,6 +26,7 @@ from ._exceptions import (
     PermissionDenied,
     RecoveryDisabled,
     RecoveryExhausted,
+    RecoveryRefused,
     ResumeBeforeFirstStep,
     RunNotFound,
     TinkerAPIError,
@@ -34,7 +36,7 @@ from ._exceptions import (
 )
 from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
 from ._policy import RecoveryPolicy
-from ._recovery import LINEAGE_KEYS, Recovery
+from ._recovery import BUDGET_KEYS, LINEAGE_KEYS, Recovery
 
 if TYPE_CHECKING:
     from .integrations import recovery_guard
@@ -44,8 +46,10 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUDGET_KEYS",
     "LINEAGE_KEYS",
     "AuthenticationError",
+    "CannotReplay",
     "Checkpoint",
     "CheckpointList",
     "ClientClosed",
@@ -68,6 +72,7 @@ __all__ = [
     "RecoveryEvent",
     "RecoveryExhausted",
     "RecoveryPolicy",
+    "RecoveryRefused",
     "ResumeBeforeFirstStep",
     "RunHandle",
     "RunNotFound",

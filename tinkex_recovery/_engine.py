@@ -28,7 +28,7 @@ from ._futures import resolve
 from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._observers import report_poll, track_engine
 from ._policy import RecoveryPolicy
-from ._recovery import Recovery, RecoveryJob
+from ._recovery import History, Recovery, RecoveryJob
 from ._retry import describe
 from ._selection import StepOf
 
@@ -96,6 +96,8 @@ class _Lineage:
     inherited: list[Checkpoint] = field(default_factory=list)
     step_of: StepOf | None = None
     observed: str | None = None  # observe mode: the corrupted run already reported (it stays corrupted)
+    observation: RecoveryEvent | None = None  # observe mode: what a recovery of `observed` would do
+    history: History = field(default_factory=History)  # what the safety budgets count (merged with run metadata)
     failed_polls: int = 0
     exhausted: RecoveryExhausted | None = None
     announced: int = 0  # recoveries whose events and callbacks have run: wait_for_recovery() may return them
@@ -137,6 +139,30 @@ class RunHandle:
     @property
     def recoveries(self) -> tuple[Recovery, ...]:
         return self._lineage.recoveries
+
+    @property
+    def observed(self) -> str | None:
+        """In ``observe`` mode, the watched run found corrupted: its recovery was reported (``detected``,
+        ``checkpoint_selected``) and not made. None otherwise. Lock-free."""
+        return self._lineage.observed
+
+    def observation(self, timeout: float | None = None) -> RecoveryEvent | None:
+        """In ``observe`` mode, what a recovery of the observed run (:attr:`observed`) would do: the
+        ``checkpoint_selected`` event naming the checkpoint it would restore, or the ``failed`` event saying why
+        it would not (no usable checkpoint, a safety budget). Waits up to ``timeout`` seconds for that check to
+        finish; None when no run was observed, or on timeout, or if the engine closes first."""
+        engine, lineage = self._engine, self._lineage
+        with engine._cond:
+            engine._cond.wait_for(
+                lambda: (
+                    lineage.observed is None
+                    or lineage.observation is not None
+                    or lineage.state is not RunState.WATCHING
+                    or engine.state is EngineState.CLOSED
+                ),
+                timeout,
+            )
+            return lineage.observation if lineage.observed is not None else None
 
     @property
     def settled(self) -> bool:
@@ -234,7 +260,8 @@ class RunHandle:
         """Restore this run now from the checkpoint the policy chooses, whether or not it is corrupted: what a
         restarted process does to resume. The same recovery as for a corruption (rules, events, callbacks);
         collect it with :meth:`wait_for_recovery`. Raises :class:`RuntimeError` if a recovery is under way
-        or the lineage is not being watched."""
+        or the lineage is not being watched. In ``observe`` mode it only reports the checkpoint it would restore
+        from: no recovery follows."""
         self._engine._require_opened()
         self._engine._recover(self._lineage, None)
 
@@ -529,7 +556,7 @@ class RecoveryEngine:
                     return
                 raise RuntimeError(f"run {lineage.run_id} is {lineage.state.value}; no recovery can start now")
             if observe:
-                lineage.observed = lineage.run_id
+                lineage.observed, lineage.observation = lineage.run_id, None
             else:
                 lineage.state = RunState.RECOVERING
             job = RecoveryJob(
@@ -546,9 +573,11 @@ class RecoveryEngine:
                 inherited=lineage.inherited,
                 step_of=lineage.step_of,
                 number=len(lineage.recoveries) + 1,
+                history=lineage.history,
                 detected_at=self._clock.monotonic(),
                 on_done=lambda job, recovery: self._completed(lineage, job, recovery),
                 on_exhausted=lambda job, error: self._exhausted(lineage, job, error),
+                on_observed=lambda job, event: self._observed(lineage, event),
             )
         if run is not None:
             self._bus.emit(RecoveryEvent(EventKind.DETECTED, run.training_run_id, since_detected=0.0))
@@ -557,7 +586,7 @@ class RecoveryEngine:
 
     def _completed(self, lineage: _Lineage, job: RecoveryJob, recovery: Recovery) -> None:
         restored = recovery.checkpoint
-        older = [c for c in [*(job.listed or []), *job.inherited] if c.time < restored.time]
+        older = [c for c in [*(job.listed or []), *job.inherited, *job.origin] if c.time < restored.time]
         with self._cond:
             if self._state is EngineState.CLOSED:
                 return
@@ -567,6 +596,7 @@ class RecoveryEngine:
             lineage.client = recovery.client
             lineage.recoveries = (*lineage.recoveries, recovery)
             lineage.rejected = job.rejected
+            lineage.history = job.history_after(recovery)
             # The new run has no checkpoint of its own yet; if it is lost too, these are what it can use.
             lineage.inherited = [restored, *older]  # those in lineage.rejected are passed over at selection
             lineage.failed_polls = 0
@@ -587,6 +617,11 @@ class RecoveryEngine:
         if on_recovery is not None:
             self._bus.call(lambda: call_safely(on_recovery, recovery, what="on_recovery callback"))
         self._bus.call(lambda: self._announce(lineage))  # waiters wake once the events and callbacks have run
+
+    def _observed(self, lineage: _Lineage, event: RecoveryEvent) -> None:
+        with self._cond:
+            lineage.observation = event
+            self._cond.notify_all()
 
     def _announce(self, lineage: _Lineage) -> None:
         with self._cond:

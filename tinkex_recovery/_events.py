@@ -55,7 +55,8 @@ class RecoveryEvent:
     ``run_id`` is the run being recovered (or polled); ``attempt`` counts restore calls (0 before the first);
     ``since_detected`` is seconds since the corruption was detected and ``attempt_seconds`` the duration of
     the current attempt, where they apply. ``error`` is a redacted one-line description of a failure;
-    ``reason`` says why a recovery was exhausted.
+    ``reason`` (an :class:`~tinkex_recovery.ExhaustedReason` value) says why a recovery was exhausted, or, on a
+    ``failed`` event, that a safety budget refused it (in observe mode: would have).
     """
 
     kind: EventKind

@@ -7,7 +7,9 @@
     ├── EngineClosed                            the engine was used after close()
     ├── RecoveryExhausted                       recovery gave up (see .reason); the run stays lost
     ├── NoRestorableCheckpoint                  no checkpoint left to restore from (a RecoveryExhausted's cause)
+    ├── RecoveryRefused                         a safety budget refused the next recovery (a RecoveryExhausted's cause)
     ├── ResumeBeforeFirstStep                   a guard's steps() cannot reach the restored checkpoint's step
+    ├── CannotReplay                            Lightning: the restored checkpoint lies outside the replay buffer
     ├── MissingAPIKey (also ValueError)         no API key was given and TINKER_API_KEY is unset
     ├── ClientClosed                            a TinkerRest was used after close()
     └── TinkerAPIError                          the REST client could not get an answer
@@ -27,6 +29,7 @@ from enum import StrEnum
 
 __all__ = [
     "AuthenticationError",
+    "CannotReplay",
     "ClientClosed",
     "EngineClosed",
     "EngineNotStarted",
@@ -38,6 +41,7 @@ __all__ = [
     "PermissionDenied",
     "RecoveryDisabled",
     "RecoveryExhausted",
+    "RecoveryRefused",
     "ResumeBeforeFirstStep",
     "RunNotFound",
     "TinkerAPIError",
@@ -104,9 +108,33 @@ class NoRestorableCheckpoint(TinkexRecoveryError):
     """Nothing left to restore from: no checkpoint, or every one within the fallback depth was unusable."""
 
 
+class RecoveryRefused(TinkexRecoveryError):
+    """A safety budget of the policy refused to start the next recovery of a lineage: :attr:`reason` is
+    :attr:`ExhaustedReason.BUDGET` (``max_recoveries`` within ``recovery_window``) or
+    :attr:`ExhaustedReason.NO_PROGRESS` (``max_no_progress`` restored runs in a row lost before saving a newer
+    checkpoint). No restore call was made."""
+
+    def __init__(self, message: str, *, reason: ExhaustedReason) -> None:
+        self.reason = ExhaustedReason(reason)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_refused, (str(self), self.reason.value))
+
+
+def _rebuild_refused(message: str, reason: str) -> RecoveryRefused:
+    return RecoveryRefused(message, reason=ExhaustedReason(reason))
+
+
 class ResumeBeforeFirstStep(TinkexRecoveryError):
     """The restored checkpoint's step lies before the first index of the iterable given to ``guard.steps()``,
     so the loop cannot resume there."""
+
+
+class CannotReplay(TinkexRecoveryError):
+    """The restored checkpoint is one the Lightning callback cannot replay from: it records no step, or it lies
+    outside the batches the replay buffer holds. Training on would train some batch twice or never. The engine
+    skips such checkpoints when it chooses; this is the backstop for one chosen while the buffer moved."""
 
 
 class ClientClosed(TinkexRecoveryError):

@@ -6,7 +6,8 @@ public API but that every wrapper needs, from this module only, never from the c
 
 from __future__ import annotations
 
-from ._engine import SERVICE_METHODS, STATUS_METHODS, require_methods, rest_client_of
+from ._engine import SERVICE_METHODS, STATUS_METHODS, RunHandle, require_methods, rest_client_of
+from ._events import EventKind
 from ._futures import resolve
 from ._models import STEP_KEY, validate_run_id
 from ._observers import RecoveryObserver, add_observer, report_steps_lost, watched_run_count
@@ -25,4 +26,17 @@ __all__ = [
     "rest_client_of",
     "validate_run_id",
     "watched_run_count",
+    "would_do",
 ]
+
+
+def would_do(handle: RunHandle, timeout: float) -> str:
+    """Observe mode: what recover mode would do about the run ``handle`` observed corrupted, in words for a log
+    line (waiting up to ``timeout`` seconds for the engine's check of it)."""
+    event = handle.observation(timeout)
+    if event is None:
+        return "what a recovery would do is not known yet"
+    if event.kind is EventKind.CHECKPOINT_SELECTED:
+        return f"recover mode would restore a new run from {event.checkpoint}"
+    reason = f" ({event.reason})" if event.reason else ""
+    return f"recover mode would not recover it{reason}: {event.error}"

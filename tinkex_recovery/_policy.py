@@ -21,6 +21,8 @@ class RecoveryPolicy(BaseModel):
 
     ``max_attempts`` and ``fallback_depth`` bound one recovery together: it ends at whichever is reached first
     (``max_attempts`` restore calls, whatever they failed for, or ``fallback_depth + 1`` checkpoints rejected).
+    ``max_recoveries`` (per ``recovery_window``) and ``max_no_progress`` bound the recoveries of a lineage: a
+    corruption past either ends the lineage ``exhausted`` instead of restoring it again. ``None`` turns one off.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -45,6 +47,20 @@ class RecoveryPolicy(BaseModel):
     attempt_timeout: float = Field(300.0, gt=0, description="A restore call that takes longer is abandoned.")
     fallback_depth: int = Field(
         2, ge=0, description="How many older checkpoints may be tried after the chosen one is rejected."
+    )
+    max_recoveries: int | None = Field(
+        10,
+        ge=1,
+        description="Recoveries of one lineage allowed within any recovery_window seconds; None: no limit.",
+    )
+    recovery_window: float = Field(
+        3600.0, gt=0, description="The sliding window, in seconds (wall clock), that max_recoveries counts over."
+    )
+    max_no_progress: int | None = Field(
+        3,
+        ge=1,
+        description="Recoveries in a row whose restored run was lost before saving a newer checkpoint, after "
+        "which the lineage ends instead of restoring the same checkpoint again; None: no limit.",
     )
     degraded_after: int = Field(
         3, ge=1, description="Consecutive failed polls of a run before poll_degraded is emitted."

@@ -14,22 +14,30 @@ from __future__ import annotations
 import inspect
 import random
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ._clock import Clock
 from ._events import EventBus, EventKind, RecoveryEvent
-from ._exceptions import ExhaustedReason, NoRestorableCheckpoint, RecoveryExhausted
+from ._exceptions import (
+    ExhaustedReason,
+    InvalidTinkerPath,
+    NoRestorableCheckpoint,
+    RecoveryExhausted,
+    RecoveryRefused,
+)
 from ._executor import Cancellation, Outcome, OutcomeKind
-from ._models import Checkpoint, CheckpointList, TrainingRun
+from ._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
 from ._policy import RecoveryPolicy
 from ._redact import without_secrets
 from ._retry import FailureKind, backoff_delay, classify, describe
 from ._selection import StepOf, dedupe, rank, synthetic, walk
 
-__all__ = ["LINEAGE_KEYS", "Recovery"]
+__all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"]
 
 #: user_metadata keys written on every recovered run, naming where it came from.
 LINEAGE_KEYS = (
@@ -37,6 +45,62 @@ LINEAGE_KEYS = (
     "tinkex_recovery.recovered_from_checkpoint",
     "tinkex_recovery.recovery_number",
 )
+
+#: user_metadata keys written on every recovered run for the safety budgets, so that a restarted process counts
+#: the recoveries of the process before it: the wall-clock times (UTC, ISO 8601, space-separated, oldest first)
+#: of the lineage's recoveries still inside ``recovery_window``, the one that made this run included; and how
+#: many recoveries in a row before that one made no progress (their restored run was lost before it saved a
+#: checkpoint newer than the one it was restored from).
+BUDGET_KEYS = ("tinkex_recovery.recovery_times", "tinkex_recovery.no_progress")
+
+_KEPT_WITHOUT_BUDGET = 10  # recovery times kept in user_metadata when max_recoveries is None (for the record)
+
+
+def _format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What the past recoveries of a lineage tell the safety budgets about the next one: kept by the engine for
+    each lineage, and in each recovered run's user_metadata (:data:`BUDGET_KEYS`) for the next process."""
+
+    times: tuple[datetime, ...] = ()  #: wall-clock times of the recoveries, oldest first
+    no_progress: int = 0  #: recoveries in a row, before the one that made the current run, without progress
+    restored_from: str | None = None  #: the checkpoint the current run was restored from; None: not restored
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str] | None) -> History:
+        """The history a recovered run's user_metadata records (empty for a run no recovery made). Entries that
+        do not parse are ignored: the metadata is the user's to edit."""
+        metadata = metadata or {}
+        times = (_parse_time(t) for t in metadata.get(BUDGET_KEYS[0], "").split())
+        try:
+            streak = max(int(metadata.get(BUDGET_KEYS[1], "0")), 0)
+        except ValueError:
+            streak = 0
+        return cls(tuple(sorted(t for t in times if t is not None)), streak, metadata.get(LINEAGE_KEYS[1]))
+
+    def merged(self, other: History) -> History:
+        """Both records of one lineage (the engine's and the run's metadata): every recovery either knows of.
+        Two recoveries may share a time, so a time appears as often as in the record that has it most often."""
+        return History(
+            tuple(sorted((Counter(self.times) | Counter(other.times)).elements())),
+            max(self.no_progress, other.no_progress),
+            self.restored_from if self.restored_from is not None else other.restored_from,
+        )
+
+    def metadata(self) -> dict[str, str]:
+        """The :data:`BUDGET_KEYS` entries for a run this history's last recovery makes."""
+        return {BUDGET_KEYS[0]: " ".join(_format_time(t) for t in self.times), BUDGET_KEYS[1]: str(self.no_progress)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +126,7 @@ class _Report:
     checkpoint: Checkpoint | None = None
     unusable: set[str] = field(default_factory=set)
     rejected_by_server: bool = False
+    selected: RecoveryEvent | None = None
 
 
 def lineage_metadata(from_run: str, checkpoint_path: str, number: int | None = None) -> dict[str, str]:
@@ -161,9 +226,11 @@ class RecoveryJob:
         inherited: list[Checkpoint],
         step_of: StepOf | None,
         number: int,
+        history: History,
         detected_at: float,
         on_done: Callable[[RecoveryJob, Recovery], None],
         on_exhausted: Callable[[RecoveryJob, RecoveryExhausted], None],
+        on_observed: Callable[[RecoveryJob, RecoveryEvent], None] | None = None,
     ) -> None:
         self.run = run
         self.run_id = run_id
@@ -179,39 +246,52 @@ class RecoveryJob:
         self.inherited = inherited
         self._step_of = step_of
         self._number = number
+        self._history = history
+        #: the lineage's history once the budgets admitted this recovery, this recovery's time included (None
+        #: until then: they are checked once, on the first attempt that knows the run)
+        self.admitted: History | None = None
         self.detected_at = detected_at
         self._on_done = on_done
         self._on_exhausted = on_exhausted
+        self._on_observed = on_observed
         self.attempts = 0
         self._server_rejections = 0
         self.listed: list[Checkpoint] | None = None
         self._refetched = False
+        self._restored_from: str | None = None  # the checkpoint the run came from, per the lineage's history
+        self.origin: list[Checkpoint] = []  # that checkpoint and older ones of its run, when read (see _origin)
 
     @property
     def key(self) -> str:
         return self.run_id
 
     # -- events ---------------------------------------------------------------------------------------
-    def _emit(self, kind: EventKind, cancelled: Cancellation | None = None, **fields: Any) -> None:
+    def _emit(self, kind: EventKind, cancelled: Cancellation | None = None, **fields: Any) -> RecoveryEvent | None:
         if cancelled is not None and cancelled.is_set():
-            return  # an abandoned attempt speaks no more
-        self._bus.emit(
-            RecoveryEvent(
-                kind=kind,
-                run_id=self.run_id,
-                attempt=self.attempts,
-                since_detected=self._clock.monotonic() - self.detected_at,
-                **fields,
-            )
+            return None  # an abandoned attempt speaks no more
+        event = RecoveryEvent(
+            kind=kind,
+            run_id=self.run_id,
+            attempt=self.attempts,
+            since_detected=self._clock.monotonic() - self.detected_at,
+            **fields,
         )
+        self._bus.emit(event)
+        return event
 
     # -- one attempt, on a worker thread ---------------------------------------------------------------
     def run_attempt(self, deadline: float, cancelled: Cancellation) -> Outcome:
         started = self._clock.monotonic()
         report = _Report()
-        if not self._observe:
-            self.attempts += 1
-            self._emit(EventKind.STARTED, cancelled)
+        if self.admitted is None:  # first learn the run, and whether the budgets allow another recovery
+            try:
+                refusal = self._admit(self._ensure_run(cancelled), cancelled)
+            except Exception as exc:
+                self._begin(cancelled)
+                return Outcome(OutcomeKind.FAILED, value=report, error=exc)
+            if refusal is not None:
+                return Outcome(OutcomeKind.FAILED, value=report, error=refusal)
+        self._begin(cancelled)
 
         def skip(c: Checkpoint, reason: str) -> None:
             report.unusable.add(c.tinker_path)
@@ -228,7 +308,7 @@ class RecoveryJob:
         except Exception as exc:
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         report.checkpoint = chosen
-        self._emit(EventKind.CHECKPOINT_SELECTED, cancelled, checkpoint=chosen.tinker_path)
+        report.selected = self._emit(EventKind.CHECKPOINT_SELECTED, cancelled, checkpoint=chosen.tinker_path)
         if self._observe:
             return Outcome(OutcomeKind.DONE, value=(report, None))
         try:
@@ -251,24 +331,89 @@ class RecoveryJob:
         )
         return Outcome(OutcomeKind.DONE, value=(report, client))
 
-    def _candidates(self, cancelled: Cancellation) -> Iterator[Checkpoint]:
+    def _begin(self, cancelled: Cancellation) -> None:
+        if not self._observe:
+            self.attempts += 1
+            self._emit(EventKind.STARTED, cancelled)
+
+    def _ensure_run(self, cancelled: Cancellation) -> TrainingRun:
         if self.run is None or (self.run.last_checkpoint is None and not self._refetched):
             # asked for (no poll result yet), or a poll result without last_checkpoint: read the run afresh
             self._refetched = True
             self.run = TrainingRun.coerce(self._wait(self._status.get_training_run(self.run_id), cancelled))
+        return self.run
+
+    def _admit(self, run: TrainingRun, cancelled: Cancellation) -> RecoveryRefused | None:
+        """The safety budgets, checked once per recovery, wherever it started: the lineage's history is the
+        engine's record merged with what ``run``'s user_metadata says (a previous process's recoveries)."""
+        p = self._policy
+        past = self._history.merged(History.from_metadata(run.user_metadata))
+        self._restored_from = past.restored_from
+        now = self._clock.now()
+        start = now - timedelta(seconds=p.recovery_window)
+        recent = tuple(t for t in past.times if t > start)  # a recovery leaves the window recovery_window s later
+        if p.max_recoveries is not None and len(recent) >= p.max_recoveries:
+            return RecoveryRefused(
+                f"{len(recent)} recoveries of this lineage within recovery_window={p.recovery_window:g}s reach "
+                f"max_recoveries={p.max_recoveries} (the oldest leaves the window at "
+                f"{_format_time(recent[-p.max_recoveries] + timedelta(seconds=p.recovery_window))})",
+                reason=ExhaustedReason.BUDGET,
+            )
+        streak = 0
+        if past.restored_from is not None and not self._made_progress(run, past.restored_from, cancelled):
+            streak = past.no_progress + 1
+        if p.max_no_progress is not None and streak >= p.max_no_progress:
+            return RecoveryRefused(
+                f"{streak} recoveries in a row made no progress (max_no_progress={p.max_no_progress}): each "
+                f"restored run was lost before it saved a checkpoint newer than {past.restored_from}",
+                reason=ExhaustedReason.NO_PROGRESS,
+            )
+        keep = p.max_recoveries or _KEPT_WITHOUT_BUDGET
+        self.admitted = History((*recent, now)[-keep:], streak)
+        return None
+
+    def _made_progress(self, run: TrainingRun, restored_from: str, cancelled: Cancellation) -> bool:
+        """Whether ``run``, restored from ``restored_from``, saved a checkpoint of its own since: its
+        last_checkpoint, or (when the run reports none) its listing, which selection would read anyway."""
+        own = [run.last_checkpoint] if run.last_checkpoint is not None else self._listing(cancelled)
+        return any(c.tinker_path != restored_from for c in own)
+
+    def _candidates(self, cancelled: Cancellation) -> Iterator[Checkpoint]:
+        assert self.run is not None
         pinned = self._policy.specific_path
         if pinned is not None:
             known = {c.tinker_path: c for c in [*self._listing(cancelled), *self.inherited]}
             yield known.get(str(pinned)) or synthetic(pinned)
             return
         if self._policy.checkpoint_strategy == "best":
-            yield from rank(self._policy, dedupe([*self._listing(cancelled), *self.inherited]))
+            own = [*self._listing(cancelled), *self.inherited]
+            yield from rank(self._policy, dedupe([*own, *self._origin(cancelled)]))
             return
         latest = self.run.last_checkpoint
         if latest is not None:
             yield latest
         yield from rank(self._policy, self._listing(cancelled))  # listed only if the newest one was unusable
         yield from self.inherited
+        yield from self._origin(cancelled)
+
+    def _origin(self, cancelled: Cancellation) -> list[Checkpoint]:
+        """In a process that did not make the run (nothing inherited): the checkpoint its user_metadata says it
+        was restored from, then that run's older ones, as :meth:`RecoveryEngine.watch`'s ``inherited`` would
+        be; read from the source run's listing (a deleted run or checkpoint yields nothing)."""
+        if self.inherited or self._restored_from is None:
+            return []
+        try:
+            source = TinkerPath.parse(self._restored_from)
+            listed = CheckpointList.coerce(self._wait(self._status.list_checkpoints(source.run_id), cancelled))
+        except Exception as exc:
+            if isinstance(exc, InvalidTinkerPath) or classify(exc) is FailureKind.CHECKPOINT:
+                return []  # an edited path, or the source run or its checkpoints are gone
+            raise
+        origin = next((c for c in listed.checkpoints if c.tinker_path == self._restored_from), None)
+        if origin is None:
+            return []
+        self.origin = [origin, *rank(self._policy, [c for c in listed.checkpoints if c.time < origin.time])]
+        return self.origin
 
     def _listing(self, cancelled: Cancellation) -> list[Checkpoint]:
         if self.listed is None:
@@ -282,10 +427,12 @@ class RecoveryJob:
 
     def _restore(self, checkpoint: Checkpoint) -> Any:
         assert self.run is not None
+        assert self.admitted is not None
         metadata = {
             **(self.run.user_metadata or {}),
             **self._metadata,
             **lineage_metadata(self.run_id, checkpoint.tinker_path, self._number),
+            **self.admitted.metadata(),
         }
         return restore_from(
             self._service, checkpoint.tinker_path, with_optimizer=self._policy.restore_optimizer, metadata=metadata
@@ -332,7 +479,9 @@ class RecoveryJob:
                     client=client,
                 )
                 self._on_done(self, recovery)
-            return None  # observe mode: the selection was reported, nothing else to do
+            elif report.selected is not None:  # observe mode: the selection was reported, nothing else to do
+                self._observed(report.selected)
+            return None
         error: BaseException = outcome.error or TimeoutError(
             f"restore did not finish within attempt_timeout={self._policy.attempt_timeout}s"
         )
@@ -341,9 +490,14 @@ class RecoveryJob:
         reason = self._give_up_reason(error, report)
         checkpoint = report.checkpoint.tinker_path if report.checkpoint else None
         will_retry = reason is None and not self._observe
-        self._emit(EventKind.FAILED, checkpoint=checkpoint, error=describe(error), will_retry=will_retry)
-        if self._observe:
-            return None  # observing: a failed selection is reported, never retried
+        refused = error.reason.value if isinstance(error, RecoveryRefused) else None
+        failed = self._emit(
+            EventKind.FAILED, checkpoint=checkpoint, error=describe(error), will_retry=will_retry, reason=refused
+        )
+        if self._observe:  # observing: a failed selection (or a refusal) is reported, never retried
+            if failed is not None:
+                self._observed(failed)
+            return None
         if reason is not None:
             self._exhaust(reason, error)
             return None
@@ -357,8 +511,14 @@ class RecoveryJob:
             u=self._rng.random(),
         )
 
+    def _observed(self, event: RecoveryEvent) -> None:
+        if self._on_observed is not None:
+            self._on_observed(self, event)
+
     def _give_up_reason(self, error: BaseException, report: _Report) -> ExhaustedReason | None:
         """One rule for every bound: whichever is reached first ends the recovery."""
+        if isinstance(error, RecoveryRefused):
+            return error.reason
         if isinstance(error, NoRestorableCheckpoint):
             return ExhaustedReason.CHECKPOINTS
         if not report.rejected_by_server and classify(error) is FailureKind.FATAL:
@@ -368,6 +528,11 @@ class RecoveryJob:
         if self.attempts >= self._policy.max_attempts:
             return ExhaustedReason.ATTEMPTS
         return None
+
+    def history_after(self, recovery: Recovery) -> History:
+        """The lineage's history once ``recovery`` (this job's) completed."""
+        assert self.admitted is not None
+        return replace(self.admitted, restored_from=recovery.checkpoint.tinker_path)
 
     def on_crash(self, error: BaseException) -> None:
         self._exhaust(ExhaustedReason.INTERNAL, error)
