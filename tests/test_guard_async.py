@@ -29,7 +29,12 @@ from tinkex_recovery import (
     recovery_guard,
 )
 from tinkex_recovery.integrations import RecoveryGuard, Step
-from tinkex_recovery.simulated import SimulatedAPIError, SimulatedAPIFuture, SimulatedTinker
+from tinkex_recovery.simulated import (
+    SimulatedAPIError,
+    SimulatedAPIFuture,
+    SimulatedRequestFailedError,
+    SimulatedTinker,
+)
 
 from .helpers import WAIT
 from .test_guard import POLICY, corrupt_at, guarded_loop
@@ -722,3 +727,32 @@ def test_a_guard_left_during_its_recovery_on_a_shared_engine_never_uses_the_late
         f"recovery_guard: run {a.model_id} was recovered as {late_run} after its guard left; that run is not used"
     ]
     assert sim.lineage(guard_b.run_id) == [0, 1, 2]
+
+
+def test_an_async_guard_in_observe_mode_lets_the_failure_through_and_logs_what_it_would_do(
+    sim: SimulatedTinker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = sim.create_lora_training_client(base_model="m")
+    client.save_state("0004", user_metadata={"step": "4"}).result()
+    raised: list[BaseException] = []
+
+    async def main() -> RecoveryGuard:
+        policy = POLICY.replace(mode="observe")
+        async with recovery_guard(client.model_id, sim, policy=policy, client=client, clock=clock) as guard:
+            async for step in guard.steps(range(4, 10)):
+                async with step:
+                    if step.index == 6:
+                        sim.corrupt(client.model_id)
+                    try:
+                        await guard.client.forward_backward([step.index])
+                    except Exception as exc:
+                        raised.append(exc)
+                        raise
+        return guard
+
+    with pytest.raises(SimulatedRequestFailedError) as info:
+        run(main())
+    assert info.value is raised[0]  # unchanged: the very exception the step raised
+    assert sim.restore_calls == []
+    (line,) = [r.getMessage() for r in caplog.records if "observe mode" in r.getMessage()]
+    assert "step 6" in line and f"would restore a new run from tinker://{client.model_id}/weights/0004" in line
