@@ -9,8 +9,9 @@ FakeClock, advanced by the tests; polls are driven by ``poll_once()``; nothing s
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -44,18 +45,9 @@ def name(path: str) -> str:
 
 
 @pytest.fixture
-def make_engine(clock: FakeClock, events: EventLog) -> Iterator[Callable[..., RecoveryEngine]]:
-    engines: list[RecoveryEngine] = []
-
-    def make(**policy: Any) -> RecoveryEngine:
-        engine = RecoveryEngine(POLICY.replace(**policy), clock=clock, poll_concurrency=1)
-        engine.subscribe(events)
-        engines.append(engine.start())
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
+def make_engine(make_engine: Callable[..., RecoveryEngine]) -> Callable[..., RecoveryEngine]:
+    """conftest's engines, retrying at once: the budgets, not the backoff, are under test."""
+    return functools.partial(make_engine, backoff=0.0, max_backoff=0.0)
 
 
 def lose(sim: SimulatedTinker, engine: RecoveryEngine, handle: RunHandle) -> Recovery:

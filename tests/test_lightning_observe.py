@@ -16,6 +16,8 @@ from tinkex_recovery import FakeClock, RecoveryPolicy
 from tinkex_recovery.integrations.lightning import TinkexRecovery
 from tinkex_recovery.simulated import SimulatedRequestFailedError, SimulatedTinker
 
+from .test_lightning import make_trainer
+
 pytestmark = [
     pytest.mark.lightning,
     pytest.mark.filterwarnings("ignore:The '.*dataloader' does not have many workers"),
@@ -56,17 +58,7 @@ def test_observe_mode_lets_the_failed_step_through_and_logs_what_it_would_do(
     module = Module(sim)
     run_id = module.training_client.model_id
     policy = RecoveryPolicy(enabled=True, mode="observe", poll_interval=3600)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[TinkexRecovery(policy, clock=clock)],
-    )
+    trainer = make_trainer(tmp_path, TinkexRecovery(policy, clock=clock))
     with caplog.at_level(logging.INFO, logger="tinkex_recovery"), pytest.raises(SimulatedRequestFailedError) as info:
         trainer.fit(module, DataLoader(list(range(6)), batch_size=1, collate_fn=list))
     assert info.value is module.raised[0]  # the step's own exception, unchanged
