@@ -600,7 +600,6 @@ def vars_of(event: RecoveryEvent) -> list[object]:
 def test_a_key_echoed_to_a_restore_through_the_sdk_is_in_no_event_error_or_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    pytest.importorskip("tinker")
     from .sdk_support import ADAM, datum, sdk_service
 
     debug_everywhere(caplog)
