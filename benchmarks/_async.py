@@ -19,7 +19,6 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from _overhead import guard_overhead
 
@@ -80,19 +79,11 @@ async def _lag_during_recoveries(recoveries: int, hold_ticks: int) -> tuple[floa
     since_held = 0
     done = False
 
-    class Service:
-        """The simulated service, its restores held until the ticker lets them go."""
+    def hold(path: str) -> None:  # each restore is held until the ticker lets it go
+        sim.hang_restores(1, then="succeed")
+        held.set()
 
-        def create_rest_client(self) -> Any:
-            return sim.create_rest_client()
-
-        def create_training_client_from_state(self, path: str, **kw: Any) -> Any:
-            return sim.create_training_client_from_state(path, **kw)
-
-        def create_training_client_from_state_with_optimizer(self, path: str, **kw: Any) -> Any:
-            sim.hang_restores(1, then="succeed")
-            held.set()
-            return sim.create_training_client_from_state_with_optimizer(path, **kw)
+    sim.on_restore(hold)
 
     async def ticker() -> None:
         nonlocal worst, ticks, since_held
@@ -113,7 +104,7 @@ async def _lag_during_recoveries(recoveries: int, hold_ticks: int) -> tuple[floa
     every = 4
     steps = every * (recoveries + 1)
     try:
-        async with recovery_guard(client.model_id, Service(), client=client, policy=_FAST) as guard:
+        async with recovery_guard(client.model_id, sim, client=client, policy=_FAST) as guard:
             async for step in guard.steps(range(steps)):
                 async with step:
                     await (await guard.client.forward_backward_async([step.index]))

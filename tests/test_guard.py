@@ -413,24 +413,8 @@ def test_keyboard_interrupt_while_waiting_for_a_hung_restore_leaves_promptly(
 ) -> None:
     """Ctrl-C during a stuck recovery: the wait is interrupted and the guard's threads stop."""
 
-    class Announcing:
-        """The simulated service, announcing each restore call as it starts."""
-
-        def __init__(self) -> None:
-            self.restoring = threading.Event()
-
-        def create_rest_client(self) -> Any:
-            return sim.create_rest_client()
-
-        def create_training_client_from_state(self, path: str, **kw: Any) -> Any:
-            self.restoring.set()
-            return sim.create_training_client_from_state(path, **kw)
-
-        def create_training_client_from_state_with_optimizer(self, path: str, **kw: Any) -> Any:
-            self.restoring.set()
-            return sim.create_training_client_from_state_with_optimizer(path, **kw)
-
-    service = Announcing()
+    restoring = threading.Event()
+    sim.on_restore(lambda path: restoring.set())  # each restore call announces itself as it starts
     main = threading.main_thread().ident
     assert main is not None and threading.current_thread() is threading.main_thread()
 
@@ -445,7 +429,7 @@ def test_keyboard_interrupt_while_waiting_for_a_hung_restore_leaves_promptly(
         # Ctrl-C while the loop is blocked in the wait. (A signal landing at an arbitrary bytecode can strike
         # between a lock's acquire and its `with` block, a CPython hazard that no library code can guard.)
         deadline = time.monotonic() + WAIT
-        if service.restoring.wait(WAIT):
+        if restoring.wait(WAIT):
             while not main_blocked_waiting_for_the_recovery() and time.monotonic() < deadline:
                 pause.wait(0.002)
             signal.pthread_kill(main, signal.SIGINT)
@@ -458,12 +442,12 @@ def test_keyboard_interrupt_while_waiting_for_a_hung_restore_leaves_promptly(
     started = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            guarded_loop(sim, clock, service=service, hook=corrupt_at(sim, (15, "before")))
+            guarded_loop(sim, clock, hook=corrupt_at(sim, (15, "before")))
         left = time.monotonic() - started
     finally:
         sim.release()
         interrupter.join(WAIT)
-    assert service.restoring.is_set()
+    assert restoring.is_set()
     assert left < 2.0
     assert _guard_threads() == []
 

@@ -463,17 +463,7 @@ def test_the_event_loop_ticks_on_while_a_recovery_is_under_way(sim: SimulatedTin
     """The restore hangs on an engine thread until a task on the event loop has ticked 20 times: the loop gets
     its recovery only if it was never blocked waiting for it (a watchdog ends a blocked run after 5 s)."""
     restoring = threading.Event()
-
-    class Service:
-        def create_rest_client(self) -> Any:
-            return sim.create_rest_client()
-
-        def create_training_client_from_state(self, path: str, **kw: Any) -> Any:
-            return sim.create_training_client_from_state(path, **kw)
-
-        def create_training_client_from_state_with_optimizer(self, path: str, **kw: Any) -> Any:
-            restoring.set()
-            return sim.create_training_client_from_state_with_optimizer(path, **kw)
+    sim.on_restore(lambda path: restoring.set())
 
     sim.hang_restores(1, then="succeed")  # the restore call blocks its (engine) thread until release()
     watchdog = threading.Timer(5.0, sim.release)
@@ -481,7 +471,7 @@ def test_the_event_loop_ticks_on_while_a_recovery_is_under_way(sim: SimulatedTin
     try:
         (guard, _), worst, ticks = run(
             ticking_while(
-                guarded_loop_async(sim, clock, service=Service(), hook=corrupt_at(sim, (24, "mid"))),
+                guarded_loop_async(sim, clock, hook=corrupt_at(sim, (24, "mid"))),
                 release=lambda: restoring.is_set() and sim.release(),
                 after_ticks=20,
             )
@@ -672,23 +662,11 @@ def test_a_guard_left_during_its_recovery_on_a_shared_engine_never_uses_the_late
 ) -> None:
     """Loop A is cancelled while its restore is held on the server; loop B goes on with the same engine. The held
     restore finishes after A left: its run is closed and named, never adopted; B is not disturbed."""
-    announce: list[Callable[[], None]] = []
-
-    class Service:
-        def create_rest_client(self) -> Any:
-            return sim.create_rest_client()
-
-        def create_training_client_from_state(self, path: str, **kw: Any) -> Any:
-            return sim.create_training_client_from_state(path, **kw)
-
-        def create_training_client_from_state_with_optimizer(self, path: str, **kw: Any) -> Any:
-            announce[0]()
-            return sim.create_training_client_from_state_with_optimizer(path, **kw)
 
     a = sim.create_lora_training_client(base_model="m")
     a.save_state("ten", user_metadata={"step": "10"}).result()
     b = sim.create_lora_training_client(base_model="m")
-    service = Service()
+    service = sim
     handles: list[Any] = []
 
     async def loop_a() -> None:
@@ -702,7 +680,7 @@ def test_a_guard_left_during_its_recovery_on_a_shared_engine_never_uses_the_late
     async def main() -> tuple[RecoveryGuard, bool]:
         restoring = asyncio.Event()
         loop = asyncio.get_running_loop()
-        announce.append(lambda: loop.call_soon_threadsafe(restoring.set))
+        sim.on_restore(lambda path: loop.call_soon_threadsafe(restoring.set))
         async with recovery_guard(b.model_id, service, policy=POLICY, client=b, clock=clock) as guard_b:
             task = asyncio.create_task(loop_a())
             await asyncio.wait_for(restoring.wait(), WAIT)  # A failed; its restore is held on the server

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import threading
 import uuid
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -187,6 +187,7 @@ class SimulatedTinker:
         self._hangs: list[tuple[bool, bool]] = []  # (then succeed, as a pending future), one per hung restore
         self._pending: list[tuple[Future[SimulatedTrainingClient], Any]] = []  # hung futures: (future, finish)
         self._released = threading.Event()
+        self._restore_hook: Callable[[str], object] | None = None
         self.restore_calls: list[tuple[str, bool, dict[str, str] | None]] = []
         self.poll_count = 0
 
@@ -324,6 +325,11 @@ class SimulatedTinker:
         with self._lock:
             self._run(run_id).fail_next_calls += n
 
+    def on_restore(self, hook: Callable[[str], object] | None) -> None:
+        """Call ``hook(path)`` at the start of every restore call, on the caller's thread, before it is served
+        (so a hook may inject a fault for that very call): to observe or hold restores from a test. None removes it."""
+        self._restore_hook = hook
+
     def hang_restores(self, n: int = 1, *, then: Literal["fail", "succeed"] = "fail", future: bool = False) -> None:
         """The next ``n`` restore calls hang until :meth:`release` (or :meth:`close`), then fail with 504 or,
         with ``then="succeed"``, create their new run after all (a late success). The call itself blocks, or,
@@ -393,6 +399,9 @@ class SimulatedTinker:
         self, path: str, user_metadata: Mapping[str, str] | None, *, with_optimizer: bool, run_id: str | None = None
     ) -> SimulatedAPIFuture[SimulatedTrainingClient]:
         metadata = _check_metadata(user_metadata)
+        hook = self._restore_hook
+        if hook is not None:
+            hook(path)
         with self._lock:
             self.restore_calls.append((path, with_optimizer, metadata))
             hang = self._hangs.pop(0) if self._hangs else None
