@@ -52,6 +52,19 @@ class CorruptOnArrival:
         return future
 
 
+#: The loops' policy (each run adds its on_recovery). The safety budgets are off: schedules corrupt one lineage
+#: many times, on a clock that barely moves, on purpose.
+POLICY = RecoveryPolicy(
+    enabled=True,
+    poll_interval=INTERVAL,
+    backoff=0,
+    max_backoff=0,
+    max_attempts=3,
+    max_recoveries=None,
+    max_no_progress=None,
+)
+
+
 def run(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], list[int], int]:
     """The guarded loop under ``schedule`` ({execution number: phase}); returns the final run's lineage,
     the step indices in the order they ran, and the number of recoveries."""
@@ -65,16 +78,7 @@ def run(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], list[int
             completed[0] += 1
             recovered.notify_all()
 
-    policy = RecoveryPolicy(
-        enabled=True,
-        poll_interval=INTERVAL,
-        backoff=0,
-        max_backoff=0,
-        max_attempts=3,
-        on_recovery=on_recovery,
-        max_recoveries=None,  # schedules corrupt one lineage many times, on a clock that barely moves, on purpose
-        max_no_progress=None,
-    )
+    policy = POLICY.replace(on_recovery=on_recovery)
     service = CorruptOnArrival(sim, doomed)
     client = sim.create_lora_training_client(base_model="Qwen/Qwen3-8B")
     ran: list[int] = []
@@ -126,16 +130,7 @@ def run_async(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], li
         def on_recovery(_: object) -> None:  # on the engine's notifier thread
             asyncio.run_coroutine_threadsafe(count(), loop)
 
-        policy = RecoveryPolicy(
-            enabled=True,
-            poll_interval=INTERVAL,
-            backoff=0,
-            max_backoff=0,
-            max_attempts=3,
-            on_recovery=on_recovery,
-            max_recoveries=None,  # as in run(): many recoveries of one lineage, on a clock that barely moves
-            max_no_progress=None,
-        )
+        policy = POLICY.replace(on_recovery=on_recovery)
         async with recovery_guard(client.model_id, service, policy=policy, client=client, clock=clock) as guard:
             async for step in guard.steps(range(STEPS)):
                 async with step:
