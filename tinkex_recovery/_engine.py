@@ -309,7 +309,6 @@ class RecoveryEngine:
         self._state = EngineState.UNOPENED
         self._watched: dict[str, _Lineage] = {}
         self._rest_clients: dict[int, tuple[Any, Any]] = {}  # id(service) -> (service, the REST client we made)
-        self._poll_requested = False
         self._threads: list[threading.Thread] = []
         # (lineage, what to call once it is polled), or None: a poll worker's stop marker
         self._poll_queue: queue.SimpleQueue[tuple[_Lineage, Callable[[], object]] | None] = queue.SimpleQueue()
