@@ -277,3 +277,42 @@ def test_bad_input_is_refused_at_once(sim: SimulatedTinker) -> None:
         Ledger(recorded="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="step must be"):
         Ledger().adopt(sim.create_lora_training_client(base_model="m"), step=-1)
+
+
+def test_keep_from_names_the_oldest_step_a_fallback_can_restore_and_forgets_a_lost_runs_later_saves(
+    sim: SimulatedTinker,
+) -> None:
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    assert ledger.keep_from() is None  # nothing saved: a replaying front-end keeps everything
+    paths = {}
+    for i in range(9):
+        train(client, loop, i)
+        if (i + 1) % 3 == 0:
+            paths[i + 1] = client.save_state(f"s{i + 1}").result().path
+    assert [ledger.keep_from(d) for d in range(4)] == [9, 6, 3, 3]
+    # restored from step 6 (9 was unusable): 9 is gone for good; the new run's saves come on top
+    restored = ledger.adopt(sim.create_training_client_from_state(paths[6]).result(), step=6)
+    assert [ledger.keep_from(d) for d in range(3)] == [6, 3, 3]
+    for i in range(6, 8):
+        train(restored, loop, i)
+    restored.save_state("s8")
+    assert [ledger.keep_from(d) for d in range(3)] == [8, 6, 3]
+    with pytest.raises(ValueError, match="depth must be"):
+        ledger.keep_from(-1)
+
+
+def test_a_split_checkpoint_stays_refused_once_its_run_is_lost(sim: SimulatedTinker) -> None:
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    loop.at = 0
+    client.optim_step()
+    half = client.save_state("half").result().path
+    client.optim_step()
+    train(client, loop, 1)
+    whole = client.save_state("two").result().path
+    ledger.adopt(sim.create_training_client_from_state(whole).result(), step=2)
+    inherited = checkpoint_of(sim, half.split("/")[2], "half")
+    assert ledger.step_of(inherited) is None and ledger.keep_from(1) == 2  # never the split one

@@ -42,8 +42,8 @@ logger = logging.getLogger("tinkex_recovery")
 #: checkpoint's step (the first step a loop restored from it trains). A ``step`` the user records wins over it.
 RESUME_KEY = "tinkex_recovery.step"
 
-#: Saves whose step the book keeps by name, for clients that take no user_metadata: the newest ones only (a
-#: recovery falls back a few checkpoints at most), so a long run's book does not grow.
+#: Saves the ledger remembers (for :meth:`Ledger.keep_from`, and by path for clients that take no user_metadata):
+#: the newest ones only (a recovery falls back a few checkpoints at most), so a long run's book does not grow.
 REMEMBERED = 64
 
 _NO_NAMES: Mapping[str, int] = MappingProxyType({})
@@ -59,19 +59,14 @@ def _parse_step(raw: object) -> int | None:
     return step if step >= 0 else None
 
 
-def _name_of(checkpoint: Checkpoint) -> str:
-    return checkpoint.tinker_path.rsplit("/", 1)[-1]
-
-
 @dataclass(frozen=True, slots=True)
 class Book:
     """What :meth:`Ledger.step_of` decides against: a frozen snapshot, replaced whole by the loop's thread."""
 
-    run_id: str | None = None  #: the run the loop trains now (the one the names below were saved on)
-    #: steps of checkpoints of ``run_id`` saved through the ledger, by name: for clients that take no
-    #: user_metadata, and so that a save whose metadata an overwrite changed is still known
+    #: steps of checkpoints saved through the ledger whose save could not carry it in its user_metadata (a
+    #: client whose ``save_state`` takes none), by tinker path: the newest :data:`REMEMBERED`
     saved: Mapping[str, int] = field(default_factory=lambda: _NO_NAMES)
-    #: names of checkpoints of ``run_id`` that cut a step in two (saved between two of its optim_steps)
+    #: tinker paths of checkpoints that cut a step in two (saved between two of its optim_steps)
     split: frozenset[str] = frozenset()
     floor: int | None = None  #: the lowest step the front-end can train again (None: any)
     ceiling: int | None = None  #: the highest step a resume may start at (None: any)
@@ -100,10 +95,12 @@ class Ledger:
         self._lock = threading.Lock()  # orders the observed calls as the client sends them
         self._generation = 0  # one per adopted run: calls through an older run's proxy are not counted
         self._step: int | None = None  # the step a checkpoint saved now holds; None: not known
-        self._base: int | None = None  # the step the current run was adopted at (None: as the loop found it)
         self._sent = 0  # optim_steps sent to the current run through the ledger
         self._last_tag: int | None = None  # the step under way when the last optim_step was sent
-        self._cut: list[str] = []  # saves made during step _last_tag after one of its optim_steps
+        self._cut: list[str] = []  # paths of saves made during step _last_tag after one of its optim_steps
+        self._run_id: str | None = None  # the current run (its saves' paths are tinker://{run_id}/weights/{name})
+        #: (tinker path or None, step) of the lineage's checkpoints a recovery may restore, oldest first
+        self._saves: list[tuple[str | None, int]] = []
         self._known = True  # False after a load_state: what the run holds is no longer the ledger's to say
         self.book = Book()
 
@@ -118,15 +115,17 @@ class Ledger:
             raise ValueError(f"step must be a non-negative int or None, got {step!r}")
         with self._lock:
             self._generation += 1
-            self._step = self._base = step
+            self._step = step
             self._sent = 0
             self._last_tag = None
             self._cut = []
             self._known = True
             run_id = getattr(client, "model_id", None)
-            self.book = replace(
-                self.book, run_id=run_id if isinstance(run_id, str) else None, saved=_NO_NAMES, split=frozenset()
-            )
+            self._run_id = run_id if isinstance(run_id, str) else None
+            if step is not None:  # restored: saves of the lost run after that checkpoint are never restored
+                self._saves = [(p, s) for p, s in self._saves if s <= step]
+                if all(s != step for _, s in self._saves):
+                    self._saves.append((None, step))
             return ObservedClient(client, self, self._generation)
 
     def window(self, floor: int | None = None, ceiling: int | None = None) -> None:
@@ -156,6 +155,19 @@ class Ledger:
         """``optim_step`` calls sent to the current run through the ledger's proxy (since it was adopted)."""
         return self._sent
 
+    def keep_from(self, depth: int = 0) -> int | None:
+        """The lowest step a front-end that replays must be able to train again, so that a recovery falling back
+        past up to ``depth`` checkpoints saved (or restored) through this ledger resumes where it can: the step of
+        the ``depth + 1``-th newest, or of the oldest if there are fewer; None before the first. Pass it to
+        :meth:`window` as ``floor`` and the engine never restores an older one. The loop's thread."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be a non-negative int, got {depth!r}")
+        split = self.book.split
+        steps = sorted({s for p, s in self._saves if p not in split}, reverse=True)
+        if not steps:
+            return None
+        return steps[min(depth, len(steps) - 1)]
+
     def to_train_again(self, checkpoint_step: int, position: int | None = None) -> range:
         """The steps a loop at ``position`` (default: the step under way) trains again when it resumes at
         ``checkpoint_step``: from that step up to and including the step under way. What a front-end that keeps
@@ -171,16 +183,16 @@ class Ledger:
         then the one the ledger wrote (:data:`RESUME_KEY`), then the one it remembers for this run's saves.
         Refused: a checkpoint that cut a step in two, or whose step is outside the :meth:`window`. Any thread."""
         book = self.book  # one read: the snapshot this decision is taken against
+        path = checkpoint.tinker_path
         step = checkpoint.step
         if step is None and self._recorded is not None:
-            step = self._recorded(checkpoint.tinker_path)
-        own = book.run_id is not None and checkpoint.tinker_path.startswith(f"tinker://{book.run_id}/")
+            step = self._recorded(path)
         if step is None:
-            if own and _name_of(checkpoint) in book.split:
+            if path in book.split:
                 return None
             step = _parse_step((checkpoint.user_metadata or {}).get(RESUME_KEY))
-            if step is None and own:
-                step = book.saved.get(_name_of(checkpoint))
+            if step is None:
+                step = book.saved.get(path)
         if step is None:
             return None
         if (book.floor is not None and step < book.floor) or (book.ceiling is not None and step > book.ceiling):
@@ -195,7 +207,7 @@ class Ledger:
         tag = self._position()
         if tag is not None and tag == self._last_tag and self._cut:
             cut, self._cut = self._cut, []
-            self.book = replace(self.book, split=self.book.split | frozenset(cut))
+            self.book = replace(self.book, split=frozenset([*self.book.split, *cut][-REMEMBERED:]))
             logger.warning(
                 "checkpoint(s) %s were saved between two optim_steps of step %d: a loop restored from them could "
                 "not train that step exactly once, so they are not resumed from; save after the step's last "
@@ -213,20 +225,22 @@ class Ledger:
 
     def _save(self, generation: int, name: str, *, remember: bool) -> int | None:
         """A save of ``name`` is being sent: the step it holds (None if not known). ``remember``: the save cannot
-        carry its step in its user_metadata, so the book keeps it by name (the newest :data:`REMEMBERED`)."""
+        carry its step in its user_metadata, so the book keeps it by path."""
         if generation != self._generation:
             return None
         step = self.step
         if step is None:
             return None
+        path = f"tinker://{self._run_id}/weights/{name}" if self._run_id is not None else None
+        self._saves = [*self._saves[-REMEMBERED + 1 :], (path, step)]
+        if path is None:
+            return step
         if self._last_tag is not None and self._last_tag == self._position():
-            self._cut.append(name)
+            self._cut.append(path)
         if remember:
-            saved = {k: v for k, v in self.book.saved.items() if k != name}
-            saved[name] = step
-            if len(saved) > REMEMBERED:
-                saved = dict(list(saved.items())[-REMEMBERED:])
-            self.book = replace(self.book, saved=MappingProxyType(saved))
+            saved = {k: v for k, v in self.book.saved.items() if k != path}
+            saved[path] = step
+            self.book = replace(self.book, saved=MappingProxyType(dict(list(saved.items())[-REMEMBERED:])))
         return step
 
     def _loaded(self, generation: int) -> None:
