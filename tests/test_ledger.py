@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -316,3 +317,46 @@ def test_a_split_checkpoint_stays_refused_once_its_run_is_lost(sim: SimulatedTin
     ledger.adopt(sim.create_training_client_from_state(whole).result(), step=2)
     inherited = checkpoint_of(sim, half.split("/")[2], "half")
     assert ledger.step_of(inherited) is None and ledger.keep_from(1) == 2  # never the split one
+
+
+class Deferred:
+    """A client whose saves are answered later, by the test (a slow server)."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.pending: list[Future[Any]] = []
+
+    def optim_step(self) -> Future[Any]:
+        done: Future[Any] = Future()
+        done.set_result(None)
+        return done
+
+    def save_state(self, name: str, ttl_seconds: int | None = None, user_metadata: Any = None) -> Future[Any]:
+        self.pending.append(Future())
+        return self.pending[-1]
+
+
+def test_keep_from_counts_only_saves_that_succeeded(sim: SimulatedTinker) -> None:
+    """A save sent to a run that is already lost fails: it holds nothing, so it never raises the floor a replaying
+    front-end keeps batches from (the engine would then refuse every checkpoint that does exist)."""
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    for i in range(4):
+        train(client, loop, i)
+        if i in (1, 3):
+            if i == 3:
+                sim.corrupt(client.model_id)
+            client.save_state(f"s{i + 1}")
+    assert ledger.keep_from() == 2
+    deferred = Deferred("run-x")
+    slow = ledger.adopt(deferred, step=2)
+    loop.at = 2
+    slow.optim_step()
+    slow.save_state("s3")
+    assert ledger.keep_from() == 2  # not answered yet: not counted
+    deferred.pending[-1].set_result(None)
+    assert ledger.keep_from() == 3
+    slow.save_state("s3-again")
+    deferred.pending[-1].set_exception(RuntimeError("lost"))
+    assert ledger.keep_from() == 3 and ledger.keep_from(1) == 2

@@ -28,6 +28,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -72,6 +73,28 @@ class Book:
     ceiling: int | None = None  #: the highest step a resume may start at (None: any)
 
 
+class _Save:
+    """A checkpoint saved (or restored) through the ledger: its path, its step, and the save's future (None: known
+    to exist). Only a save that succeeded counts for :meth:`Ledger.keep_from`."""
+
+    __slots__ = ("future", "path", "step")
+
+    def __init__(self, path: str | None, step: int, future: Any = None) -> None:
+        self.path, self.step, self.future = path, step, future
+
+    def state(self) -> bool | None:
+        """True: saved; False: the save failed; None: not answered yet."""
+        future = self.future
+        if future is None:
+            return True
+        inner = future.future() if callable(getattr(type(future), "future", None)) else future  # the SDK's APIFuture
+        if not isinstance(inner, Future):
+            return True  # a value, or a future of unknown make: taken as saved
+        if not inner.done():
+            return None
+        return not inner.cancelled() and inner.exception() is None
+
+
 class Ledger:
     """The book of one lineage; see the module docstring.
 
@@ -100,7 +123,7 @@ class Ledger:
         self._cut: list[str] = []  # paths of saves made during step _last_tag after one of its optim_steps
         self._run_id: str | None = None  # the current run (its saves' paths are tinker://{run_id}/weights/{name})
         #: (tinker path or None, step) of the lineage's checkpoints a recovery may restore, oldest first
-        self._saves: list[tuple[str | None, int]] = []
+        self._saves: list[_Save] = []
         self._known = True  # False after a load_state: what the run holds is no longer the ledger's to say
         self.book = Book()
 
@@ -123,9 +146,9 @@ class Ledger:
             run_id = getattr(client, "model_id", None)
             self._run_id = run_id if isinstance(run_id, str) else None
             if step is not None:  # restored: saves of the lost run after that checkpoint are never restored
-                self._saves = [(p, s) for p, s in self._saves if s <= step]
-                if all(s != step for _, s in self._saves):
-                    self._saves.append((None, step))
+                self._saves = [save for save in self._saves if save.step <= step]
+                if all(save.step != step for save in self._saves):
+                    self._saves.append(_Save(None, step))
             return ObservedClient(client, self, self._generation)
 
     def window(self, floor: int | None = None, ceiling: int | None = None) -> None:
@@ -163,7 +186,8 @@ class Ledger:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         split = self.book.split
-        steps = sorted({s for p, s in self._saves if p not in split}, reverse=True)
+        self._saves = [save for save in self._saves if save.state() is not False]  # a failed save holds nothing
+        steps = sorted({v.step for v in self._saves if v.path not in split and v.state()}, reverse=True)
         if not steps:
             return None
         return steps[min(depth, len(steps) - 1)]
@@ -223,25 +247,26 @@ class Ledger:
         elif self._step is not None:
             self._step += 1
 
-    def _save(self, generation: int, name: str, *, remember: bool) -> int | None:
-        """A save of ``name`` is being sent: the step it holds (None if not known). ``remember``: the save cannot
-        carry its step in its user_metadata, so the book keeps it by path."""
+    def _save(self, generation: int, name: str, *, remember: bool) -> _Save | None:
+        """A save of ``name`` is being sent: what it holds (None if not known); the proxy gives it the save's
+        future. ``remember``: the save cannot carry its step in its user_metadata, so the book keeps it by path."""
         if generation != self._generation:
             return None
         step = self.step
         if step is None:
             return None
         path = f"tinker://{self._run_id}/weights/{name}" if self._run_id is not None else None
-        self._saves = [*self._saves[-REMEMBERED + 1 :], (path, step)]
+        save = _Save(path, step)
+        self._saves = [*self._saves[-REMEMBERED + 1 :], save]
         if path is None:
-            return step
+            return save
         if self._last_tag is not None and self._last_tag == self._position():
             self._cut.append(path)
         if remember:
             saved = {k: v for k, v in self.book.saved.items() if k != path}
             saved[path] = step
             self.book = replace(self.book, saved=MappingProxyType(dict(list(saved.items())[-REMEMBERED:])))
-        return step
+        return save
 
     def _loaded(self, generation: int) -> None:
         if generation == self._generation and self._known:
@@ -318,27 +343,34 @@ class ObservedClient:
     def save_state(self, name: str, *args: Any, **kwargs: Any) -> Any:
         ledger = self._ledger
         with ledger._lock:
-            args = self._stamp(name, args, kwargs)
-            return self.__wrapped__.save_state(name, *args, **kwargs)
+            save, args = self._stamp(name, args, kwargs)
+            future = self.__wrapped__.save_state(name, *args, **kwargs)
+        if save is not None:
+            save.future = future
+        return future
 
     async def save_state_async(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        args = self._stamp(name, args, kwargs)
-        return await self.__wrapped__.save_state_async(name, *args, **kwargs)
+        save, args = self._stamp(name, args, kwargs)
+        future = await self.__wrapped__.save_state_async(name, *args, **kwargs)
+        if save is not None:
+            save.future = future
+        return future
 
-    def _stamp(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def _stamp(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Save | None, tuple[Any, ...]]:
         meta = self._meta
-        step = self._ledger._save(self._generation, name, remember=not meta) if isinstance(name, str) else None
-        if step is None or not meta:
-            return args
+        save = self._ledger._save(self._generation, name, remember=not meta) if isinstance(name, str) else None
+        if save is None or not meta:
+            return save, args
+        step = save.step
         if len(args) >= 3 and "user_metadata" not in kwargs:  # SDK order: ttl_seconds, overwrite, user_metadata
             given = args[2]
             if given is None or isinstance(given, Mapping):
-                return (*args[:2], {RESUME_KEY: str(step), **(given or {})}, *args[3:])
-            return args
+                return save, (*args[:2], {RESUME_KEY: str(step), **(given or {})}, *args[3:])
+            return save, args
         given = kwargs.get("user_metadata")
         if given is None or isinstance(given, Mapping):
             kwargs["user_metadata"] = {RESUME_KEY: str(step), **(given or {})}
-        return args
+        return save, args
 
     # -- state loaded into the run: what it holds is no longer counted ----------------------------------------
     def load_state(self, *args: Any, **kwargs: Any) -> Any:
