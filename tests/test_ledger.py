@@ -240,6 +240,9 @@ def test_the_proxy_passes_everything_else_through_and_passes_for_the_client(sim:
     client.tag = "x"
     assert raw.tag == "x"  # type: ignore[attr-defined]
     assert "forward_backward" in dir(client)
+    bare = Ledger().adopt(NoMetadata(raw))
+    assert hasattr(bare, "optim_step") and not hasattr(bare, "optim_step_async")  # exactly the client's attributes
+    assert not hasattr(bare, "save_state_async") and not hasattr(bare, "load_state")
     assert Ledger().adopt(client).__wrapped__ is raw  # a proxy is never wrapped twice
 
 

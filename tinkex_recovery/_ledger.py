@@ -35,7 +35,7 @@ from typing import Any
 
 from ._models import Checkpoint
 
-__all__ = ["RESUME_KEY", "Book", "Ledger", "ObservedClient"]
+__all__ = ["OBSERVED", "RESUME_KEY", "Book", "Ledger", "ObservedClient"]
 
 logger = logging.getLogger("tinkex_recovery")
 
@@ -285,13 +285,110 @@ def _accepts_metadata(method: Callable[..., Any]) -> bool:
     return "user_metadata" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _like(method: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """``wrapper`` dressed as the client's ``method``: its name and doc, and its signature (``__wrapped__``)."""
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    wrapper.__name__ = getattr(method, "__name__", wrapper.__name__)
+    wrapper.__qualname__ = getattr(method, "__qualname__", wrapper.__qualname__)
+    wrapper.__doc__ = getattr(method, "__doc__", None)
+    return wrapper
+
+
+def _observe_optim(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger, generation = proxy._ledger, proxy._generation
+
+    def optim_step(*args: Any, **kwargs: Any) -> Any:
+        with ledger._lock:  # the count follows the order the client sends in, whatever thread calls
+            future = method(*args, **kwargs)  # one that raises before sending is not counted
+            ledger._optim(generation)
+        return future
+
+    return _like(method, optim_step)
+
+
+def _observe_optim_async(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger, generation = proxy._ledger, proxy._generation
+
+    async def optim_step_async(*args: Any, **kwargs: Any) -> Any:
+        # Counted before the await: a coroutine that yields to the event loop before it sends must not let
+        # another task's save be stamped without this step. (One that fails before sending fails the step.)
+        ledger._optim(generation)
+        return await method(*args, **kwargs)
+
+    return _like(method, optim_step_async)
+
+
+def _observe_save(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger = proxy._ledger
+
+    def save_state(name: str, *args: Any, **kwargs: Any) -> Any:
+        with ledger._lock:
+            save, args = proxy._stamp(name, args, kwargs)
+            future = method(name, *args, **kwargs)
+        if save is not None:
+            save.future = future
+        return future
+
+    return _like(method, save_state)
+
+
+def _observe_save_async(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    async def save_state_async(name: str, *args: Any, **kwargs: Any) -> Any:
+        save, args = proxy._stamp(name, args, kwargs)
+        future = await method(name, *args, **kwargs)
+        if save is not None:
+            save.future = future
+        return future
+
+    return _like(method, save_state_async)
+
+
+def _observe_load(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger, generation = proxy._ledger, proxy._generation
+
+    def load_state(*args: Any, **kwargs: Any) -> Any:
+        future = method(*args, **kwargs)
+        ledger._loaded(generation)  # what the run holds is no longer counted
+        return future
+
+    return _like(method, load_state)
+
+
+def _observe_load_async(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger, generation = proxy._ledger, proxy._generation
+
+    async def load_state_async(*args: Any, **kwargs: Any) -> Any:
+        future = await method(*args, **kwargs)
+        ledger._loaded(generation)
+        return future
+
+    return _like(method, load_state_async)
+
+
+#: The client's methods the proxy observes, and how; every other attribute is the client's own, untouched.
+OBSERVED: Mapping[str, Callable[[ObservedClient, Any], Callable[..., Any]]] = MappingProxyType(
+    {
+        "optim_step": _observe_optim,
+        "optim_step_async": _observe_optim_async,
+        "save_state": _observe_save,
+        "save_state_async": _observe_save_async,
+        "load_state": _observe_load,
+        "load_state_with_optimizer": _observe_load,
+        "load_state_async": _observe_load_async,
+        "load_state_with_optimizer_async": _observe_load_async,
+    }
+)
+
+
 class ObservedClient:
     """The training client, observed: ``optim_step`` and ``save_state`` (and their ``*_async`` forms) are
     counted by the :class:`Ledger` as they are sent, and each save carries its step in its user_metadata
-    (:data:`RESUME_KEY`, under the user's own keys); every other attribute is the client's own, untouched.
+    (:data:`RESUME_KEY`, under the user's own keys); ``load_state*`` makes the ledger stop claiming steps. Every
+    other attribute is the client's own, untouched (the very same bound methods).
 
-    ``isinstance(proxy, type(client))`` holds (``__class__`` is the client's); ``type(proxy)`` is this class;
-    ``proxy.__wrapped__`` is the client itself.
+    It passes for the client: ``isinstance(proxy, type(client))`` holds (``__class__`` is the client's), an
+    attribute exists on it exactly when it does on the client, and the observed methods carry the client's
+    signature and docstring. ``type(proxy)`` is this class; ``proxy.__wrapped__`` is the client itself.
     """
 
     __slots__ = ("__wrapped__", "_generation", "_ledger", "_meta")
@@ -308,7 +405,9 @@ class ObservedClient:
         return type(self.__wrapped__)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__wrapped__, name)
+        attr = getattr(self.__wrapped__, name)
+        observe = OBSERVED.get(name)
+        return attr if observe is None or not callable(attr) else observe(self, attr)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.__wrapped__, name, value)
@@ -325,38 +424,9 @@ class ObservedClient:
     def __reduce_ex__(self, protocol: Any) -> Any:
         return self.__wrapped__.__reduce_ex__(protocol)
 
-    # -- optimizer steps ------------------------------------------------------------------------------------
-    def optim_step(self, *args: Any, **kwargs: Any) -> Any:
-        ledger = self._ledger
-        with ledger._lock:  # the count follows the order the client sends in, whatever thread calls
-            future = self.__wrapped__.optim_step(*args, **kwargs)  # raises before sending: nothing counted
-            ledger._optim(self._generation)
-        return future
-
-    async def optim_step_async(self, *args: Any, **kwargs: Any) -> Any:
-        # Counted before the await: a coroutine that yields to the event loop before it sends must not let
-        # another task's save be stamped without this step. (One that fails before sending fails the step.)
-        self._ledger._optim(self._generation)
-        return await self.__wrapped__.optim_step_async(*args, **kwargs)
-
-    # -- checkpoints ----------------------------------------------------------------------------------------
-    def save_state(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        ledger = self._ledger
-        with ledger._lock:
-            save, args = self._stamp(name, args, kwargs)
-            future = self.__wrapped__.save_state(name, *args, **kwargs)
-        if save is not None:
-            save.future = future
-        return future
-
-    async def save_state_async(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        save, args = self._stamp(name, args, kwargs)
-        future = await self.__wrapped__.save_state_async(name, *args, **kwargs)
-        if save is not None:
-            save.future = future
-        return future
-
     def _stamp(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Save | None, tuple[Any, ...]]:
+        """Tell the ledger a save of ``name`` is being sent; put its step into the call's user_metadata (keyword
+        or the SDK's positional place), under the user's own keys."""
         meta = self._meta
         save = self._ledger._save(self._generation, name, remember=not meta) if isinstance(name, str) else None
         if save is None or not meta:
@@ -371,24 +441,3 @@ class ObservedClient:
         if given is None or isinstance(given, Mapping):
             kwargs["user_metadata"] = {RESUME_KEY: str(step), **(given or {})}
         return save, args
-
-    # -- state loaded into the run: what it holds is no longer counted ----------------------------------------
-    def load_state(self, *args: Any, **kwargs: Any) -> Any:
-        future = self.__wrapped__.load_state(*args, **kwargs)
-        self._ledger._loaded(self._generation)
-        return future
-
-    def load_state_with_optimizer(self, *args: Any, **kwargs: Any) -> Any:
-        future = self.__wrapped__.load_state_with_optimizer(*args, **kwargs)
-        self._ledger._loaded(self._generation)
-        return future
-
-    async def load_state_async(self, *args: Any, **kwargs: Any) -> Any:
-        future = await self.__wrapped__.load_state_async(*args, **kwargs)
-        self._ledger._loaded(self._generation)
-        return future
-
-    async def load_state_with_optimizer_async(self, *args: Any, **kwargs: Any) -> Any:
-        future = await self.__wrapped__.load_state_with_optimizer_async(*args, **kwargs)
-        self._ledger._loaded(self._generation)
-        return future
