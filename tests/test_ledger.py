@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from tinkex_recovery import RESUME_KEY, Checkpoint, ObservedClient
+from tinkex_recovery import RESUME_KEY, Checkpoint, ObservedClient, RecoveryEngine
 from tinkex_recovery._ledger import REMEMBERED, Ledger
 from tinkex_recovery.simulated import SimulatedTinker
 from tinkex_recovery.simulated._tinker import SimulatedTrainingClient
+
+from .helpers import WAIT
 
 
 class Loop:
@@ -26,11 +29,6 @@ class Loop:
 
     def __call__(self) -> int | None:
         return self.at
-
-
-@pytest.fixture
-def sim() -> SimulatedTinker:
-    return SimulatedTinker()
 
 
 def checkpoint_of(sim: SimulatedTinker, run_id: str, name: str) -> Checkpoint:
@@ -363,3 +361,23 @@ def test_keep_from_counts_only_saves_that_succeeded(sim: SimulatedTinker) -> Non
     slow.save_state("s3-again")
     deferred.pending[-1].set_exception(RuntimeError("lost"))
     assert ledger.keep_from() == 3 and ledger.keep_from(1) == 2
+
+
+def test_a_recovery_reports_the_step_its_checkpoint_was_chosen_on_though_the_book_changes_meanwhile(
+    sim: SimulatedTinker, make_engine: Callable[..., RecoveryEngine]
+) -> None:
+    """step_of runs on the engine's threads while the loop's thread goes on: the window moves during the restore
+    (the loop pruned its buffer). The recovery keeps the answer it chose by; it never reports a step of None."""
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    for i in range(3):
+        train(client, loop, i)
+    client.save_state("three").result()
+    sim.on_restore(lambda path: ledger.window(floor=10))
+    handle = make_engine(status=sim).watch(client.model_id, sim, step_of=ledger.step_of)
+    sim.corrupt(client.model_id)
+    assert handle.check_now()
+    recovery = handle.wait_for_recovery(timeout=WAIT)
+    assert recovery.step == 3 and recovery.checkpoint.tinker_path.endswith("/three")
+    assert ledger.step_of(recovery.checkpoint) is None  # what the book says now
