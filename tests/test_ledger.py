@@ -78,12 +78,19 @@ def test_the_futures_need_not_be_read_the_order_of_sending_decides(sim: Simulate
     assert ledger.step_of(checkpoint_of(sim, client.model_id, "one")) == 1 and saved.result().path
 
 
-def test_the_step_the_user_records_wins_over_the_ledgers_own(sim: SimulatedTinker) -> None:
+def test_the_step_the_user_records_wins_over_the_ledgers_own_and_a_mismatch_is_logged(
+    sim: SimulatedTinker, caplog: pytest.LogCaptureFixture
+) -> None:
     loop = Loop()
     ledger = Ledger(position=loop, recorded=lambda path: 7 if path.endswith("/logged") else None)
     client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
     train(client, loop, 0)
-    client.save_state("mine", user_metadata={"step": "40", "loss": "0.5"}).result()
+    with caplog.at_level(logging.WARNING, "tinkex_recovery"):
+        client.save_state("agrees", user_metadata={"step": "1"}).result()
+        assert not caplog.records
+        client.save_state("mine", user_metadata={"step": "40", "loss": "0.5"}).result()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "checkpoint mine records step 40, but the steps sent before it make it 1" in line
     client.save_state("logged").result()
     mine = checkpoint_of(sim, client.model_id, "mine")
     assert mine.user_metadata == {RESUME_KEY: "1", "step": "40", "loss": "0.5"}

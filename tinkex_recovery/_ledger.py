@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from ._models import Checkpoint
+from ._models import STEP_KEY, Checkpoint
 
 __all__ = ["OBSERVED", "RESUME_KEY", "Book", "Ledger", "ObservedClient"]
 
@@ -431,13 +431,22 @@ class ObservedClient:
         save = self._ledger._save(self._generation, name, remember=not meta) if isinstance(name, str) else None
         if save is None or not meta:
             return save, args
-        step = save.step
-        if len(args) >= 3 and "user_metadata" not in kwargs:  # SDK order: ttl_seconds, overwrite, user_metadata
-            given = args[2]
-            if given is None or isinstance(given, Mapping):
-                return save, (*args[:2], {RESUME_KEY: str(step), **(given or {})}, *args[3:])
-            return save, args
-        given = kwargs.get("user_metadata")
-        if given is None or isinstance(given, Mapping):
-            kwargs["user_metadata"] = {RESUME_KEY: str(step), **(given or {})}
+        positional = len(args) >= 3 and "user_metadata" not in kwargs  # SDK order: ttl_seconds, overwrite, metadata
+        given = args[2] if positional else kwargs.get("user_metadata")
+        if given is not None and not isinstance(given, Mapping):
+            return save, args  # the client's own error says what is wrong with it
+        recorded = _parse_step((given or {}).get(STEP_KEY))
+        if recorded is not None and recorded != save.step:
+            logger.warning(
+                "checkpoint %s records step %d, but the steps sent before it make it %d; a loop restored from it "
+                "resumes at %d (the step you record wins): check that the step you record is the next one to train",
+                name,
+                recorded,
+                save.step,
+                recorded,
+            )
+        stamped = {RESUME_KEY: str(save.step), **(given or {})}
+        if positional:
+            return save, (*args[:2], stamped, *args[3:])
+        kwargs["user_metadata"] = stamped
         return save, args
