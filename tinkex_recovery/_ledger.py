@@ -17,9 +17,11 @@ saves); for a run no ``optim_step`` was sent to yet, the step it was restored at
 Order, not results. The SDK sends a client's requests in the order they were made, so a save made after an
 ``optim_step`` holds it, whether or not anything was read from either future; the ledger counts at submission.
 
-Threads. The observing methods run on the loop's thread (or event loop). :meth:`Ledger.step_of` runs on the
-engine's threads: it reads only the checkpoint and a :class:`Book`, a frozen snapshot the loop's thread
-replaces whole (at each save, each adopted run, each change of the replay window), never fields being changed.
+Threads. The front-end calls :meth:`Ledger.adopt`, :meth:`Ledger.window` and :meth:`Ledger.keep_from` on the
+loop's thread (or event loop); the proxy's calls may come from any thread, and each is counted under the ledger's
+lock together with the client call that sends it, so the ledger's order is the client's. :meth:`Ledger.step_of`
+runs on the engine's threads: it reads only the checkpoint and a :class:`Book`, a frozen snapshot replaced whole
+(at each save, each adopted run, each change of the window), never fields being changed.
 """
 
 from __future__ import annotations
@@ -122,8 +124,7 @@ class Ledger:
         self._last_tag: int | None = None  # the step under way when the last optim_step was sent
         self._cut: list[str] = []  # paths of saves made during step _last_tag after one of its optim_steps
         self._run_id: str | None = None  # the current run (its saves' paths are tinker://{run_id}/weights/{name})
-        #: (tinker path or None, step) of the lineage's checkpoints a recovery may restore, oldest first
-        self._saves: list[_Save] = []
+        self._saves: list[_Save] = []  # the lineage's checkpoints a recovery may restore, oldest first
         self._known = True  # False after a load_state: what the run holds is no longer the ledger's to say
         self.book = Book()
 
@@ -160,7 +161,8 @@ class Ledger:
                 raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
         if floor is not None and ceiling is not None and floor > ceiling:
             raise ValueError(f"floor {floor} is above ceiling {ceiling}")
-        self.book = replace(self.book, floor=floor, ceiling=ceiling)
+        with self._lock:
+            self.book = replace(self.book, floor=floor, ceiling=ceiling)
 
     # -- what it says ---------------------------------------------------------------------------------------
     @property
@@ -186,8 +188,9 @@ class Ledger:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         split = self.book.split
-        self._saves = [save for save in self._saves if save.state() is not False]  # a failed save holds nothing
-        steps = sorted({v.step for v in self._saves if v.path not in split and v.state()}, reverse=True)
+        with self._lock:
+            self._saves = [save for save in self._saves if save.state() is not False]  # a failed save holds nothing
+            steps = sorted({v.step for v in self._saves if v.path not in split and v.state()}, reverse=True)
         if not steps:
             return None
         return steps[min(depth, len(steps) - 1)]
@@ -312,7 +315,8 @@ def _observe_optim_async(proxy: ObservedClient, method: Any) -> Callable[..., An
     async def optim_step_async(*args: Any, **kwargs: Any) -> Any:
         # Counted before the await: a coroutine that yields to the event loop before it sends must not let
         # another task's save be stamped without this step. (One that fails before sending fails the step.)
-        ledger._optim(generation)
+        with ledger._lock:
+            ledger._optim(generation)
         return await method(*args, **kwargs)
 
     return _like(method, optim_step_async)
@@ -333,8 +337,11 @@ def _observe_save(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
 
 
 def _observe_save_async(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger = proxy._ledger
+
     async def save_state_async(name: str, *args: Any, **kwargs: Any) -> Any:
-        save, args = proxy._stamp(name, args, kwargs)
+        with ledger._lock:
+            save, args = proxy._stamp(name, args, kwargs)
         future = await method(name, *args, **kwargs)
         if save is not None:
             save.future = future
@@ -347,8 +354,9 @@ def _observe_load(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
     ledger, generation = proxy._ledger, proxy._generation
 
     def load_state(*args: Any, **kwargs: Any) -> Any:
-        future = method(*args, **kwargs)
-        ledger._loaded(generation)  # what the run holds is no longer counted
+        with ledger._lock:
+            future = method(*args, **kwargs)
+            ledger._loaded(generation)  # what the run holds is no longer counted
         return future
 
     return _like(method, load_state)
@@ -359,7 +367,8 @@ def _observe_load_async(proxy: ObservedClient, method: Any) -> Callable[..., Any
 
     async def load_state_async(*args: Any, **kwargs: Any) -> Any:
         future = await method(*args, **kwargs)
-        ledger._loaded(generation)
+        with ledger._lock:
+            ledger._loaded(generation)
         return future
 
     return _like(method, load_state_async)
