@@ -388,3 +388,24 @@ def test_a_recovery_reports_the_step_its_checkpoint_was_chosen_on_though_the_boo
     recovery = handle.wait_for_recovery(timeout=WAIT)
     assert recovery.step == 3 and recovery.checkpoint.tinker_path.endswith("/three")
     assert ledger.step_of(recovery.checkpoint) is None  # what the book says now
+
+
+def test_a_save_whose_call_raises_or_is_cancelled_is_not_counted_as_saved(sim: SimulatedTinker) -> None:
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    train(client, loop, 0)
+    client.save_state("one").result()
+    train(client, loop, 1)
+    with pytest.raises(TypeError):
+        client.save_state("two", user_metadata={"k": 3})  # refused by the client before sending
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(client.save_state_async("three"))
+        await asyncio.sleep(0)  # the save is stamped and its call started
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    assert ledger.keep_from() == 1  # neither two nor three holds anything the ledger can count on

@@ -75,20 +75,29 @@ class Book:
     ceiling: int | None = None  #: the highest step a resume may start at (None: any)
 
 
+_SENDING = object()  # a save's future before its call returned
+_FAILED = object()  # the call raised (or its coroutine was cancelled): nothing is known to be saved
+
+
 class _Save:
-    """A checkpoint saved (or restored) through the ledger: its path, its step, and the save's future (None: known
-    to exist). Only a save that succeeded counts for :meth:`Ledger.keep_from`."""
+    """A checkpoint saved (or restored) through the ledger: its path, its step, and what the save's call returned
+    (None: a checkpoint known to exist, the one a run was restored from). Only a save that succeeded counts for
+    :meth:`Ledger.keep_from`."""
 
     __slots__ = ("future", "path", "step")
 
-    def __init__(self, path: str | None, step: int, future: Any = None) -> None:
+    def __init__(self, path: str | None, step: int, future: Any = _SENDING) -> None:
         self.path, self.step, self.future = path, step, future
 
     def state(self) -> bool | None:
-        """True: saved; False: the save failed; None: not answered yet."""
+        """True: saved; False: the save failed (or its call did); None: not answered yet."""
         future = self.future
         if future is None:
             return True
+        if future is _FAILED:
+            return False
+        if future is _SENDING:
+            return None
         inner = future.future() if callable(getattr(type(future), "future", None)) else future  # the SDK's APIFuture
         if not isinstance(inner, Future):
             return True  # a value, or a future of unknown make: taken as saved
@@ -149,7 +158,7 @@ class Ledger:
             if step is not None:  # restored: saves of the lost run after that checkpoint are never restored
                 self._saves = [save for save in self._saves if save.step <= step]
                 if all(save.step != step for save in self._saves):
-                    self._saves.append(_Save(None, step))
+                    self._saves.append(_Save(None, step, None))
             return ObservedClient(client, self, self._generation)
 
     def window(self, floor: int | None = None, ceiling: int | None = None) -> None:
@@ -328,9 +337,14 @@ def _observe_save(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
     def save_state(name: str, *args: Any, **kwargs: Any) -> Any:
         with ledger._lock:
             save, args = proxy._stamp(name, args, kwargs)
-            future = method(name, *args, **kwargs)
-        if save is not None:
-            save.future = future
+            try:
+                future = method(name, *args, **kwargs)
+            except BaseException:
+                if save is not None:
+                    save.future = _FAILED
+                raise
+            if save is not None:
+                save.future = future
         return future
 
     return _like(method, save_state)
@@ -342,7 +356,12 @@ def _observe_save_async(proxy: ObservedClient, method: Any) -> Callable[..., Any
     async def save_state_async(name: str, *args: Any, **kwargs: Any) -> Any:
         with ledger._lock:
             save, args = proxy._stamp(name, args, kwargs)
-        future = await method(name, *args, **kwargs)
+        try:
+            future = await method(name, *args, **kwargs)
+        except BaseException:  # raised, or cancelled: conservatively, nothing is known to be saved
+            if save is not None:
+                save.future = _FAILED
+            raise
         if save is not None:
             save.future = future
         return future
