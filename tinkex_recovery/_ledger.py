@@ -29,13 +29,14 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from ._models import STEP_KEY, Checkpoint
+from ._models import STEP_KEY, Checkpoint, parse_step
 
 __all__ = ["OBSERVED", "RESUME_KEY", "Book", "Ledger", "ObservedClient"]
 
@@ -50,16 +51,6 @@ RESUME_KEY = "tinkex_recovery.step"
 REMEMBERED = 64
 
 _NO_NAMES: Mapping[str, int] = MappingProxyType({})
-
-
-def _parse_step(raw: object) -> int | None:
-    if not isinstance(raw, str):
-        return None
-    try:
-        step = int(raw)
-    except ValueError:
-        return None
-    return step if step >= 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +217,7 @@ class Ledger:
         if step is None:
             if path in book.split:
                 return None
-            step = _parse_step((checkpoint.user_metadata or {}).get(RESUME_KEY))
+            step = parse_step((checkpoint.user_metadata or {}).get(RESUME_KEY))
             if step is None:
                 step = book.saved.get(path)
         if step is None:
@@ -331,20 +322,31 @@ def _observe_optim_async(proxy: ObservedClient, method: Any) -> Callable[..., An
     return _like(method, optim_step_async)
 
 
+@contextmanager
+def _sending(save: _Save | None) -> Iterator[None]:
+    """Around a save's call: one that raises (or a coroutine cancelled) leaves nothing known to be saved."""
+    try:
+        yield
+    except BaseException:
+        if save is not None:
+            save.future = _FAILED
+        raise
+
+
+def _sent(save: _Save | None, future: Any) -> None:
+    if save is not None:
+        save.future = future
+
+
 def _observe_save(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
     ledger = proxy._ledger
 
     def save_state(name: str, *args: Any, **kwargs: Any) -> Any:
         with ledger._lock:
             save, args = proxy._stamp(name, args, kwargs)
-            try:
+            with _sending(save):
                 future = method(name, *args, **kwargs)
-            except BaseException:
-                if save is not None:
-                    save.future = _FAILED
-                raise
-            if save is not None:
-                save.future = future
+            _sent(save, future)
         return future
 
     return _like(method, save_state)
@@ -356,14 +358,9 @@ def _observe_save_async(proxy: ObservedClient, method: Any) -> Callable[..., Any
     async def save_state_async(name: str, *args: Any, **kwargs: Any) -> Any:
         with ledger._lock:
             save, args = proxy._stamp(name, args, kwargs)
-        try:
+        with _sending(save):
             future = await method(name, *args, **kwargs)
-        except BaseException:  # raised, or cancelled: conservatively, nothing is known to be saved
-            if save is not None:
-                save.future = _FAILED
-            raise
-        if save is not None:
-            save.future = future
+        _sent(save, future)
         return future
 
     return _like(method, save_state_async)
@@ -463,7 +460,7 @@ class ObservedClient:
         given = args[2] if positional else kwargs.get("user_metadata")
         if given is not None and not isinstance(given, Mapping):
             return save, args  # the client's own error says what is wrong with it
-        recorded = _parse_step((given or {}).get(STEP_KEY))
+        recorded = parse_step((given or {}).get(STEP_KEY))
         if recorded is not None and recorded != save.step:
             logger.warning(
                 "checkpoint %s records step %d, but the steps sent before it make it %d; a loop restored from it "
