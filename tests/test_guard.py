@@ -381,7 +381,9 @@ def test_a_disabled_policy_passes_through_without_a_thread(
                 guard.client.forward_backward([step.index]).result()
                 guard.client.optim_step().result()
                 if (step.index + 1) % 10 == 0:
-                    guard.save_state(f"s{step.index + 1}", step=step.index + 1)
+                    guard.client.save_state(f"s{step.index + 1}").result()
+    # the one thing it adds: the step of each bare save, for a later process that recovers
+    assert [c.user_metadata for c in sim.list_checkpoints(client.model_id).checkpoints] == [{RESUME_KEY: "10"}]
     assert [r.message for r in caplog.records if "disabled" in r.message] == [
         f"recovery_guard: recovery is disabled by the policy (enabled=False); run {client.model_id} is not "
         "watched and the guard passes everything through"
