@@ -555,3 +555,19 @@ def test_best_strategy_ranks_by_the_metrics_save_state_stored(sim: SimulatedTink
     assert guard.recoveries[0].resumed_at == 20
     assert ran == [*range(36), *range(20, 40)]
     assert sim.lineage(guard.run_id) == list(range(40))
+
+
+def test_guard_save_state_records_the_ledgers_step_unless_told_and_refuses_when_none_is_known(
+    sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    client = sim.create_lora_training_client(base_model="m")
+    with recovery_guard(client.model_id, sim, policy=POLICY, client=client, clock=clock) as guard:
+        with pytest.raises(ValueError, match="pass step="):
+            guard.save_state("before-the-loop")  # a client passed in: what its run holds is not known yet
+        for step in guard.steps(range(3)):
+            with step:
+                guard.client.forward_backward([step.index]).result()
+                guard.client.optim_step().result()
+        path = guard.save_state("three", metrics={"loss": 0.25})
+    (saved,) = [c for c in sim.list_checkpoints(client.model_id).checkpoints if c.tinker_path == path]
+    assert saved.user_metadata == {RESUME_KEY: "3", "step": "3", "loss": "0.25"} and guard.ledger.step == 3
