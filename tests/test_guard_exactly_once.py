@@ -276,6 +276,7 @@ class Bare:
     def check(self, guard: RecoveryGuard) -> None:
         assert self.sim.lineage(guard.run_id) == list(range(BARE_STEPS))  # every step exactly once
         assert guard.ledger.step == BARE_STEPS  # the step counter is true at the end
+        assert guard.ledger.sent == BARE_STEPS - guard.recoveries[-1].resumed_at  # one optim_step a step, on this run
         assert guard.recoveries and self.ran[-1] == BARE_STEPS - 1
         for recovery in guard.recoveries:  # ... and at every resume: the step is what the checkpoint holds
             assert recovery.resumed_at == self.held[recovery.checkpoint.tinker_path]
