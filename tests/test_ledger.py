@@ -226,6 +226,11 @@ def test_a_client_without_metadata_is_remembered_by_name_for_its_own_run_only(si
     assert ledger.step_of(checkpoint_of(sim, client.model_id, f"s{REMEMBERED + 2}")) == REMEMBERED + 2
     assert ledger.step_of(checkpoint_of(sim, client.model_id, "s1")) is None  # beyond the newest REMEMBERED
     assert len(ledger.book.saved) == REMEMBERED
+    for i in range(REMEMBERED + 2, 20 * REMEMBERED):  # a long run's book does not grow
+        loop.at = i
+        client.optim_step()
+        client.save_state(f"s{i + 1}")
+    assert len(ledger.book.saved) == REMEMBERED and len(ledger._saves) == REMEMBERED
     elsewhere = Checkpoint(
         checkpoint_id="weights/s3",
         checkpoint_type="training",
