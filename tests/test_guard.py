@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tinkex_recovery import (
+    RESUME_KEY,
     EventKind,
     ExhaustedReason,
     FakeClock,
@@ -300,8 +301,9 @@ def test_a_checkpoint_before_the_iterables_start_is_a_clear_error(sim: Simulated
 
 
 def test_a_checkpoint_without_a_step_is_never_restored_for_the_loop(sim: SimulatedTinker, clock: FakeClock) -> None:
-    """The newest checkpoint is an eval snapshot saved with a bare save_state("eval"): the loop could not know
-    where to resume from it, so the recovery skips it before any restore call and uses the older one."""
+    """The newest checkpoint is an eval snapshot saved behind the guard's back (on the client itself, not through
+    guard.client, with no step): the loop could not know where to resume from it, so the recovery skips it before
+    any restore call and uses the older one."""
     skipped: list[str] = []
     policy = POLICY.replace(checkpoint_strategy="latest")
 
@@ -311,7 +313,7 @@ def test_a_checkpoint_without_a_step_is_never_restored_for_the_loop(sim: Simulat
 
     def hook(guard: RecoveryGuard, step: Step, phase: str) -> None:
         if (step.index, phase) == (24, "after") and not guard.recoveries:
-            guard.client.save_state("eval").result()  # newest, no step
+            guard.client.__wrapped__.save_state("eval").result()  # newest, no step, not seen by the guard
             assert guard._engine is not None
             guard._engine.subscribe(note)
         if (step.index, phase) == (26, "mid") and not guard.recoveries:
@@ -322,6 +324,27 @@ def test_a_checkpoint_without_a_step_is_never_restored_for_the_loop(sim: Simulat
     assert skipped and skipped[0].endswith("/weights/eval")
     assert ran == [*range(27), *range(20, 60)]
     assert sim.lineage(guard.run_id) == list(range(60))
+
+
+def test_a_bare_save_through_guard_client_is_a_checkpoint_the_loop_resumes_from(
+    sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    """tinker-cookbook's way: a plain save_state(name), no step given. The guard saw the save go out after step
+    24's optim_step, so the checkpoint records step 25, and the recovery resumes there."""
+
+    def hook(guard: RecoveryGuard, step: Step, phase: str) -> None:
+        if (step.index, phase) == (24, "after") and not guard.recoveries:
+            guard.client.save_state("bare").result()
+        if (step.index, phase) == (26, "mid") and not guard.recoveries:
+            sim.corrupt(guard.run_id)
+
+    guard, ran = guarded_loop(sim, clock, hook=hook)
+    assert [c[0].rsplit("/", 1)[1] for c in sim.restore_calls] == ["bare"]
+    (recovery,) = guard.recoveries
+    assert (recovery.resumed_at, recovery.steps_lost) == (25, 1)
+    assert recovery.checkpoint.user_metadata == {RESUME_KEY: "25"}
+    assert ran == [*range(27), *range(25, 60)]
+    assert sim.lineage(guard.run_id) == list(range(60)) and guard.ledger.step == 60
 
 
 def test_only_checkpoints_without_a_step_exhaust_without_creating_a_run(sim: SimulatedTinker, clock: FakeClock) -> None:
