@@ -89,7 +89,7 @@ class _Sampler:
 
 @dataclass
 class _SamplingState:
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Condition = field(default_factory=threading.Condition)
     samplers: dict[str, _Sampler] = field(default_factory=dict)
     inflight: dict[str, int] = field(default_factory=dict)  # run id -> steps its newest inflight weights hold
     seq: itertools.count[int] = field(default_factory=itertools.count)
@@ -97,8 +97,8 @@ class _SamplingState:
     failures: list[tuple[int | None, str]] = field(default_factory=list)  # (HTTP status | None, category)
     holds: int = 0
     slow: tuple[float, int | None] | None = None  # (seconds, samples left; None: every sample)
-    held: list[tuple[Future[Any], Callable[[], Any]]] = field(default_factory=list)
-    timers: list[threading.Timer] = field(default_factory=list)
+    # samples in flight: (future, how to deliver it, the timer of a slow one or None for a held one)
+    held: list[tuple[Future[Any], Callable[[], Any], threading.Timer | None]] = field(default_factory=list)
     lost_run_samplers: LostRunSamplers = "serve"
     sample_count: int = 0
 
@@ -246,13 +246,12 @@ class SamplingService:
         state = self._sampling_state
         with state.lock:
             held, state.held = state.held, []
-            timers, state.timers = state.timers, []
-        for timer in timers:
-            timer.cancel()
-        for fut, finish in held:
+        for fut, finish, timer in held:
+            if timer is not None:
+                timer.cancel()
             _finish(fut, finish)
-        for timer in timers:
-            if timer is not threading.current_thread():
+        for _, _, timer in held:
+            if timer is not None and timer is not threading.current_thread():
                 timer.join()
 
     def slow_samples(self, seconds: float, n: int | None = None) -> None:
@@ -268,6 +267,12 @@ class SamplingService:
     def sample_count(self) -> int:
         """Sample requests received (``compute_logprobs`` included)."""
         return self._sampling_state.sample_count
+
+    def wait_for_samples(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` sample requests have been received in all; False on timeout."""
+        state = self._sampling_state
+        with state.lock:
+            return state.lock.wait_for(lambda: state.sample_count >= count, timeout)
 
     # -- inspection ------------------------------------------------------------------------------------------
     def sampler_steps(self, sampler_id: str) -> int:
@@ -365,6 +370,7 @@ class SamplingService:
         state = self._sampling_state
         with state.lock:
             state.sample_count += 1
+            state.lock.notify_all()
             failure = state.failures.pop(0) if state.failures else None
             held = state.holds > 0
             state.holds -= held
@@ -413,23 +419,26 @@ class SamplingService:
         fut: SimulatedAPIFuture[SampleResult] = _tinker.SimulatedAPIFuture()
         if held:
             with state.lock:
-                state.held.append((fut, finish))
+                state.held.append((fut, finish, None))
             return fut
         if delay is not None:
-            timer = threading.Timer(delay, lambda: self._deliver_late(fut, finish, timer))
+            entry: tuple[Future[Any], Callable[[], Any], threading.Timer | None]
+            timer = threading.Timer(delay, lambda: self._deliver_late(entry))
             timer.name = "tinkex-sim-slow-sample"
+            entry = (fut, finish, timer)
             with state.lock:
-                state.timers.append(timer)
+                state.held.append(entry)
             timer.start()
             return fut
         _finish(fut, finish)
         return fut
 
-    def _deliver_late(self, fut: Future[Any], finish: Callable[[], Any], timer: threading.Timer) -> None:
+    def _deliver_late(self, entry: tuple[Future[Any], Callable[[], Any], threading.Timer | None]) -> None:
         with self._sampling_state.lock:
-            if timer in self._sampling_state.timers:
-                self._sampling_state.timers.remove(timer)
-        _finish(fut, finish)
+            if entry not in self._sampling_state.held:
+                return  # released already
+            self._sampling_state.held.remove(entry)
+        _finish(entry[0], entry[1])
 
 
 def _finish(fut: Future[Any], finish: Callable[[], Any]) -> None:
