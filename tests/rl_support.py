@@ -45,7 +45,12 @@ class Net:
     adam: Any = None  #: optim_step's argument
     policy: RecoveryPolicy = field(
         default_factory=lambda: RecoveryPolicy(
-            enabled=True, poll_interval=3600, backoff=0, max_backoff=0, attempt_timeout=30, max_no_progress=None,
+            enabled=True,
+            poll_interval=3600,
+            backoff=0,
+            max_backoff=0,
+            attempt_timeout=30,
+            max_no_progress=None,
             max_recoveries=None,
         )
     )
@@ -56,7 +61,9 @@ def _corrupt(net: Net, guard: RecoveryGuard) -> None:
     net.sim.corrupt(guard.run_id)
 
 
-def sync_rl_loop(net: Net, client: Any, schedule: dict[tuple[int, int], str], *, steps: int, every: int) -> RecoveryGuard:
+def sync_rl_loop(
+    net: Net, client: Any, schedule: dict[tuple[int, int], str], *, steps: int, every: int
+) -> RecoveryGuard:
     """The cookbook's sync RL loop: each step makes a sampler of the current weights, samples, trains on it."""
     with recovery_guard(client.model_id, net.service, policy=net.policy, client=client, clock=net.clock) as guard:
         for step in guard.steps(range(steps)):
@@ -103,6 +110,69 @@ class AsyncReport:
     trained_versions: list[WeightsVersion]
 
 
+class _Rollouts:
+    """The rollout side of the async loop: workers sampling groups from the shared sampler into a queue."""
+
+    def __init__(self, net: Net, workers: int, group: int, max_steps_off_policy: int) -> None:
+        self.net, self.workers, self.group, self.max_off = net, workers, group, max_steps_off_policy
+        self.queue: asyncio.Queue[Rollout] = asyncio.Queue(maxsize=workers)
+        self.sampler: tuple[Any, WeightsVersion] | None = None
+        self.backlog: list[Rollout] = []
+        self.dropped = 0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def worker(self, i: int) -> None:
+        while True:
+            assert self.sampler is not None
+            sampler, version = self.sampler
+            try:
+                response = await sampler.sample(self.net.prompt(i), self.group, self.net.params)
+                rollout = Rollout(version, tuple(int(s.tokens[0]) for s in response.sequences))
+            except Exception as exc:  # a sampler of a lost run, in the simulator's "fail" mode
+                rollout = Rollout(version, error=exc)
+            await self.queue.put(rollout)
+
+    async def publish(self, guard: RecoveryGuard) -> None:
+        version = guard.weights_version()
+        self.sampler = (await guard.client.save_weights_and_get_sampling_client(), version)
+        if not self.tasks:
+            self.tasks = [asyncio.create_task(self.worker(i)) for i in range(self.workers)]
+
+    async def next_group(self, guard: RecoveryGuard, at: int) -> Rollout:
+        for _ in range(STARVED):
+            rollout = self.backlog.pop(0) if self.backlog else await self.queue.get()
+            if rollout.error is not None:
+                if rollout.version.run_id != guard.run_id:
+                    self.dropped += 1  # a sampler of a run already replaced
+                    continue
+                raise rollout.error  # judged by the guard: a lost run is recovered
+            lag = guard.staleness(rollout.version, at=at)
+            if lag is None or lag > self.max_off:
+                self.dropped += 1
+                continue
+            return rollout
+        raise AssertionError(f"the trainer starved at step {at}: {STARVED} rollouts in a row were dropped")
+
+    async def hold_every_worker(self) -> None:
+        """Let every worker put what it holds and start a sample, which the simulator keeps in flight."""
+        sim = self.net.sim
+        sim.hold_samples(self.workers)
+        received = sim.sample_count
+        while not self.queue.empty():
+            self.backlog.append(self.queue.get_nowait())
+        assert await asyncio.to_thread(sim.wait_for_samples, received + self.workers, WAIT)
+        while not self.queue.empty():
+            self.backlog.append(self.queue.get_nowait())
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.net.sim.release_samples()
+
+
 async def async_rl_loop(
     net: Net,
     client: Any,
@@ -118,91 +188,37 @@ async def async_rl_loop(
     republishes after every step; the trainer consumes groups, dropping those more than ``max_steps_off_policy``
     steps stale or off the lineage (``guard.staleness`` is None); after a recovery (``step.resumed``) it
     republishes a sampler of the restored weights before it consumes anything."""
-    queue: asyncio.Queue[Rollout] = asyncio.Queue(maxsize=workers)
-    shared: dict[str, tuple[Any, WeightsVersion]] = {}
-    backlog: list[Rollout] = []
-    dropped = 0
+    rollouts = _Rollouts(net, workers, group, max_steps_off_policy)
     trained: list[WeightsVersion] = []
-
-    async def worker(i: int) -> None:
-        while True:
-            sampler, version = shared["sampler"]
-            try:
-                response = await sampler.sample(net.prompt(i), group, net.params)
-                rollout = Rollout(version, tuple(int(s.tokens[0]) for s in response.sequences))
-            except Exception as exc:  # a sampler of a lost run, in the simulator's "fail" mode
-                rollout = Rollout(version, error=exc)
-            await queue.put(rollout)
-
-    async def next_group(guard: RecoveryGuard, at: int) -> Rollout:
-        nonlocal dropped
-        for _ in range(STARVED):
-            rollout = backlog.pop(0) if backlog else await queue.get()
-            if rollout.error is not None:
-                if rollout.version.run_id != guard.run_id:
-                    dropped += 1  # a sampler of a run already replaced
-                    continue
-                raise rollout.error  # judged by the guard: a lost run is recovered
-            lag = guard.staleness(rollout.version, at=at)
-            if lag is None or lag > max_steps_off_policy:
-                dropped += 1
-                continue
-            return rollout
-        raise AssertionError(f"the trainer starved at step {at}: {STARVED} rollouts in a row were dropped")
-
-    async def hold_every_worker() -> None:
-        """Let every worker put what it holds and start a sample, which the simulator keeps in flight."""
-        net.sim.hold_samples(workers)
-        received = net.sim.sample_count
-        while not queue.empty():
-            backlog.append(queue.get_nowait())
-        assert await asyncio.to_thread(net.sim.wait_for_samples, received + workers, WAIT)
-        while not queue.empty():
-            backlog.append(queue.get_nowait())
-
-    tasks: list[asyncio.Task[None]] = []
     try:
         async with recovery_guard(
             client.model_id, net.service, policy=net.policy, client=client, clock=net.clock
         ) as guard:
-
-            async def publish() -> None:
-                version = guard.weights_version()
-                shared["sampler"] = (await guard.client.save_weights_and_get_sampling_client(), version)
-
             async for step in guard.steps(range(steps)):
                 async with step:
-                    if not tasks or step.resumed:
-                        await publish()  # the first step, or a new run: a sampler of the restored weights
-                        tasks = tasks or [asyncio.create_task(worker(i)) for i in range(workers)]
+                    if rollouts.sampler is None or step.resumed:
+                        await rollouts.publish(guard)  # the first step, or a new run: the restored weights
                     point = schedule.pop((step.index, len(guard.recoveries)), None)
                     if point == "in_flight":
-                        await hold_every_worker()
+                        await rollouts.hold_every_worker()
                         _corrupt(net, guard)
                         net.sim.release_samples()
-                    rollout = await next_group(guard, step.index)
+                    rollout = await rollouts.next_group(guard, step.index)
                     if point == "between":
                         _corrupt(net, guard)
-                    await guard.client.forward_backward(
-                        [net.datum(step.index, rollout.tokens[0])], "cross_entropy"
-                    )
+                    await guard.client.forward_backward([net.datum(step.index, rollout.tokens[0])], "cross_entropy")
                     if point == "mid":
                         _corrupt(net, guard)
                     await guard.client.optim_step(net.adam)
                     trained.append(rollout.version)
                     if (step.index + 1) % every == 0:
                         await guard.save_state_async(f"step-{step.index + 1:04d}")
-                    await publish()
+                    await rollouts.publish(guard)
                     if point == "after":
                         _corrupt(net, guard)
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        net.sim.release_samples()
-    return AsyncReport(guard, dropped, trained)
+        await rollouts.stop()
+    return AsyncReport(guard, rollouts.dropped, trained)
 
 
 def check_exactly_once_and_on_policy(lineage: list[Any], steps: int, max_steps_off_policy: int) -> None:

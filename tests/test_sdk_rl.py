@@ -34,7 +34,7 @@ def net(sdk: SdkNet) -> Iterator[Net]:
     yield Net(
         sdk.sim,
         sdk.service,
-        datum=lambda k, t: datum(k, t),  # recorded in the lineage as (k, t)
+        datum=datum,  # datum(k, t) is recorded in the lineage as (k, t)
         prompt=lambda i: types.ModelInput.from_ints([i, i + 1]),
         params=types.SamplingParams(max_tokens=2),
         adam=ADAM,
