@@ -22,6 +22,7 @@ import pytest
 import tinker
 
 from tinkex_recovery import RESUME_KEY, ObservedClient, RecoveryPolicy, recovery_guard
+from tinkex_recovery import _ledger as ledger_module
 from tinkex_recovery._ledger import Ledger
 from tinkex_recovery.simulated import SimulatedTinker
 
@@ -89,8 +90,11 @@ def test_every_public_method_of_the_sdks_training_client_is_observed_or_passed_t
     assert isinstance(client, tinker.TrainingClient) and isinstance(client, ObservedClient)
     for name in PASSED:
         assert getattr(client, name) == getattr(raw, name), name  # the same function bound to the same client
+    assert set(ledger_module.OBSERVED) == OBSERVED
     for name in OBSERVED:
-        ours, theirs = getattr(type(client), name), getattr(tinker.TrainingClient, name)
+        ours, theirs = getattr(client, name), getattr(raw, name)
+        assert ours != theirs and inspect.signature(ours) == inspect.signature(theirs), name
+        assert ours.__doc__ == theirs.__doc__ and ours.__name__ == theirs.__name__, name
         assert inspect.iscoroutinefunction(ours) == inspect.iscoroutinefunction(inspect.unwrap(theirs)), name
     assert client.model_id == raw.model_id and client.holder is raw.holder  # attributes too
     assert client.get_console_url() == raw.get_console_url()
