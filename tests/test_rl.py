@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tinkex_recovery import FakeClock, recovery_guard
 from tinkex_recovery.integrations import WeightsVersion
-from tinkex_recovery.simulated import SimulatedTinker
+from tinkex_recovery.simulated import SimulatedRequestFailedError, SimulatedTinker
 
 from .rl_support import ASYNC_POINTS, SYNC_POINTS, Net, async_rl_loop, check_exactly_once_and_on_policy, sync_rl_loop
 
@@ -111,3 +111,13 @@ def test_staleness_follows_the_lineage_through_recoveries() -> None:
             guard.staleness(WeightsVersion(3, "elsewhere:train:0", 0), at=4)
         with pytest.raises(TypeError):
             guard.staleness((3, 0), at=4)  # type: ignore[arg-type]
+
+
+def test_a_sampler_error_on_a_healthy_run_propagates_unchanged_and_nothing_is_recovered() -> None:
+    net = memory_net()
+    client = net.sim.create_lora_training_client("base")
+    net.sim.fail_samples(1, category="server")  # as cookbook#372: the sampler fails, the run is not corrupted
+    with pytest.raises(SimulatedRequestFailedError, match="simulated sampler failure"):
+        sync_rl_loop(net, client, {}, steps=STEPS, every=EVERY)
+    assert net.sim.run_ids == [client.model_id] and net.sim.restore_calls == []
+    assert net.sim.poll_count == 1  # the failure was judged: one poll, which found the run healthy

@@ -16,7 +16,7 @@ from tinkex_recovery.simulated import SimulatedTinker, serve
 
 from .http_support import KEY
 
-pytestmark = pytest.mark.sdk
+pytestmark = [pytest.mark.sdk, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 
