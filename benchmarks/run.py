@@ -95,8 +95,7 @@ TARGETS = [
     Target(
         "rl_time_to_resume_p50_s",
         "<= guard's time to resume + 2 round trips + 0.010",
-        lambda r: r["rl_time_to_resume_p50_s"]
-        <= r["rl_guard_time_to_resume_p50_s"] + 2 * r["rl_round_trip_s"] + 0.010,
+        lambda r: r["rl_time_to_resume_p50_s"] <= r["rl_guard_time_to_resume_p50_s"] + 2 * r["rl_round_trip_s"] + 0.010,
     ),
 ]
 
