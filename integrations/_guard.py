@@ -61,6 +61,7 @@ from tinkex_recovery._integration import (
 
 from . import _aio
 from ._checkpoint_log import CheckpointLog, metadata_for, validate_metrics, validate_step
+from ._rollouts import WeightsVersion, staleness
 from ._shared import shared_engines
 from ._steps import Step, StepCursor
 
@@ -334,6 +335,29 @@ class RecoveryGuard:
         """The engine watching the run (the process's one for this policy, or ``engine=``); None before entry
         and when the policy is disabled. Subscribe to it for events."""
         return self._engine
+
+    # -- RL: the weights samplers are made from ------------------------------------------------------------
+    def weights_version(self, step: int | None = None) -> WeightsVersion:
+        """The version of the weights :attr:`client` holds now, to tag a sampler made from them (and its
+        rollouts) with: ``step`` (default: the :attr:`ledger`'s step, the index of the next step to train), the
+        run, and how many recoveries the loop has gone through. Read it where the sampler is made, inside the
+        step (recoveries are taken in only between steps)."""
+        self._require_open("weights_version()")
+        if step is None:
+            step = self._ledger.step
+            if step is None:
+                raise ValueError("the step the weights hold is not known here (no step under way); pass step=")
+        return WeightsVersion(validate_step(step), self._run_id, len(self._recoveries))
+
+    def staleness(self, version: WeightsVersion, *, at: int) -> int | None:
+        """How many steps the weights of ``version`` are behind step ``at`` of the current lineage (0: on-policy),
+        or None when they are not in its history: from the future of a run lost and restored to an earlier step
+        (or ahead of ``at``). An RL loop trains a rollout at step ``at`` only if this is not None and at most its
+        ``max_steps_off_policy``."""
+        if not isinstance(version, WeightsVersion):
+            raise TypeError(f"version must be a WeightsVersion, got {type(version).__name__}")
+        origin = self._recoveries[0].old_run_id if self._recoveries else self._run_id
+        return staleness(version, validate_step(at), self._recoveries, origin)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def __enter__(self) -> Self:

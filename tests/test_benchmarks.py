@@ -43,6 +43,7 @@ SDK_REQUIRED = [
     "time_to_resume_p99_s",
     "round_trips_per_recovery",
     "resume_round_trip_s",
+    "rl_time_to_resume_p50_s",
 ]
 
 
