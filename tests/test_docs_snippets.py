@@ -25,6 +25,9 @@ from .http_support import KEY
 
 pytestmark = [pytest.mark.sdk, pytest.mark.slow]
 
+#: A simulated Tinker and the loopback server in front of it.
+Served = tuple[SimulatedTinker, SimulatedServer]
+
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPETS = ROOT / "docs" / "snippets"
 
@@ -38,7 +41,7 @@ class Ran:
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[SimulatedTinker, SimulatedServer]]:
+def server() -> Iterator[Served]:
     sim = SimulatedTinker()
     with serve(sim, KEY) as srv:
         srv.keep_alive = False  # no server thread outlives the request it serves
@@ -48,7 +51,7 @@ def server() -> Iterator[tuple[SimulatedTinker, SimulatedServer]]:
 
 def run_snippet(
     name: str,
-    served: tuple[SimulatedTinker, SimulatedServer],
+    served: Served,
     *args: str,
     corrupt_after: int | None = None,
     extra_warning_options: tuple[str, ...] = (),
@@ -105,14 +108,14 @@ def trained(sim: SimulatedTinker, run_id: str) -> list[int]:
     return [tokens[0] for tokens in sim.lineage(run_id)]
 
 
-def test_quickstart_trains_every_step_once_through_a_corruption(server: tuple[SimulatedTinker, SimulatedServer]) -> None:
+def test_quickstart_trains_every_step_once_through_a_corruption(server: Served) -> None:
     ran = run_snippet("quickstart.py", server, corrupt_after=1)
     run_id = ran.sim.run_ids[-1]
     assert ran.stdout.strip() == f"30 steps on run {run_id}, 1 recovery(ies)"
     assert trained(ran.sim, run_id) == list(range(30))
 
 
-def test_asyncio_loop_trains_every_step_once_through_a_corruption(server: tuple[SimulatedTinker, SimulatedServer]) -> None:
+def test_asyncio_loop_trains_every_step_once_through_a_corruption(server: Served) -> None:
     ran = run_snippet("asyncio_loop.py", server, corrupt_after=1)
     run_id = ran.sim.run_ids[-1]
     assert ran.stdout.strip() == f"30 steps on run {run_id}, 1 recovery(ies)"
@@ -120,7 +123,7 @@ def test_asyncio_loop_trains_every_step_once_through_a_corruption(server: tuple[
 
 
 def test_asyncio_loop_with_requests_in_flight_trains_every_step_once_through_a_corruption(
-    server: tuple[SimulatedTinker, SimulatedServer],
+    server: Served,
 ) -> None:
     ran = run_snippet("asyncio_in_flight.py", server, corrupt_after=1)
     run_id = ran.sim.run_ids[-1]
@@ -128,7 +131,7 @@ def test_asyncio_loop_with_requests_in_flight_trains_every_step_once_through_a_c
     assert trained(ran.sim, run_id) == list(range(30))
 
 
-def test_engine_loop_trains_every_step_once_through_a_corruption(server: tuple[SimulatedTinker, SimulatedServer]) -> None:
+def test_engine_loop_trains_every_step_once_through_a_corruption(server: Served) -> None:
     ran = run_snippet("engine.py", server, corrupt_after=1)
     run_id = ran.sim.run_ids[-1]
     assert ran.stdout.splitlines()[-1] == f"30 steps on run {run_id}, 1 recovery(ies)"
@@ -137,7 +140,7 @@ def test_engine_loop_trains_every_step_once_through_a_corruption(server: tuple[S
 
 
 def test_cookbook_loop_survives_a_corruption_then_a_restart_from_its_checkpoints_jsonl(
-    server: tuple[SimulatedTinker, SimulatedServer], tmp_path: Path
+    server: Served, tmp_path: Path
 ) -> None:
     first = run_snippet("cookbook.py", server, str(tmp_path), "25", corrupt_after=1)
     lost = first.sim.run_ids[-1]
@@ -163,7 +166,7 @@ LIGHTNING_NOTICES = (
 
 @pytest.mark.lightning
 def test_lightning_module_trains_every_batch_once_through_a_corruption(
-    server: tuple[SimulatedTinker, SimulatedServer],
+    server: Served,
 ) -> None:
     ran = run_snippet("lightning_module.py", server, corrupt_after=1, extra_warning_options=LIGHTNING_NOTICES)
     run_id = ran.sim.run_ids[-1]
@@ -171,7 +174,7 @@ def test_lightning_module_trains_every_batch_once_through_a_corruption(
     assert trained(ran.sim, run_id) == list(range(40))
 
 
-def test_observe_mode_names_the_checkpoint_and_restores_nothing(server: tuple[SimulatedTinker, SimulatedServer]) -> None:
+def test_observe_mode_names_the_checkpoint_and_restores_nothing(server: Served) -> None:
     lines = run_snippet("observe.py", server).stdout.splitlines()
     assert lines[0] == "detected "
     assert lines[1].startswith("checkpoint_selected tinker://") and lines[1].endswith("/weights/step-000010")
@@ -179,7 +182,7 @@ def test_observe_mode_names_the_checkpoint_and_restores_nothing(server: tuple[Si
     assert lines[3] == "runs on the server: 1"
 
 
-def test_metrics_snippet_records_every_instrument(server: tuple[SimulatedTinker, SimulatedServer]) -> None:
+def test_metrics_snippet_records_every_instrument(server: Served) -> None:
     names = run_snippet("metrics.py", server).stdout.split()
     assert names == [
         "tinkex_recovery.polls",
@@ -191,7 +194,7 @@ def test_metrics_snippet_records_every_instrument(server: tuple[SimulatedTinker,
     ]
 
 
-def test_policy_snippet_builds_derives_and_refuses(server: tuple[SimulatedTinker, SimulatedServer]) -> None:
+def test_policy_snippet_builds_derives_and_refuses(server: Served) -> None:
     assert run_snippet("policy.py", server).stdout.splitlines() == ["5 best", "('poll_interval',)"]
 
 

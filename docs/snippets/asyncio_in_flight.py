@@ -24,8 +24,9 @@ async def main() -> None:
             async with step:
                 if step.resumed:
                     in_flight.clear()  # the lost run's futures: never await them
-                in_flight.append((guard.client.forward_backward(batch(step.index), "cross_entropy"),
-                                  guard.client.optim_step(adam)))
+                in_flight.append(
+                    (guard.client.forward_backward(batch(step.index), "cross_entropy"), guard.client.optim_step(adam))
+                )
                 if (step.index + 1) % SAVE_EVERY == 0:
                     # Submitted after step k's requests, it holds every step up to k: resume at k + 1.
                     await guard.save_state_async(f"step-{step.index + 1:06d}", step=step.index + 1)

@@ -45,7 +45,9 @@ async def main(log_path: Path, num_steps: int) -> None:
                 await opt
                 if (step.index + 1) % 10 == 0:  # also appends {"name", "batch", "state_path", ...} to the log
                     await guard.save_state_async(f"{step.index + 1:06d}", step=step.index + 1)
-    print(f"steps {guard.start_step or 0}..{num_steps - 1} on run {guard.run_id}, {len(guard.recoveries)} recovery(ies)")
+    print(
+        f"steps {guard.start_step or 0}..{num_steps - 1} on run {guard.run_id}, {len(guard.recoveries)} recovery(ies)"
+    )
 
 
 if __name__ == "__main__":  # python cookbook.py LOG_PATH NUM_STEPS

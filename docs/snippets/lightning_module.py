@@ -32,6 +32,8 @@ class RemoteModule(pl.LightningModule):
 
 module = RemoteModule(tinker.ServiceClient())
 recovery = TinkexRecovery(RecoveryPolicy(enabled=True, poll_interval=30))
-trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[recovery])
+trainer = pl.Trainer(
+    max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[recovery]
+)
 trainer.fit(module, DataLoader(list(range(40)), batch_size=2, collate_fn=list))
 print(f"{trainer.global_step} steps on run {module.training_client.model_id}, {len(recovery.lineage)} recovery(ies)")
