@@ -10,9 +10,8 @@ import importlib
 import sys
 from pathlib import Path
 
-import pytest
-
 import griffe  # the docs extra: make venv-test installs it
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The public modules: each has a page under docs/reference/ and its names are documented.
