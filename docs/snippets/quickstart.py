@@ -21,5 +21,5 @@ with recovery_guard(client.model_id, service, client=client) as guard:
             guard.client.forward_backward(batch(step.index), "cross_entropy").result()
             guard.client.optim_step(types.AdamParams(learning_rate=1e-4)).result()
             if (step.index + 1) % 10 == 0:
-                guard.save_state(f"step-{step.index + 1:06d}", step=step.index + 1)
+                guard.client.save_state(f"step-{step.index + 1:06d}").result()  # records the step it holds
 print(f"30 steps on run {guard.run_id}, {len(guard.recoveries)} recovery(ies)")
