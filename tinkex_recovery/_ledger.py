@@ -42,9 +42,9 @@ __all__ = ["OBSERVED", "RESUME_KEY", "Book", "Ledger", "ObservedClient"]
 
 logger = logging.getLogger("tinkex_recovery")
 
-#: The checkpoint user_metadata key the ledger writes on every save made through an :class:`ObservedClient`: the
-#: checkpoint's step (the first step a loop restored from it trains). A ``step`` the user records wins over it.
 RESUME_KEY = "tinkex_recovery.step"
+"""The checkpoint user_metadata key the ledger writes on every save made through an :class:`ObservedClient`: the
+checkpoint's step (the first step a loop restored from it trains). A ``step`` the user records wins over it."""
 
 #: Saves the ledger remembers (for :meth:`Ledger.keep_from`, and by path for clients that take no user_metadata):
 #: the newest ones only (a recovery falls back a few checkpoints at most), so a long run's book does not grow.

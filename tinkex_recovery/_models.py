@@ -165,6 +165,7 @@ class Cursor(_Wire):
 
     @property
     def has_more(self) -> bool:
+        """Whether items exist past this page."""
         return self.offset + self.limit < self.total_count
 
 

@@ -39,19 +39,20 @@ from ._selection import StepOf, dedupe, rank, synthetic, walk
 
 __all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"]
 
-#: user_metadata keys written on every recovered run, naming where it came from.
 LINEAGE_KEYS = (
     "tinkex_recovery.recovered_from_run",
     "tinkex_recovery.recovered_from_checkpoint",
     "tinkex_recovery.recovery_number",
 )
+"""user_metadata keys written on every recovered run, naming where it came from: the lost run, the checkpoint
+it was restored from, and its place in the lineage (1, 2, ...)."""
 
-#: user_metadata keys written on every recovered run for the safety budgets, so that a restarted process counts
-#: the recoveries of the process before it: the wall-clock times (UTC, ISO 8601, space-separated, oldest first)
-#: of the lineage's recoveries still inside ``recovery_window``, the one that made this run included; and how
-#: many recoveries in a row before that one made no progress (their restored run was lost before it saved a
-#: checkpoint newer than the one it was restored from).
 BUDGET_KEYS = ("tinkex_recovery.recovery_times", "tinkex_recovery.no_progress")
+"""user_metadata keys written on every recovered run for the safety budgets, so that a restarted process counts
+the recoveries of the process before it: the wall-clock times (UTC, ISO 8601, space-separated, oldest first)
+of the lineage's recoveries still inside ``recovery_window``, the one that made this run included; and how
+many recoveries in a row before that one made no progress (their restored run was lost before it saved a
+checkpoint newer than the one it was restored from)."""
 
 _KEPT_WITHOUT_BUDGET = 10  # recovery times kept in user_metadata when max_recoveries is None (for the record)
 

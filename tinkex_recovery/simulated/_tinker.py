@@ -53,17 +53,23 @@ class SimulatedRequestFailedError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ForwardBackwardResult:
+    """What a simulated ``forward_backward`` returns: a loss and the metrics the SDK's output carries."""
+
     loss: float
     metrics: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
 class OptimStepResult:
+    """What a simulated ``optim_step`` returns: how many optimizer steps the run has taken."""
+
     step: int
 
 
 @dataclass(frozen=True, slots=True)
 class SaveStateResult:
+    """What a simulated ``save_state`` returns: the checkpoint's ``tinker://`` path, as the SDK's ``.path``."""
+
     path: str
 
 
