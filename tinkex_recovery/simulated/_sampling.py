@@ -72,6 +72,9 @@ class SampleResult:
 
 @dataclass(frozen=True, slots=True)
 class SaveWeightsForSamplerResult:
+    """What ``save_weights_for_sampler`` answers, as the SDK's ``SaveWeightsForSamplerResponse``: the
+    ``tinker://{run}/sampler_weights/{name}`` path a sampler can be made from."""
+
     path: str
 
 
