@@ -64,6 +64,8 @@ def test_a_corrupted_run_is_restored_through_the_sdk_twice_with_the_status_sourc
             LINEAGE_KEYS[0]: client.model_id,
             LINEAGE_KEYS[1]: second_path,
             LINEAGE_KEYS[2]: "1",
+            LINEAGE_KEYS[3]: run.user_metadata[LINEAGE_KEYS[3]],  # the recovery's id
+            LINEAGE_KEYS[4]: run.user_metadata[LINEAGE_KEYS[4]],  # when the restore call was sent
             BUDGET_KEYS[0]: run.user_metadata[BUDGET_KEYS[0]],  # the wall-clock time of this recovery
             BUDGET_KEYS[1]: "0",
         }

@@ -131,9 +131,11 @@ def hang_past_attempt_timeout(h: Harness, **hang: Any) -> str:
     """The first restore call hangs past attempt_timeout, the retry succeeds; then the hung call is let go.
     Returns the adopted run."""
     h.sim.hang_restores(1, **hang)
+    calling = threading.Event()
+    h.sim.on_restore(lambda path: calling.set())
     h.sim.corrupt(h.run_id)
     h.engine.poll_once()
-    h.events.wait_for(EventKind.CHECKPOINT_SELECTED)
+    assert calling.wait(WAIT)  # the restore call reached the server
     h.clock.advance(20.0)
     assert "attempt_timeout" in str(h.events.wait_for(EventKind.FAILED)[0].error)
     h.clock.advance(5.0)
@@ -164,7 +166,8 @@ def restore_hangs_then_succeeds_late(h: Harness) -> None:
 
 def restore_future_pending_past_attempt_timeout(h: Harness) -> None:
     adopted = hang_past_attempt_timeout(h, then="succeed", future=True)
-    assert created_runs(h) == [adopted]  # the abandoned future was cancelled: its run was never created
+    (discarded,) = h.events.wait_for(EventKind.CLIENT_DISCARDED)  # the server had the request: its run exists
+    assert sorted(created_runs(h)) == sorted([adopted, str(discarded.new_run_id)]) and discarded.new_run_id != adopted
 
 
 def restored_client_fails_its_first_call(h: Harness) -> None:
@@ -231,7 +234,7 @@ MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ),
     (
         "restore future still pending at attempt_timeout",
-        "the future is cancelled (no run created); retried, completed; one new run",
+        "retried, completed; the future is left to finish: its late run is closed and named in client_discarded",
         restore_future_pending_past_attempt_timeout,
     ),
     (
