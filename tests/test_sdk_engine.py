@@ -68,6 +68,7 @@ def test_a_corrupted_run_is_restored_through_the_sdk_twice_with_the_status_sourc
             LINEAGE_KEYS[4]: run.user_metadata[LINEAGE_KEYS[4]],  # when the restore call was sent
             BUDGET_KEYS[0]: run.user_metadata[BUDGET_KEYS[0]],  # the wall-clock time of this recovery
             BUDGET_KEYS[1]: "0",
+            BUDGET_KEYS[2]: "4",  # the restored checkpoint's step
         }
 
         # The recovered client trains on; its run is lost before it saves: restored from the same checkpoint.
