@@ -59,3 +59,32 @@ def run_with_checkpoints(sim: SimulatedTinker, steps: int = 4, every: int = 2) -
             n = step + 1
             client.save_state(f"{n:04d}", user_metadata={"step": str(n), "loss": str(1.0 / n)}).result()
     return client
+
+
+class Gate:
+    """Installed as a simulator hook (``sim.on_read``, ``on_list``, ``on_restore``): the first ``armed`` calls
+    it sees are held, each setting :attr:`reached`, until :meth:`open` (or ``WAIT`` seconds)."""
+
+    def __init__(self, armed: int = 1) -> None:
+        self._lock = threading.Lock()
+        self._armed = armed
+        self.reached = threading.Event()
+        self._open = threading.Event()
+
+    def __call__(self, *args: object) -> None:
+        with self._lock:
+            if self._armed <= 0:
+                return
+            self._armed -= 1
+        self.reached.set()
+        self._open.wait(WAIT)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def join_attempt_threads() -> None:
+    """Wait for every restore attempt's thread to return: the simulator's books are final then."""
+    for t in threading.enumerate():
+        if t.name.startswith(("tinkex-recovery-attempt", "tinkex-recovery-reconcile")):
+            t.join(WAIT)

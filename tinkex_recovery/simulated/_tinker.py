@@ -196,6 +196,7 @@ class SimulatedTinker:
         self._released = threading.Event()
         self._restore_hook: Callable[[str], object] | None = None
         self._list_hook: Callable[[], object] | None = None
+        self._read_hook: Callable[[str], object] | None = None
         self.restore_calls: list[tuple[str, bool, dict[str, str] | None]] = []
         self.poll_count = 0
 
@@ -282,6 +283,9 @@ class SimulatedTinker:
             return list(self._run(run_id).trained)
 
     def get_training_run(self, run_id: str) -> TrainingRun:
+        hook = self._read_hook
+        if hook is not None:
+            hook(run_id)
         with self._lock:
             self.poll_count += 1
             if self._poll_failures:
@@ -299,6 +303,11 @@ class SimulatedTinker:
             runs = [run for run in reversed(self._runs.values()) if not run.deleted]
             page = runs[offset:] if limit is None else runs[offset : offset + limit]
             return [run.model() for run in page]
+
+    def on_read(self, hook: Callable[[str], object] | None) -> None:
+        """Call ``hook(run_id)`` at the start of every read of a run (a poll, a recovery's first read), on the
+        caller's thread. None removes it."""
+        self._read_hook = hook
 
     def on_list(self, hook: Callable[[], object] | None) -> None:
         """Call ``hook()`` at the start of every training-runs listing, on the caller's thread (to hold or count
