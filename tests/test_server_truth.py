@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tinkex_recovery import EventKind, FakeClock, RecoveryPolicy
+from tinkex_recovery import EventKind, FakeClock, RecoveryEngine, RecoveryPolicy
 from tinkex_recovery.integrations import recovery_guard
 from tinkex_recovery.simulated import SimulatedRestClient, SimulatedTinker, SimulatedTrainingClient
 
@@ -176,8 +176,6 @@ def test_a_restore_answering_while_close_runs_is_never_left_unnamed(seed: int) -
     reached = threading.Event()
     sim.on_restore(lambda path: reached.set())
     sim.hang_restores(1, then="succeed", future=True)
-    from tinkex_recovery import RecoveryEngine
-
     engine = RecoveryEngine(RecoveryPolicy(enabled=True, poll_interval=3600.0, attempt_timeout=20.0), clock=clock)
     engine.subscribe(events)
     engine.start()
@@ -200,14 +198,14 @@ def test_a_guard_leaving_during_a_restore_names_the_run_it_made(sim: SimulatedTi
     service = LostAnswers(sim)
     events = EventLog()
     policy = RecoveryPolicy(enabled=True, poll_interval=30.0, attempt_timeout=20.0)
-    with pytest.raises(RuntimeError, match="the loop gives up"):  # noqa: PT012
-        with recovery_guard(client.model_id, service, policy=policy, client=client, clock=clock) as guard:
-            assert guard.engine is not None
-            guard.engine.subscribe(events)
-            sim.corrupt(client.model_id)
-            clock.advance(30.0)  # a background poll finds it: the recovery starts
-            assert service.reached.wait(WAIT)
-            raise RuntimeError("the loop gives up")  # the last guard leaves: its engine closes
+    guard = recovery_guard(client.model_id, service, policy=policy, client=client, clock=clock)
+    with pytest.raises(RuntimeError, match="the loop gives up"), guard:
+        assert guard.engine is not None
+        guard.engine.subscribe(events)
+        sim.corrupt(client.model_id)
+        clock.advance(30.0)  # a background poll finds it: the recovery starts
+        assert service.reached.wait(WAIT)
+        raise RuntimeError("the loop gives up")  # the last guard leaves: its engine closes
     (made,) = new_runs(sim, client.model_id)
     assert [e.new_run_id for e in events.of(EventKind.RUN_ORPHANED)] == [made]
     service.cancel_all()
