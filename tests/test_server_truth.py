@@ -8,6 +8,7 @@ when a connection drops after the server acted.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Mapping
@@ -16,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from tinkex_recovery import EventKind, FakeClock, RecoveryEngine, RecoveryPolicy
+from tinkex_recovery import (
+    EventKind,
+    ExhaustedReason,
+    FakeClock,
+    RecoveryEngine,
+    RecoveryExhausted,
+    RecoveryPolicy,
+)
 from tinkex_recovery.integrations import recovery_guard
 from tinkex_recovery.simulated import SimulatedRestClient, SimulatedTinker, SimulatedTrainingClient
 
@@ -209,3 +217,108 @@ def test_a_guard_leaving_during_a_restore_names_the_run_it_made(sim: SimulatedTi
     (made,) = new_runs(sim, client.model_id)
     assert [e.new_run_id for e in events.of(EventKind.RUN_ORPHANED)] == [made]
     service.cancel_all()
+
+
+# -- split brain: two engines (two processes) racing on one lineage -------------------------------------------
+class Turns:
+    """Lets the steps of two recoveries (listing before, restore, listing after) happen in a given order: each
+    step waits for its turn and passes it on when it ends; a recovery that has ended gives up its turns."""
+
+    def __init__(self, order: str) -> None:
+        self._order = order
+        self._pos = 0
+        self._cond = threading.Condition()
+        self.done: set[str] = set()
+
+    def _skip(self) -> None:
+        while self._pos < len(self._order) and self._order[self._pos] in self.done:
+            self._pos += 1
+
+    def _turn_of(self, name: str) -> bool:
+        self._skip()
+        return self._pos >= len(self._order) or self._order[self._pos] == name
+
+    def step(self, name: str, fn: Any) -> Any:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self._turn_of(name), WAIT)
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._pos += 1
+                self._cond.notify_all()
+
+    def finish(self, name: str) -> None:
+        with self._cond:
+            self.done.add(name)
+            self._cond.notify_all()
+
+
+class Process:
+    """One process's view of the shared service: its restores and listings take their turns."""
+
+    def __init__(self, sim: SimulatedTinker, name: str, turns: Turns) -> None:
+        self.sim, self.name, self.turns = sim, name, turns
+
+    def get_training_run(self, run_id: str) -> Any:
+        return self.sim.get_training_run(run_id)
+
+    def list_checkpoints(self, run_id: str) -> Any:
+        return self.sim.list_checkpoints(run_id)
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0) -> Any:
+        return self.turns.step(self.name, lambda: self.sim.list_training_runs(limit=limit, offset=offset))
+
+    def create_training_client_from_state_with_optimizer(self, path: str, user_metadata: Any = None) -> Any:
+        method = self.sim.create_training_client_from_state_with_optimizer
+        return self.turns.step(self.name, lambda: method(path, user_metadata=user_metadata).result())
+
+    create_training_client_from_state = create_training_client_from_state_with_optimizer
+
+
+ORDERS = sorted({"".join(p) for p in itertools.permutations("AAABBB")})
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_two_processes_recovering_one_run_leave_exactly_one_loop_training(order: str) -> None:
+    clock = FakeClock()
+    sim = SimulatedTinker(clock=clock)
+    client = run_with_checkpoints(sim)
+    turns = Turns(order)
+    policy = RecoveryPolicy(enabled=True, poll_interval=3600.0, jitter=0.0, max_attempts=1)
+    events = EventLog()
+    outcomes: dict[str, Any] = {}
+    with (
+        RecoveryEngine(policy, status=Process(sim, "A", turns), clock=clock) as a,
+        RecoveryEngine(policy, status=Process(sim, "B", turns), clock=clock) as b,
+    ):
+        handles = {}
+        for name, engine in (("A", a), ("B", b)):
+            engine.subscribe(events)
+            handles[name] = engine.watch(client.model_id, Process(sim, name, turns))
+        sim.corrupt(client.model_id)
+
+        def wait(name: str) -> None:
+            try:
+                outcomes[name] = handles[name].wait_for_recovery(WAIT)
+            except RecoveryExhausted as exc:
+                outcomes[name] = exc
+            turns.finish(name)
+
+        waiters = [threading.Thread(target=wait, args=(n,)) for n in "AB"]
+        for engine in (a, b):
+            engine.poll_once()
+        for t in waiters:
+            t.start()
+        for t in waiters:
+            t.join(WAIT)
+        events.wait_until(lambda: True)
+    recovered = [n for n, o in outcomes.items() if not isinstance(o, RecoveryExhausted)]
+    assert len(recovered) == 1, outcomes  # never two loops training on
+    (winner,) = recovered
+    loser = outcomes["B" if winner == "A" else "A"]
+    assert loser.reason is ExhaustedReason.FORKED and loser.winner == outcomes[winner].new_run_id
+    made = [r for r in sim.run_ids if r != client.model_id]
+    assert 1 <= len(made) <= 2 and outcomes[winner].new_run_id in made
+    orphans = {str(e.new_run_id) for e in events.of(EventKind.RUN_ORPHANED) if e.reason == "forked"}
+    assert orphans == set(made) - {outcomes[winner].new_run_id}  # the loser's run, if it made one, is named
