@@ -320,5 +320,8 @@ def test_two_processes_recovering_one_run_leave_exactly_one_loop_training(order:
     assert loser.reason is ExhaustedReason.FORKED and loser.winner == outcomes[winner].new_run_id
     made = [r for r in sim.run_ids if r != client.model_id]
     assert 1 <= len(made) <= 2 and outcomes[winner].new_run_id in made
+    restored = [i for i, n in enumerate(order) if n == winner][1]  # the winner's restore is its second step
+    if order.index("B" if winner == "A" else "A") > restored:  # the loser's first listing saw the winner's run
+        assert len(made) == 1  # so it never restored
     orphans = {str(e.new_run_id) for e in events.of(EventKind.RUN_ORPHANED) if e.reason == "forked"}
     assert orphans == set(made) - {outcomes[winner].new_run_id}  # the loser's run, if it made one, is named
