@@ -6,19 +6,30 @@ The table in ``docs/fault-matrix.md`` is generated from ``MATRIX`` below; a test
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tinkex_recovery import EventKind, FakeClock, RecoveryEngine, RecoveryExhausted, RecoveryPolicy, TinkerRest
+from tinkex_recovery import (
+    EventKind,
+    FakeClock,
+    RecoveryEngine,
+    RecoveryExhausted,
+    RecoveryPolicy,
+    TinkerRest,
+    recovery_guard,
+)
 from tinkex_recovery.simulated import SimulatedServer, SimulatedTinker, serve
 
-from ..helpers import WAIT, EventLog, run_with_checkpoints
+from ..helpers import WAIT, EventLog, Gate, run_with_checkpoints
 from ..http_support import KEY, FakeTime
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "fault-matrix.md"
@@ -34,6 +45,8 @@ class Harness:
     events: EventLog
     clock: FakeClock
     run_id: str
+    rest: TinkerRest
+    client: Any
 
     def polls(self) -> int:
         return sum(1 for r in self.server.requests if r.path.endswith(self.run_id))
@@ -59,7 +72,7 @@ def harness(sim: SimulatedTinker, clock: FakeClock, events: EventLog) -> Iterato
         RecoveryEngine(policy, status=rest, clock=clock) as engine,
     ):
         engine.subscribe(events)
-        h = Harness(sim, server, engine, events, clock, client.model_id)
+        h = Harness(sim, server, engine, events, clock, client.model_id, rest, client)
         h.engine_handle = engine.watch(client.model_id, sim)
         yield h
 
@@ -208,6 +221,177 @@ def all_checkpoints_broken(h: Harness) -> None:
     assert len(h.sim.restore_calls) == 3 and h.events.kinds()[-1] == "exhausted"
 
 
+# -- abandon points: the first read, the listing, the restore; by attempt_timeout, by close(), by a leaving guard --
+class LostAnswers:
+    """The service, except that its next restore reaches the server (the run is made) and never answers."""
+
+    def __init__(self, sim: SimulatedTinker) -> None:
+        self.sim = sim
+        self.reached = threading.Event()
+        self._lost: list[Future[Any]] = []
+
+    def create_training_client_from_state_with_optimizer(self, path: str, user_metadata: Any = None) -> Any:
+        made = self.sim.create_training_client_from_state_with_optimizer(path, user_metadata=user_metadata)
+        if self.reached.is_set():
+            return made
+        made.result()
+        self._lost.append(Future())
+        self.reached.set()
+        return self._lost[-1]
+
+    create_training_client_from_state = create_training_client_from_state_with_optimizer
+
+    def create_rest_client(self) -> Any:
+        return self.sim.create_rest_client()
+
+    def cancel(self) -> None:
+        for f in self._lost:
+            f.cancel()
+
+
+def every_run_made_is_adopted_or_named(h: Harness, adopted: list[str], made: int) -> None:
+    """The server's books, once every attempt's thread has returned: ``made`` new runs, each adopted or named."""
+    created = created_runs(h)
+    named = {
+        str(e.new_run_id) for e in h.events.events if e.kind in (EventKind.CLIENT_DISCARDED, EventKind.RUN_ORPHANED)
+    }
+    assert len(created) == made, (created, h.events.kinds())
+    assert set(created) == set(adopted) | named and not set(adopted) & named
+
+
+def abandon_by_timeout(h: Harness, gate: Gate, start: Callable[[], None]) -> None:
+    start()
+    assert gate.reached.wait(WAIT)
+    h.clock.advance(20.0)
+    h.events.wait_for(EventKind.FAILED)
+    h.clock.advance(5.0)
+    recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    gate.open()
+    every_run_made_is_adopted_or_named(h, [recovery.new_run_id], made=1)
+
+
+def abandon_by_close(h: Harness, gate: Gate, start: Callable[[], None]) -> None:
+    start()
+    assert gate.reached.wait(WAIT)
+    h.engine.close(timeout=0.2)
+    gate.open()
+    every_run_made_is_adopted_or_named(h, [], made=0)
+
+
+def first_read_by_timeout(h: Harness) -> None:
+    gate = Gate()
+    h.sim.on_read(gate)
+    abandon_by_timeout(h, gate, h.engine_handle.request_recovery)  # type: ignore[attr-defined]
+
+
+def first_read_by_close(h: Harness) -> None:
+    gate = Gate()
+    h.sim.on_read(gate)
+    abandon_by_close(h, gate, h.engine_handle.request_recovery)  # type: ignore[attr-defined]
+
+
+def corrupt_and_poll(h: Harness) -> Callable[[], None]:
+    def start() -> None:
+        h.sim.corrupt(h.run_id)
+        h.engine.poll_once()
+
+    return start
+
+
+def listing_by_timeout(h: Harness) -> None:
+    gate = Gate()
+    h.sim.on_list(gate)
+    abandon_by_timeout(h, gate, corrupt_and_poll(h))
+
+
+def listing_by_close(h: Harness) -> None:
+    gate = Gate()
+    h.sim.on_list(gate)
+    abandon_by_close(h, gate, corrupt_and_poll(h))
+
+
+def restore_answer_lost_by_timeout(h: Harness) -> None:
+    service = LostAnswers(h.sim)
+    h.engine_handle.unwatch()  # type: ignore[attr-defined]
+    h.engine_handle = h.engine.watch(h.run_id, service)
+    corrupt_and_poll(h)()
+    assert service.reached.wait(WAIT)
+    h.clock.advance(20.0)
+    h.events.wait_for(EventKind.FAILED)
+    h.clock.advance(5.0)
+    recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    h.events.wait_for(EventKind.RUN_ORPHANED)  # read from the listing once the recovery ended
+    every_run_made_is_adopted_or_named(h, [recovery.new_run_id], made=2)
+    service.cancel()
+
+
+def restore_answer_lost_by_close(h: Harness) -> None:
+    service = LostAnswers(h.sim)
+    h.engine_handle.unwatch()  # type: ignore[attr-defined]
+    h.engine_handle = h.engine.watch(h.run_id, service)
+    corrupt_and_poll(h)()
+    assert service.reached.wait(WAIT)
+    h.engine.close(timeout=0.2)  # the run_orphaned event is delivered before close() returns
+    every_run_made_is_adopted_or_named(h, [], made=1)
+    service.cancel()
+
+
+def guarded(h: Harness, service: Any, gate: Gate | None) -> Any:
+    """A guard on the run (its own engine, its own clock), whose loop gives up while its recovery waits on
+    ``gate`` (or on ``service``'s lost restore): the last guard leaves, its engine closes."""
+    clock = FakeClock()
+    policy = RecoveryPolicy(enabled=True, poll_interval=30.0, attempt_timeout=20.0, jitter=0.0)
+    guard = recovery_guard(h.run_id, service, policy=policy, client=h.client, status=h.rest, clock=clock)
+    with pytest.raises(RuntimeError, match="gives up"), guard:
+        assert guard.engine is not None
+        guard.engine.subscribe(h.events)
+        h.sim.corrupt(h.run_id)
+        clock.advance(30.0)  # a background poll finds it
+        assert (gate.reached if gate is not None else service.reached).wait(WAIT)
+        raise RuntimeError("the loop gives up")
+    return guard
+
+
+def first_read_by_a_leaving_guard(h: Harness) -> None:
+    gate = Gate()
+    h.sim.on_read(gate)
+    clock = FakeClock()
+    policy = RecoveryPolicy(enabled=True, poll_interval=30.0, attempt_timeout=20.0)
+
+    async def resume() -> None:
+        async with recovery_guard(h.run_id, h.sim, policy=policy, status=h.rest, clock=clock):
+            raise AssertionError("the resume cannot have finished")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(resume())  # resumes at entry: its first step is to read the run
+        assert await asyncio.to_thread(gate.reached.wait, WAIT)
+        task.cancel()  # the task is cancelled (Ctrl-C in asyncio.run): the guard leaves, its engine closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    gate.open()
+    every_run_made_is_adopted_or_named(h, [], made=0)
+
+
+def listing_by_a_leaving_guard(h: Harness) -> None:
+    gate = Gate()
+    h.sim.on_list(gate)
+    try:
+        guarded(h, h.sim, gate)
+    finally:
+        gate.open()
+    every_run_made_is_adopted_or_named(h, [], made=0)
+
+
+def restore_by_a_leaving_guard(h: Harness) -> None:
+    service = LostAnswers(h.sim)
+    guarded(h, service, None)
+    assert len(h.events.of(EventKind.RUN_ORPHANED)) == 1  # named before the guard's exit returned
+    every_run_made_is_adopted_or_named(h, [], made=1)
+    service.cancel()
+
+
 MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ("poll: 503 until the client's retries run out", "poll_error; still watched; no recovery", poll_5xx),
     ("poll: 429 with Retry-After", "retried after Retry-After; no event", poll_429_retry_after),
@@ -246,6 +430,43 @@ MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ("latest checkpoint expired", "checkpoint_skipped, no restore call for it; next older", latest_checkpoint_expired),
     ("sampler checkpoint", "refused as a pinned path; skipped when listed", latest_is_a_sampler_checkpoint),
     ("all checkpoints broken", "exhausted after 1 + fallback_depth restore calls; never loops", all_checkpoints_broken),
+    (
+        "first read abandoned at attempt_timeout",
+        "retried after backoff; the abandoned read makes no restore call; one new run, adopted",
+        first_read_by_timeout,
+    ),
+    ("first read abandoned by close()", "no restore call after close(); no new run", first_read_by_close),
+    (
+        "first read abandoned by a leaving guard (task cancelled)",
+        "the guard leaves, its engine closes; no restore call; no new run",
+        first_read_by_a_leaving_guard,
+    ),
+    (
+        "listing check abandoned at attempt_timeout",
+        "retried; the abandoned attempt makes no restore call; one new run, adopted",
+        listing_by_timeout,
+    ),
+    ("listing check abandoned by close()", "no restore call after close(); no new run", listing_by_close),
+    (
+        "listing check abandoned by a leaving guard",
+        "the guard leaves, its engine closes; no restore call; no new run",
+        listing_by_a_leaving_guard,
+    ),
+    (
+        "restore made, answer lost, at attempt_timeout",
+        "retried, completed; two new runs: one adopted, the other named in run_orphaned (from the listing)",
+        restore_answer_lost_by_timeout,
+    ),
+    (
+        "restore made, answer lost, close()",
+        "one new run, named in run_orphaned before close() returns",
+        restore_answer_lost_by_close,
+    ),
+    (
+        "restore made, answer lost, a leaving guard",
+        "one new run, named in run_orphaned before the guard's exit returns",
+        restore_by_a_leaving_guard,
+    ),
 ]
 
 
