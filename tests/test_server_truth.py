@@ -1,9 +1,10 @@
 """The server is the truth: a recovery that abandons a call never makes a restore call afterwards, and every run
 it made and did not adopt is named (an event, a WARNING) from the account's listing, at its end or at close().
+Each abandon point (first read, listing, restore) by attempt_timeout, close() and a leaving guard is a row of the
+fault matrix (``tests/reliability/test_fault_matrix.py``, over HTTP); these are the cases beside it.
 
 The simulator acts as the real service does: a restore that reached it makes its run, whatever the client does
-after (cancelled, timed out, gone). ``LostAnswers`` goes further: the run is made and the answer never comes, as
-when a connection drops after the server acted.
+after (cancelled, timed out, gone).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Mapping
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -25,46 +24,9 @@ from tinkex_recovery import (
     RecoveryExhausted,
     RecoveryPolicy,
 )
-from tinkex_recovery.integrations import recovery_guard
-from tinkex_recovery.simulated import SimulatedRestClient, SimulatedTinker, SimulatedTrainingClient
+from tinkex_recovery.simulated import SimulatedTinker
 
-from .helpers import WAIT, EventLog, Gate, join_attempt_threads, run_with_checkpoints
-
-
-class LostAnswers:
-    """A service whose first ``n`` restores reach the server (their runs are made) and never answer."""
-
-    def __init__(self, sim: SimulatedTinker, n: int = 1) -> None:
-        self.sim = sim
-        self.n = n
-        self.reached = threading.Event()
-        self.lost: list[Future[SimulatedTrainingClient]] = []
-
-    def create_training_client_from_state(self, path: str, user_metadata: Mapping[str, str] | None = None) -> Any:
-        return self._restore(self.sim.create_training_client_from_state, path, user_metadata)
-
-    def create_training_client_from_state_with_optimizer(
-        self, path: str, user_metadata: Mapping[str, str] | None = None
-    ) -> Any:
-        return self._restore(self.sim.create_training_client_from_state_with_optimizer, path, user_metadata)
-
-    def create_rest_client(self) -> SimulatedRestClient:
-        return self.sim.create_rest_client()
-
-    def _restore(self, method: Any, path: str, user_metadata: Mapping[str, str] | None) -> Any:
-        made = method(path, user_metadata=user_metadata)
-        if self.n <= 0:
-            return made
-        self.n -= 1
-        made.result()  # the server acted: the run exists
-        lost: Future[SimulatedTrainingClient] = Future()
-        self.lost.append(lost)
-        self.reached.set()
-        return lost
-
-    def cancel_all(self) -> None:
-        for f in self.lost:
-            f.cancel()
+from .helpers import WAIT, EventLog, Gate, LostAnswers, join_attempt_threads, run_with_checkpoints
 
 
 def new_runs(sim: SimulatedTinker, old: str) -> list[str]:
@@ -98,40 +60,6 @@ def test_a_slow_first_read_is_retried_after_backoff_and_the_abandoned_read_resto
     assert len(sim.restore_calls) == 1
 
 
-def test_no_restore_call_after_close_returned_when_close_abandons_the_first_read(
-    sim: SimulatedTinker, make_engine: Any
-) -> None:
-    client = run_with_checkpoints(sim)
-    gate = Gate()
-    sim.on_read(gate)
-    engine = make_engine(attempt_timeout=20.0)
-    engine.watch(client.model_id, sim).request_recovery()
-    assert gate.reached.wait(WAIT)
-    engine.close(timeout=0.2)
-    gate.open()
-    assert new_runs(sim, client.model_id) == [] and sim.restore_calls == []
-
-
-# -- the listing ------------------------------------------------------------------------------------------------
-def test_an_attempt_abandoned_in_its_listing_check_never_restores(
-    sim: SimulatedTinker, clock: FakeClock, make_engine: Any, events: EventLog
-) -> None:
-    client = run_with_checkpoints(sim)
-    gate = Gate()
-    sim.on_list(gate)
-    engine = make_engine(attempt_timeout=20.0)
-    handle = engine.watch(client.model_id, sim)
-    sim.corrupt(client.model_id)
-    engine.poll_once()
-    assert gate.reached.wait(WAIT)  # the split-brain check before restoring is under way
-    clock.advance(20.0)
-    events.wait_for(EventKind.FAILED)
-    clock.advance(5.0)
-    recovery = handle.wait_for_recovery(WAIT)
-    gate.open()
-    assert new_runs(sim, client.model_id) == [recovery.new_run_id] and len(sim.restore_calls) == 1
-
-
 # -- the restore ------------------------------------------------------------------------------------------------
 def test_a_run_whose_answer_was_lost_is_named_from_the_listing_when_the_recovery_ends(
     sim: SimulatedTinker, clock: FakeClock, make_engine: Any, events: EventLog, caplog: pytest.LogCaptureFixture
@@ -154,22 +82,6 @@ def test_a_run_whose_answer_was_lost_is_named_from_the_listing_when_the_recovery
     (lost,) = set(runs) - {recovery.new_run_id}
     assert orphaned.new_run_id == lost and orphaned.run_id == client.model_id and orphaned.reason == "abandoned"
     assert any(lost in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
-    service.cancel_all()
-
-
-def test_close_names_the_run_of_a_restore_it_abandoned_before_it_returns(
-    sim: SimulatedTinker, make_engine: Any, events: EventLog
-) -> None:
-    client = run_with_checkpoints(sim)
-    service = LostAnswers(sim)
-    engine = make_engine(attempt_timeout=20.0)
-    engine.watch(client.model_id, service)
-    sim.corrupt(client.model_id)
-    engine.poll_once()
-    assert service.reached.wait(WAIT)
-    engine.close(timeout=0.2)
-    (made,) = new_runs(sim, client.model_id)
-    assert [e.new_run_id for e in events.of(EventKind.RUN_ORPHANED)] == [made]  # delivered before close returned
     service.cancel_all()
 
 
@@ -198,25 +110,6 @@ def test_a_restore_answering_while_close_runs_is_never_left_unnamed(seed: int) -
     (made,) = new_runs(sim, client.model_id)
     adopted = {r.new_run_id for r in handle.recoveries}
     assert (made in adopted) != (made in named(events)), (adopted, events.kinds())
-
-
-# -- a guard leaving --------------------------------------------------------------------------------------------
-def test_a_guard_leaving_during_a_restore_names_the_run_it_made(sim: SimulatedTinker, clock: FakeClock) -> None:
-    client = run_with_checkpoints(sim)
-    service = LostAnswers(sim)
-    events = EventLog()
-    policy = RecoveryPolicy(enabled=True, poll_interval=30.0, attempt_timeout=20.0)
-    guard = recovery_guard(client.model_id, service, policy=policy, client=client, clock=clock)
-    with pytest.raises(RuntimeError, match="the loop gives up"), guard:
-        assert guard.engine is not None
-        guard.engine.subscribe(events)
-        sim.corrupt(client.model_id)
-        clock.advance(30.0)  # a background poll finds it: the recovery starts
-        assert service.reached.wait(WAIT)
-        raise RuntimeError("the loop gives up")  # the last guard leaves: its engine closes
-    (made,) = new_runs(sim, client.model_id)
-    assert [e.new_run_id for e in events.of(EventKind.RUN_ORPHANED)] == [made]
-    service.cancel_all()
 
 
 # -- split brain: two engines (two processes) racing on one lineage -------------------------------------------

@@ -11,7 +11,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from tinkex_recovery import (
 )
 from tinkex_recovery.simulated import SimulatedServer, SimulatedTinker, serve
 
-from ..helpers import WAIT, EventLog, Gate, run_with_checkpoints
+from ..helpers import WAIT, EventLog, Gate, LostAnswers, join_attempt_threads, run_with_checkpoints
 from ..http_support import KEY, FakeTime
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "fault-matrix.md"
@@ -159,9 +158,7 @@ def hang_past_attempt_timeout(h: Harness, **hang: Any) -> str:
 
 
 def created_runs(h: Harness) -> list[str]:
-    for t in threading.enumerate():  # the released call's thread has returned: the server's books are final
-        if t.name.startswith("tinkex-recovery-attempt"):
-            t.join(WAIT)
+    join_attempt_threads()  # the released call's thread has returned: the server's books are final
     return [r for r in h.sim.run_ids if r != h.run_id]
 
 
@@ -222,33 +219,6 @@ def all_checkpoints_broken(h: Harness) -> None:
 
 
 # -- abandon points: the first read, the listing, the restore; by attempt_timeout, by close(), by a leaving guard --
-class LostAnswers:
-    """The service, except that its next restore reaches the server (the run is made) and never answers."""
-
-    def __init__(self, sim: SimulatedTinker) -> None:
-        self.sim = sim
-        self.reached = threading.Event()
-        self._lost: list[Future[Any]] = []
-
-    def create_training_client_from_state_with_optimizer(self, path: str, user_metadata: Any = None) -> Any:
-        made = self.sim.create_training_client_from_state_with_optimizer(path, user_metadata=user_metadata)
-        if self.reached.is_set():
-            return made
-        made.result()
-        self._lost.append(Future())
-        self.reached.set()
-        return self._lost[-1]
-
-    create_training_client_from_state = create_training_client_from_state_with_optimizer
-
-    def create_rest_client(self) -> Any:
-        return self.sim.create_rest_client()
-
-    def cancel(self) -> None:
-        for f in self._lost:
-            f.cancel()
-
-
 def every_run_made_is_adopted_or_named(h: Harness, adopted: list[str], made: int) -> None:
     """The server's books, once every attempt's thread has returned: ``made`` new runs, each adopted or named."""
     created = created_runs(h)
@@ -259,35 +229,44 @@ def every_run_made_is_adopted_or_named(h: Harness, adopted: list[str], made: int
     assert set(created) == set(adopted) | named and not set(adopted) & named
 
 
-def abandon_by_timeout(h: Harness, gate: Gate, start: Callable[[], None]) -> None:
+def abandon_by_timeout(h: Harness, reached: threading.Event, start: Callable[[], None], *, made: int = 1) -> None:
+    """``start`` a recovery, let its attempt be abandoned at attempt_timeout where ``reached`` says it waits; the
+    retry completes. ``made``: the runs on the server then (the retry's, and one the abandoned call made)."""
     start()
-    assert gate.reached.wait(WAIT)
+    assert reached.wait(WAIT)
     h.clock.advance(20.0)
     h.events.wait_for(EventKind.FAILED)
     h.clock.advance(5.0)
     recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
-    gate.open()
-    every_run_made_is_adopted_or_named(h, [recovery.new_run_id], made=1)
+    every_run_made_is_adopted_or_named(h, [recovery.new_run_id], made=made)
 
 
-def abandon_by_close(h: Harness, gate: Gate, start: Callable[[], None]) -> None:
+def abandon_by_close(h: Harness, reached: threading.Event, start: Callable[[], None], *, made: int = 0) -> None:
     start()
-    assert gate.reached.wait(WAIT)
-    h.engine.close(timeout=0.2)
-    gate.open()
-    every_run_made_is_adopted_or_named(h, [], made=0)
+    assert reached.wait(WAIT)
+    h.engine.close(timeout=0.2)  # whatever it names is delivered before it returns
+    every_run_made_is_adopted_or_named(h, [], made=made)
 
 
 def first_read_by_timeout(h: Harness) -> None:
-    gate = Gate()
-    h.sim.on_read(gate)
-    abandon_by_timeout(h, gate, h.engine_handle.request_recovery)  # type: ignore[attr-defined]
+    with gated(h.sim.on_read) as gate:
+        abandon_by_timeout(h, gate.reached, h.engine_handle.request_recovery)  # type: ignore[attr-defined]
 
 
 def first_read_by_close(h: Harness) -> None:
+    with gated(h.sim.on_read) as gate:
+        abandon_by_close(h, gate.reached, h.engine_handle.request_recovery)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def gated(install: Callable[[Gate], None]) -> Iterator[Gate]:
+    """A :class:`Gate` installed as a simulator hook, opened when the block ends (the abandoned call answers)."""
     gate = Gate()
-    h.sim.on_read(gate)
-    abandon_by_close(h, gate, h.engine_handle.request_recovery)  # type: ignore[attr-defined]
+    install(gate)
+    try:
+        yield gate
+    finally:
+        gate.open()
 
 
 def corrupt_and_poll(h: Harness) -> Callable[[], None]:
@@ -299,41 +278,33 @@ def corrupt_and_poll(h: Harness) -> Callable[[], None]:
 
 
 def listing_by_timeout(h: Harness) -> None:
-    gate = Gate()
-    h.sim.on_list(gate)
-    abandon_by_timeout(h, gate, corrupt_and_poll(h))
+    with gated(h.sim.on_list) as gate:
+        abandon_by_timeout(h, gate.reached, corrupt_and_poll(h))
 
 
 def listing_by_close(h: Harness) -> None:
-    gate = Gate()
-    h.sim.on_list(gate)
-    abandon_by_close(h, gate, corrupt_and_poll(h))
+    with gated(h.sim.on_list) as gate:
+        abandon_by_close(h, gate.reached, corrupt_and_poll(h))
+
+
+def losing_answers(h: Harness) -> LostAnswers:
+    """The run watched anew through a service whose next restore makes its run and never answers."""
+    service = LostAnswers(h.sim)
+    h.engine_handle.unwatch()  # type: ignore[attr-defined]
+    h.engine_handle = h.engine.watch(h.run_id, service)
+    return service
 
 
 def restore_answer_lost_by_timeout(h: Harness) -> None:
-    service = LostAnswers(h.sim)
-    h.engine_handle.unwatch()  # type: ignore[attr-defined]
-    h.engine_handle = h.engine.watch(h.run_id, service)
-    corrupt_and_poll(h)()
-    assert service.reached.wait(WAIT)
-    h.clock.advance(20.0)
-    h.events.wait_for(EventKind.FAILED)
-    h.clock.advance(5.0)
-    recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
-    h.events.wait_for(EventKind.RUN_ORPHANED)  # read from the listing once the recovery ended
-    every_run_made_is_adopted_or_named(h, [recovery.new_run_id], made=2)
-    service.cancel()
+    service = losing_answers(h)
+    abandon_by_timeout(h, service.reached, corrupt_and_poll(h), made=2)  # the lost one named from the listing
+    service.cancel_all()
 
 
 def restore_answer_lost_by_close(h: Harness) -> None:
-    service = LostAnswers(h.sim)
-    h.engine_handle.unwatch()  # type: ignore[attr-defined]
-    h.engine_handle = h.engine.watch(h.run_id, service)
-    corrupt_and_poll(h)()
-    assert service.reached.wait(WAIT)
-    h.engine.close(timeout=0.2)  # the run_orphaned event is delivered before close() returns
-    every_run_made_is_adopted_or_named(h, [], made=1)
-    service.cancel()
+    service = losing_answers(h)
+    abandon_by_close(h, service.reached, corrupt_and_poll(h), made=1)
+    service.cancel_all()
 
 
 def guarded(h: Harness, service: Any, gate: Gate | None) -> Any:
@@ -375,21 +346,16 @@ def first_read_by_a_leaving_guard(h: Harness) -> None:
 
 
 def listing_by_a_leaving_guard(h: Harness) -> None:
-    gate = Gate()
-    h.sim.on_list(gate)
-    try:
+    with gated(h.sim.on_list) as gate:
         guarded(h, h.sim, gate)
-    finally:
-        gate.open()
     every_run_made_is_adopted_or_named(h, [], made=0)
 
 
 def restore_by_a_leaving_guard(h: Harness) -> None:
     service = LostAnswers(h.sim)
     guarded(h, service, None)
-    assert len(h.events.of(EventKind.RUN_ORPHANED)) == 1  # named before the guard's exit returned
-    every_run_made_is_adopted_or_named(h, [], made=1)
-    service.cancel()
+    every_run_made_is_adopted_or_named(h, [], made=1)  # named before the guard's exit returned
+    service.cancel_all()
 
 
 MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
