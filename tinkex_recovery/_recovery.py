@@ -33,6 +33,7 @@ from ._exceptions import (
     RecoveryRefused,
 )
 from ._executor import Cancellation, Outcome, OutcomeKind
+from ._ledger import RESUME_KEY
 from ._lineage import (
     CREATED_AT_KEY,
     FROM_RUN_KEY,
@@ -43,7 +44,7 @@ from ._lineage import (
     lists_runs,
     metadata_of,
 )
-from ._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
+from ._models import STEP_KEY, Checkpoint, CheckpointList, TinkerPath, TrainingRun, parse_step
 from ._policy import RecoveryPolicy
 from ._redact import without_secrets
 from ._retry import FailureKind, backoff_delay, classify, describe
@@ -64,26 +65,16 @@ LINEAGE_KEYS = (
     CREATED_AT_KEY,
 )
 
-#: The checkpoint user_metadata keys that may hold its step, first found wins: the guard's ``save_state`` and
-#: the cookbook write ``step``; a ledger may write ``tinkex_recovery.step``.
-STEP_KEYS = ("step", "tinkex_recovery.step")
+#: The checkpoint user_metadata keys that may hold its step, first found wins: the user's ``step`` (the guard's
+#: ``save_state`` and the cookbook write it), then the one the ledger writes (:data:`~._ledger.RESUME_KEY`).
+STEP_KEYS = (STEP_KEY, RESUME_KEY)
 
 
 def checkpoint_step(checkpoint: Checkpoint) -> int | None:
     """How many optimizer steps ``checkpoint`` holds, per its user_metadata (:data:`STEP_KEYS`), or None. The
     one place the safety budgets read a step from."""
     metadata = checkpoint.user_metadata or {}
-    for key in STEP_KEYS:
-        raw = metadata.get(key)
-        if raw is None:
-            continue
-        try:
-            step = int(raw)
-        except ValueError:
-            continue
-        if step >= 0:
-            return step
-    return None
+    return next((s for key in STEP_KEYS if (s := parse_step(metadata.get(key))) is not None), None)
 
 
 #: user_metadata keys written on every recovered run for the safety budgets, so that a restarted process counts
