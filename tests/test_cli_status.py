@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tinkex_recovery import FakeClock, RecoveryEngine, RecoveryPolicy
-from tinkex_recovery.simulated import SimulatedServer, SimulatedTinker, serve
+from tinkex_recovery import LINEAGE_KEYS, FakeClock, RecoveryEngine, RecoveryPolicy
+from tinkex_recovery.simulated import SimulatedServer, SimulatedTinker, SimulatedTrainingClient, serve
 
 from .helpers import run_with_checkpoints, train
 from .http_support import KEY, WRONG_KEY
@@ -166,3 +166,61 @@ def test_a_server_echoing_the_key_does_not_get_it_printed(lineage: Lineage, stat
     code, out, err = status(lineage.runs[0], server=lineage.server)
     assert code == (2 if status_code == 401 else 1) and out == "" and len(err.splitlines()) == 1
     assert f"HTTP {status_code}" in err and "***" in err and KEY not in err
+
+
+def test_the_lineage_is_followed_across_listing_pages(lineage: Lineage) -> None:
+    """One run per page: the runs recovered from A and B are on later pages than the unrelated newest run."""
+    a, b, c = lineage.runs
+    lineage.server.page_size = 1
+    code, report = as_json([a], lineage.server)
+    assert code == 0 and report["lineage"] == [a, b, c]
+    pages = [r for r in lineage.server.requests if r.path == "/api/v1/training_runs"]
+    assert len(pages) == len(lineage.sim.run_ids)
+
+
+def restore(sim: SimulatedTinker, path: str, parent: str, recovery_id: str, created_at: str) -> str:
+    """A run as the engine makes it: restored from ``path``, stamped with what made it."""
+    metadata = {
+        LINEAGE_KEYS[0]: parent,
+        LINEAGE_KEYS[1]: path,
+        LINEAGE_KEYS[2]: "1",
+        LINEAGE_KEYS[3]: recovery_id,
+        LINEAGE_KEYS[4]: created_at,
+    }
+    return str(sim.create_training_client_from_state(path, user_metadata=metadata).result().model_id)
+
+
+@pytest.fixture
+def forked() -> Iterator[tuple[SimulatedServer, list[str]]]:
+    """Run A lost; recovery X made B (and, by an attempt it abandoned, the orphan O); another process's recovery
+    Y made F, sent later than B, and F trained on (its last request is the newest)."""
+    sim = SimulatedTinker()
+    first = run_with_checkpoints(sim)
+    a = first.model_id
+    path = f"tinker://{a}/weights/0004"
+    sim.corrupt(a)
+    o = restore(sim, path, a, "x" * 32, "2026-01-01T00:00:01.000000Z")
+    f = restore(sim, path, a, "y" * 32, "2026-01-01T00:00:02.000000Z")
+    b = restore(sim, path, a, "x" * 32, "2026-01-01T00:00:00.000000Z")  # made last, sent first
+    train(sim_client(sim, f), [9])  # F saw the last request: today's rule (the latest request) would pick it
+    with serve(sim, KEY) as server:
+        server.keep_alive = False
+        yield server, [a, o, b, f]
+
+
+def sim_client(sim: SimulatedTinker, run_id: str) -> SimulatedTrainingClient:
+    return SimulatedTrainingClient(sim, run_id)
+
+
+def test_a_fork_is_shown_and_exits_4_and_the_earliest_made_run_continues(
+    forked: tuple[SimulatedServer, list[str]],
+) -> None:
+    server, (a, o, b, f) = forked
+    code, report = as_json([a], server)
+    assert code == 4 and report["forked"] is True
+    assert report["lineage"] == [a, b]  # the earliest sent of the runs recovered from A continues
+    assert sorted((r["run_id"], r["kind"], r["continues"]) for r in report["orphans"]) == sorted(
+        [(o, "orphan", b), (f, "fork", b)]
+    )
+    code, out, err = status(f, server=server)  # asked from the fork's loser: it is told who continues
+    assert code == 4 and err == "" and f"{b} continues" in out and "FORKED" in out

@@ -290,15 +290,31 @@ def test_the_new_run_gets_the_old_runs_metadata_and_lineage_keys(sim: SimulatedT
     sim.corrupt(client.model_id)
     engine.poll_once()
     recovery = handle.wait_for_recovery(WAIT)
-    assert sim.get_training_run(recovery.new_run_id).user_metadata == {
+    metadata = sim.get_training_run(recovery.new_run_id).user_metadata
+    assert metadata == {
         "wandb": "run-42",
         "team": "rl",
         LINEAGE_KEYS[0]: client.model_id,
         LINEAGE_KEYS[1]: path,
         LINEAGE_KEYS[2]: "1",
+        LINEAGE_KEYS[3]: metadata[LINEAGE_KEYS[3]],  # the recovery's id: see the next test
+        LINEAGE_KEYS[4]: "2026-01-01T00:00:00.000000Z",  # when the restore call was sent (the FakeClock's time)
         BUDGET_KEYS[0]: "2026-01-01T00:00:00.000000Z",  # the FakeClock's wall time of this recovery
         BUDGET_KEYS[1]: "0",
     }
+
+
+def test_each_recovery_stamps_an_id_of_its_own_on_every_run_it_makes(sim: SimulatedTinker, make_engine: Any) -> None:
+    client = run_with_checkpoints(sim, steps=2, every=2)
+    engine = make_engine()
+    handle = engine.watch(client.model_id, sim)
+    ids = []
+    for _ in range(3):
+        sim.corrupt(handle.run_id)
+        engine.poll_once()
+        recovery = handle.wait_for_recovery(WAIT)
+        ids.append((sim.get_training_run(recovery.new_run_id).user_metadata or {})[LINEAGE_KEYS[3]])
+    assert len(set(ids)) == 3 and all(len(i) == 32 for i in ids)
 
 
 # -- the fallback chain ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Polls are driven by ``check_now()``; the poller's interval is an hour."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import tinker
 from pytest_mock import MockerFixture
 
-from tinkex_recovery import BUDGET_KEYS, LINEAGE_KEYS, EventKind, RecoveryEngine, RecoveryPolicy, RunState
+from tinkex_recovery import BUDGET_KEYS, LINEAGE_KEYS, EventKind, FakeClock, RecoveryEngine, RecoveryPolicy, RunState
 from tinkex_recovery.simulated import SimulatedTinker
 
 from .helpers import WAIT, EventLog
@@ -64,8 +65,11 @@ def test_a_corrupted_run_is_restored_through_the_sdk_twice_with_the_status_sourc
             LINEAGE_KEYS[0]: client.model_id,
             LINEAGE_KEYS[1]: second_path,
             LINEAGE_KEYS[2]: "1",
+            LINEAGE_KEYS[3]: run.user_metadata[LINEAGE_KEYS[3]],  # the recovery's id
+            LINEAGE_KEYS[4]: run.user_metadata[LINEAGE_KEYS[4]],  # when the restore call was sent
             BUDGET_KEYS[0]: run.user_metadata[BUDGET_KEYS[0]],  # the wall-clock time of this recovery
             BUDGET_KEYS[1]: "0",
+            BUDGET_KEYS[2]: "4",  # the restored checkpoint's step
         }
 
         # The recovered client trains on; its run is lost before it saves: restored from the same checkpoint.
@@ -112,3 +116,39 @@ def test_the_engine_asks_the_service_client_for_its_rest_client_without_the_depr
         status: Any = engine._status_for(net.service)
     assert isinstance(status, tinker.RestClient)
     assert deprecated.call_count == 0
+
+
+def test_an_sdk_restore_abandoned_at_attempt_timeout_still_makes_its_run_and_the_engine_names_it(
+    net: SdkNet, events: EventLog
+) -> None:
+    """The server has the request: the run is made although the attempt was abandoned. The engine does not
+    cancel the SDK's future: its late answer is closed and named (client_discarded), the retry's run adopted,
+    and the listing, read through the SDK's RestClient, agrees."""
+    client = net.lora()
+    train(client, range(2), save_every=2)
+    clock = FakeClock()
+    reached = threading.Event()
+    net.sim.on_restore(lambda path: reached.set())
+    net.sim.hang_restores(1, then="succeed")  # the server holds the first restore request until release()
+    before = set(net.sim.run_ids)
+    try:
+        with RecoveryEngine(POLICY, clock=clock) as engine:
+            engine.subscribe(events)
+            handle = engine.watch(client.model_id, net.service)
+            net.sim.corrupt(client.model_id)
+            assert handle.check_now() is True
+            assert reached.wait(WAIT)
+            clock.advance(30.0)  # attempt_timeout: abandoned; retried at once (backoff 0)
+            recovery = handle.wait_for_recovery(WAIT)
+            net.sim.release()  # the held request is served now: its run is made
+            naming = (EventKind.CLIENT_DISCARDED, EventKind.RUN_ORPHANED)  # its late answer, or the listing
+            events.wait_until(lambda: any(e.kind in naming for e in events.events))
+    finally:
+        net.sim.on_restore(None)
+        net.sim.release()
+    made = set(net.sim.run_ids) - before
+    (named,) = [e.new_run_id for e in events.events if e.kind in naming]  # named once
+    assert made == {recovery.new_run_id, named} and named != recovery.new_run_id
+    listed = {r.training_run_id: r for r in net.rest.list_training_runs(limit=100).result().training_runs}
+    ids = {(listed[r].user_metadata or {})[LINEAGE_KEYS[3]] for r in made}
+    assert len(ids) == 1  # both made by one recovery, as their stamps say

@@ -2,7 +2,8 @@
 into one line and an exit code.
 
 Exit codes: 0 all is well, 1 Tinker could not be read (unreachable, a server error, an unexpected answer),
-2 a usage, authentication or not-found error, 3 the run is corrupted (``status``). A message is one line,
+2 a usage, authentication or not-found error, 3 the run is corrupted (``status``), 4 the lineage forked: two
+recoveries of one run each made a run (``status``; it names the one that continues). A message is one line,
 never a traceback, and never contains the API key.
 """
 
@@ -22,12 +23,22 @@ from ._exceptions import (
 from ._redact import redact
 from ._rest import DEFAULT_BASE_URL, TinkerRest
 
-__all__ = ["EXIT_CORRUPTED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "add_connection_arguments", "connect", "fail"]
+__all__ = [
+    "EXIT_CORRUPTED",
+    "EXIT_FORKED",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "add_connection_arguments",
+    "connect",
+    "fail",
+]
 
 EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2  # also argparse's own
 EXIT_CORRUPTED = 3
+EXIT_FORKED = 4
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,8 +3,12 @@ what that run could be restored from.
 
 The lineage is followed back through each run's user_metadata ``tinkex_recovery.recovered_from_run`` (written
 on every recovered run), and forward by finding, in the account's training-runs listing, the runs recovered
-from the newest one known (when several were, the one that saw a request last). Exit status: 0 when the newest
-run is healthy, 3 when it is corrupted, 2 and 1 as in :mod:`._cli_common`.
+from the newest one known. When several were, the one that continues is chosen by the engine's own rule
+(:func:`._lineage.continuing`: the earliest created); each other one is shown beside the lineage: an *orphan*
+(made by the same recovery, by an attempt it abandoned: never used) or a *fork* (made by another recovery of the
+same run: another process; its engine stopped that loop with ``RecoveryExhausted(reason="forked")``).
+Exit status: 0 when the newest run is healthy, 3 when it is corrupted, 4 when the lineage forked (whatever the
+newest run's health: two processes recovered one run, look), 2 and 1 as in :mod:`._cli_common`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from ._cli_common import EXIT_CORRUPTED, EXIT_OK, add_connection_arguments, connect, fail
+from ._cli_common import EXIT_CORRUPTED, EXIT_FORKED, EXIT_OK, add_connection_arguments, connect, fail
 from ._exceptions import RunNotFound
+from ._lineage import RECOVERY_ID_KEY, all_runs, continuing, metadata_of
 from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._recovery import LINEAGE_KEYS
 from ._rest import TinkerRest
@@ -26,8 +31,6 @@ from ._rest import TinkerRest
 __all__ = ["LineageReport", "add_status_arguments", "lineage_report", "run_status"]
 
 _FROM_RUN, _FROM_CHECKPOINT = LINEAGE_KEYS[0], LINEAGE_KEYS[1]
-_PAGE = 100  # runs per listing page, as the SDK's own `tinker run list` asks
-_MAX_PAGES = 1000
 _MAX_RUNS = 10_000  # a lineage longer than this is a loop in the metadata, not a history
 
 
@@ -47,12 +50,34 @@ class LineageRun:
 
 
 @dataclass(frozen=True, slots=True)
+class SideRun:
+    """A run recovered from a run of the lineage that does not continue it: ``kind`` is ``"orphan"`` (made by the
+    same recovery as the one that continues, by an attempt it abandoned) or ``"fork"`` (made by another
+    recovery of the same run); ``continues`` is the run that does."""
+
+    run: TrainingRun
+    parent: str
+    kind: str
+    continues: str
+
+    @property
+    def run_id(self) -> str:
+        return self.run.training_run_id
+
+
+@dataclass(frozen=True, slots=True)
 class LineageReport:
-    """What ``status`` found: the lineage oldest first, and the newest run's restorable checkpoints."""
+    """What ``status`` found: the lineage oldest first, the runs beside it (orphans, forks), and the newest
+    run's restorable checkpoints."""
 
     queried: str
     runs: list[LineageRun]
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    side: list[SideRun] = field(default_factory=list)
+
+    @property
+    def forked(self) -> bool:
+        return any(s.kind == "fork" for s in self.side)
 
     @property
     def newest(self) -> LineageRun:
@@ -67,7 +92,19 @@ class LineageReport:
             "run_id": self.newest.run_id,
             "queried_run_id": self.queried,
             "corrupted": self.corrupted,
+            "forked": self.forked,
             "lineage": [r.run_id for r in self.runs],
+            "orphans": [
+                {
+                    "run_id": s.run_id,
+                    "kind": s.kind,
+                    "recovered_from_run": s.parent,
+                    "continues": s.continues,
+                    "corrupted": s.run.corrupted,
+                    "recovery_id": metadata_of(s.run, RECOVERY_ID_KEY),
+                }
+                for s in self.side
+            ],
             "runs": [
                 {
                     "run_id": r.run_id,
@@ -105,17 +142,6 @@ def _metrics(checkpoint: Checkpoint) -> dict[str, float]:
     return out
 
 
-def _all_runs(rest: TinkerRest) -> list[TrainingRun]:
-    runs: list[TrainingRun] = []
-    for _ in range(_MAX_PAGES):
-        page = rest.list_training_runs(limit=_PAGE, offset=len(runs))
-        runs += page.training_runs
-        cursor = page.cursor
-        if not page.training_runs or cursor is None or len(runs) >= cursor.total_count:
-            break
-    return runs
-
-
 def lineage_report(rest: TinkerRest, run_id: str, *, now: datetime | None = None) -> LineageReport:
     """Follow ``run_id``'s lineage back and forward, and list its newest run's restorable checkpoints."""
     start = rest.get_training_run(validate_run_id(run_id))
@@ -129,20 +155,31 @@ def lineage_report(rest: TinkerRest, run_id: str, *, now: datetime | None = None
             runs.insert(0, LineageRun(parent, None))  # named by its successor, but gone (or never a run id)
             break
     children: dict[str, list[TrainingRun]] = defaultdict(list)
-    for run in _all_runs(rest):
+    for run in all_runs(rest):
         if (parent := (run.user_metadata or {}).get(_FROM_RUN)) is not None:
             children[parent].append(run)
-    while len(runs) < _MAX_RUNS:
-        successors = [r for r in children.get(runs[-1].run_id, []) if r.training_run_id not in seen]
-        if not successors:
-            break
-        successor = max(successors, key=lambda r: (r.last_request_time, r.training_run_id))
-        seen.add(successor.training_run_id)
-        runs.append(LineageRun(successor.training_run_id, successor))
+    side: list[SideRun] = []
+    index = 0
+    while index < len(runs) < _MAX_RUNS:
+        here = runs[index].run_id
+        index += 1
+        after = runs[index].run_id if index < len(runs) else None  # the lineage's next run, known from metadata
+        kids = [k for k in children.get(here, []) if k.training_run_id not in seen or k.training_run_id == after]
+        if not kids:
+            continue
+        successor = continuing(kids)  # the engine's rule: the run the engines let continue
+        for other in kids:
+            if other is not successor:
+                same = metadata_of(other, RECOVERY_ID_KEY) == metadata_of(successor, RECOVERY_ID_KEY) is not None
+                side.append(SideRun(other, here, "orphan" if same else "fork", successor.training_run_id))
+                seen.add(other.training_run_id)
+        if after is None and successor.training_run_id not in seen:  # followed forward from the newest run only
+            seen.add(successor.training_run_id)
+            runs.append(LineageRun(successor.training_run_id, successor))
     now = now or datetime.now(UTC)
     listed = rest.list_checkpoints(runs[-1].run_id).checkpoints
     restorable = sorted((c for c in listed if c.restorable and not c.expired(now)), key=lambda c: c.time, reverse=True)
-    return LineageReport(run_id, runs, restorable)
+    return LineageReport(run_id, runs, restorable, side)
 
 
 def render(report: LineageReport, out: TextIO) -> None:
@@ -155,6 +192,12 @@ def render(report: LineageReport, out: TextIO) -> None:
         if (source := r.recovered_from(_FROM_CHECKPOINT) or r.recovered_from(_FROM_RUN)) is not None:
             line += f"  recovered from {source}"
         print(line.rstrip(), file=out)
+    for s in report.side:
+        what = "ORPHAN: made by an abandoned attempt" if s.kind == "orphan" else "FORK: made by another recovery"
+        state = "corrupted" if s.run.corrupted else "healthy"
+        print(f"  {s.run_id}  {state}  {what} from {s.parent}; never used, {s.continues} continues", file=out)
+    if report.forked:
+        print("The lineage FORKED: two recoveries of one run each made a run (two processes?)", file=out)
     newest = report.newest
     print(f"Newest run: {newest.run_id}, {'CORRUPTED' if report.corrupted else 'healthy'}", file=out)
     if not report.checkpoints:
@@ -178,7 +221,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_status(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """The ``status`` command: 0 healthy, 3 corrupted, 2 or 1 on an error (one line on ``err``)."""
+    """The ``status`` command: 0 healthy, 3 corrupted, 4 forked, 2 or 1 on an error (one line on ``err``)."""
     try:
         with connect(args) as rest:
             report = lineage_report(rest, args.run_id)
@@ -189,4 +232,6 @@ def run_status(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO =
     else:
         render(report, out)
         out.flush()
+    if report.forked:
+        return EXIT_FORKED
     return EXIT_CORRUPTED if report.corrupted else EXIT_OK

@@ -13,6 +13,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any, Self
 from ._clock import Clock, SystemClock
 from ._events import EventBus, EventKind, RecoveryEvent, Subscriber, call_safely
 from ._exceptions import EngineClosed, EngineNotStarted, RecoveryDisabled, RecoveryExhausted
-from ._executor import Executor
+from ._executor import Cancellation, Executor
 from ._futures import resolve
 from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._observers import report_poll, track_engine
@@ -316,6 +317,11 @@ class RecoveryEngine:
         self._poll_queue: queue.SimpleQueue[tuple[_Lineage, Callable[[], object]] | None] = queue.SimpleQueue()
         self._poll_concurrency = poll_concurrency
         self._waited: set[_Lineage] = set()  # lineages with when_ready() futures to wake
+        # Recoveries that abandoned a call (timeout, close): the listing is read for the runs they made. Own lock:
+        # the executor reports an abandonment while it holds its own lock.
+        self._abandon_lock = threading.Lock()
+        self._unreconciled: set[RecoveryJob] = set()
+        self._reconciling: dict[RecoveryJob, tuple[threading.Thread, Cancellation]] = {}
         track_engine(self)
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -359,7 +365,10 @@ class RecoveryEngine:
                 lineage.ready = []
             self._waited.clear()
         _wake(waiting)
+        deadline = time.monotonic() + timeout
         self._executor.close(timeout)
+        self._reconcile_at_close(deadline, timeout)
+        self._bus.flush(timeout)  # the orphans' events are delivered before close() returns
         self._bus.close(timeout)
         for t in self._threads:
             if t is not threading.current_thread():
@@ -368,6 +377,77 @@ class RecoveryEngine:
             close = getattr(rest, "close", None)
             if callable(close):
                 call_safely(close, what=f"closing the REST client {type(rest).__name__}")
+
+    def _reconcile_at_close(self, deadline: float, timeout: float) -> None:
+        """Name the runs of every recovery that abandoned a call (close() abandons those under way), within the
+        close bound: first the abandoned restore calls' answers, then the listing."""
+        with self._abandon_lock:
+            jobs = list(self._unreconciled)
+        for job in jobs:
+            job.wait_answered(deadline - time.monotonic())
+        for job in jobs:
+            self._start_reconcile(job)
+        with self._abandon_lock:
+            running = list(self._reconciling.items())
+        end = max(deadline, time.monotonic()) + timeout  # the listing gets its own bound, after the answers'
+        for job, (thread, cancelled) in running:
+            thread.join(max(end - time.monotonic(), 0.0))
+            if thread.is_alive():
+                cancelled.set()
+                logger.warning(
+                    "run %s: the training-runs listing did not answer within close()'s bound; runs recovery %s "
+                    "may have made are not named here (`tinkex-recovery status %s` shows them as orphans)",
+                    job.run_id,
+                    job.recovery_id,
+                    job.run_id,
+                )
+        for job in jobs:
+            if job.unanswered:
+                logger.warning(
+                    "run %s: %d restore call(s) of recovery %s were unanswered at close; a run such a call makes is "
+                    "never used, and not named here (`tinkex-recovery status %s` shows it as an orphan)",
+                    job.run_id,
+                    job.unanswered,
+                    job.recovery_id,
+                    job.run_id,
+                )
+
+    def _abandoned(self, job: RecoveryJob) -> None:
+        with self._abandon_lock:
+            self._unreconciled.add(job)
+
+    def _finished(self, job: RecoveryJob) -> None:
+        """A recovery ended: if it abandoned a call, read the listing for runs it made (on a thread of its own)."""
+        if job.abandoned and self._state is EngineState.OPENED:
+            self._start_reconcile(job)
+
+    def _start_reconcile(self, job: RecoveryJob) -> None:
+        with self._abandon_lock:
+            if job not in self._unreconciled:
+                return
+            self._unreconciled.discard(job)
+            cancelled = Cancellation()
+            thread = threading.Thread(
+                target=self._reconcile, args=(job, cancelled), name=f"tinkex-recovery-reconcile[{job.run_id}]"
+            )
+            thread.daemon = True
+            self._reconciling[job] = (thread, cancelled)
+        thread.start()
+
+    def _reconcile(self, job: RecoveryJob, cancelled: Cancellation) -> None:
+        try:
+            job.reconcile(cancelled)
+        except Exception as exc:
+            if not cancelled.is_set():
+                logger.warning(
+                    "run %s: reading the training-runs listing for the runs recovery %s made failed: %s",
+                    job.run_id,
+                    job.recovery_id,
+                    describe(exc),
+                )
+        finally:
+            with self._abandon_lock:
+                self._reconciling.pop(job, None)
 
     def __enter__(self) -> Self:
         if self._state is not EngineState.UNOPENED:
@@ -581,6 +661,7 @@ class RecoveryEngine:
                 on_done=lambda job, recovery: self._completed(lineage, job, recovery),
                 on_exhausted=lambda job, error: self._exhausted(lineage, job, error),
                 on_observed=lambda job, event: self._observed(lineage, event),
+                on_abandoned=self._abandoned,
             )
         if run is not None:
             self._bus.emit(RecoveryEvent(EventKind.DETECTED, run.training_run_id, since_detected=0.0))
@@ -591,7 +672,15 @@ class RecoveryEngine:
         restored = recovery.checkpoint
         older = [c for c in [*(job.listed or []), *job.inherited, *job.origin] if c.time < restored.time]
         with self._cond:
+            closed = self._state is EngineState.CLOSED
+        if closed:  # answered while close() ran: never handed on, so closed and named
+            job.adopted = None
+            job.discard(recovery.client)
+            return
+        self._finished(job)
+        with self._cond:
             if self._state is EngineState.CLOSED:
+                job.discard(recovery.client)
                 return
             if self._watched.get(lineage.run_id) is lineage:  # not a lineage watched anew meanwhile
                 del self._watched[lineage.run_id]
@@ -635,6 +724,7 @@ class RecoveryEngine:
         _wake(ready)
 
     def _exhausted(self, lineage: _Lineage, job: RecoveryJob, error: RecoveryExhausted) -> None:
+        self._finished(job)
         with self._cond:
             if self._state is EngineState.CLOSED:
                 return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +36,9 @@ class EventKind(StrEnum):
     POLL_DEGRADED = "poll_degraded"
     CHECKPOINT_SKIPPED = "checkpoint_skipped"
     CLIENT_DISCARDED = "client_discarded"  #: a restore answered after its attempt was abandoned; closed, not used
+    #: a run a recovery created and did not adopt, found in the account's listing (``new_run_id``); or the
+    #: loser's run of two processes that recovered the same run (``reason="forked"``)
+    RUN_ORPHANED = "run_orphaned"
 
 
 _LEVELS = {
@@ -44,6 +48,7 @@ _LEVELS = {
     EventKind.POLL_DEGRADED: logging.WARNING,
     EventKind.CHECKPOINT_SKIPPED: logging.WARNING,
     EventKind.CLIENT_DISCARDED: logging.WARNING,
+    EventKind.RUN_ORPHANED: logging.WARNING,
     EventKind.EXHAUSTED: logging.ERROR,
 }
 
@@ -150,14 +155,18 @@ class EventBus:
         """Run ``fn()`` on the notifier thread, after every event emitted so far."""
         self._submit(fn)
 
-    def flush(self) -> None:
-        """Return once everything submitted before this call has been delivered (or the bus is closed)."""
+    def flush(self, timeout: float | None = None) -> None:
+        """Return once everything submitted before this call has been delivered (or the bus is closed, or
+        ``timeout`` seconds passed)."""
         with self._lock:
             if self._thread is None or self._closed or self._thread is threading.current_thread():
                 return
         delivered = threading.Event()
         self._queue.put(delivered.set)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not delivered.wait(0.05):
+            if deadline is not None and time.monotonic() >= deadline:
+                return
             with self._lock:
                 if self._closed:
                     return

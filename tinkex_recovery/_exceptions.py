@@ -79,29 +79,42 @@ class ExhaustedReason(StrEnum):
     FATAL = "fatal"  #: an error no retry can fix: authentication, or a programming error in the service
     BUDGET = "budget"  #: max_recoveries recoveries of the lineage within recovery_window
     NO_PROGRESS = "no_progress"  #: max_no_progress restored runs in a row were lost before a newer checkpoint
+    FORKED = "forked"  #: another process recovered the same run and its run continues the lineage (see .winner)
     INTERNAL = "internal"  #: a bug in tinkex-recovery's own handling of the recovery (logged with its traceback)
 
 
 class RecoveryExhausted(TinkexRecoveryError):
     """Recovery of a run gave up; :attr:`reason` says why. The error that ended it is chained as
-    ``__cause__`` (with its traceback) when there was one."""
+    ``__cause__`` (with its traceback) when there was one. For :attr:`ExhaustedReason.FORKED`, :attr:`winner`
+    is the run that continues the lineage: train on from it, not from a run of this one."""
 
-    def __init__(self, run_id: str, attempts: int, last_error: str | None, *, reason: ExhaustedReason) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        attempts: int,
+        last_error: str | None,
+        *,
+        reason: ExhaustedReason,
+        winner: str | None = None,
+    ) -> None:
         self.run_id = run_id
         self.attempts = attempts
         self.last_error = last_error
         self.reason = ExhaustedReason(reason)
+        self.winner = winner
         detail = f": {last_error}" if last_error else ""
         super().__init__(
             f"recovery of run {run_id} exhausted ({self.reason.value}) after {attempts} restore call(s){detail}"
         )
 
     def __reduce__(self) -> tuple[object, ...]:  # picklable (e.g. across processes) despite the keyword
-        return (_rebuild_exhausted, (self.run_id, self.attempts, self.last_error, self.reason.value))
+        return (_rebuild_exhausted, (self.run_id, self.attempts, self.last_error, self.reason.value, self.winner))
 
 
-def _rebuild_exhausted(run_id: str, attempts: int, last_error: str | None, reason: str) -> RecoveryExhausted:
-    return RecoveryExhausted(run_id, attempts, last_error, reason=ExhaustedReason(reason))
+def _rebuild_exhausted(
+    run_id: str, attempts: int, last_error: str | None, reason: str, winner: str | None = None
+) -> RecoveryExhausted:
+    return RecoveryExhausted(run_id, attempts, last_error, reason=ExhaustedReason(reason), winner=winner)
 
 
 class NoRestorableCheckpoint(TinkexRecoveryError):

@@ -44,12 +44,26 @@ class Outcome:
 
 
 class Cancellation:
-    """Set once when an attempt is abandoned; what the attempt waits on registers to be woken by it."""
+    """Set once when an attempt is abandoned; what the attempt waits on registers to be woken by it.
+
+    A side effect (a restore call) is made only after :meth:`claim` succeeded: claiming and abandoning take the
+    same lock, so an attempt abandoned first never makes the call, and one that claimed first made it before it
+    was abandoned (its outcome is then the job's to reconcile).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._set = False
+        self.claimed = False  #: a side effect was claimed (and so may have happened) before or without abandonment
         self._callbacks: list[Callable[[], object]] = []
+
+    def claim(self) -> bool:
+        """Whether the attempt may make its side effect now: False once it is abandoned."""
+        with self._lock:
+            if self._set:
+                return False
+            self.claimed = True
+            return True
 
     def set(self) -> None:
         with self._lock:

@@ -12,8 +12,10 @@ learned (which checkpoints turned out unusable) in its outcome; all decisions an
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -31,28 +33,57 @@ from ._exceptions import (
     RecoveryRefused,
 )
 from ._executor import Cancellation, Outcome, OutcomeKind
-from ._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
+from ._ledger import RESUME_KEY
+from ._lineage import (
+    CREATED_AT_KEY,
+    FROM_RUN_KEY,
+    RECOVERY_ID_KEY,
+    all_runs,
+    children,
+    continuing,
+    lists_runs,
+    metadata_of,
+)
+from ._models import STEP_KEY, Checkpoint, CheckpointList, TinkerPath, TrainingRun, parse_step
 from ._policy import RecoveryPolicy
 from ._redact import without_secrets
 from ._retry import FailureKind, backoff_delay, classify, describe
 from ._selection import StepOf, dedupe, rank, synthetic, walk
 
-__all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"]
+__all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery", "checkpoint_step"]
+
+logger = logging.getLogger("tinkex_recovery")
 
 LINEAGE_KEYS = (
-    "tinkex_recovery.recovered_from_run",
+    FROM_RUN_KEY,
     "tinkex_recovery.recovered_from_checkpoint",
     "tinkex_recovery.recovery_number",
+    RECOVERY_ID_KEY,
+    CREATED_AT_KEY,
 )
-"""user_metadata keys written on every recovered run, naming where it came from: the lost run, the checkpoint
-it was restored from, and its place in the lineage (1, 2, ...)."""
+"""user_metadata keys written on every recovered run, naming what made it: the lost run, the checkpoint it was
+restored from, its place in the lineage (1, 2, ...), the recovery that made it (an id unique to that recovery,
+shared by every run its attempts made) and when that recovery's restore call was sent (UTC, the sender's clock;
+see ``_lineage``)."""
 
-BUDGET_KEYS = ("tinkex_recovery.recovery_times", "tinkex_recovery.no_progress")
+#: The checkpoint user_metadata keys that may hold its step, first found wins: the user's ``step`` (the guard's
+#: ``save_state`` and the cookbook write it), then the one the ledger writes (:data:`~._ledger.RESUME_KEY`).
+STEP_KEYS = (STEP_KEY, RESUME_KEY)
+
+
+def checkpoint_step(checkpoint: Checkpoint) -> int | None:
+    """How many optimizer steps ``checkpoint`` holds, per its user_metadata (:data:`STEP_KEYS`), or None. The
+    one place the safety budgets read a step from."""
+    metadata = checkpoint.user_metadata or {}
+    return next((s for key in STEP_KEYS if (s := parse_step(metadata.get(key))) is not None), None)
+
+
+BUDGET_KEYS = ("tinkex_recovery.recovery_times", "tinkex_recovery.no_progress", "tinkex_recovery.restored_step")
 """user_metadata keys written on every recovered run for the safety budgets, so that a restarted process counts
 the recoveries of the process before it: the wall-clock times (UTC, ISO 8601, space-separated, oldest first)
-of the lineage's recoveries still inside ``recovery_window``, the one that made this run included; and how
-many recoveries in a row before that one made no progress (their restored run was lost before it saved a
-checkpoint newer than the one it was restored from)."""
+of the lineage's recoveries still inside ``recovery_window``, the one that made this run included; how many
+recoveries in a row before that one made no progress (their restored run was lost before it saved a checkpoint
+holding more steps than the one it was restored from); and that checkpoint's step, when known."""
 
 _KEPT_WITHOUT_BUDGET = 10  # recovery times kept in user_metadata when max_recoveries is None (for the record)
 
@@ -77,6 +108,7 @@ class History:
     times: tuple[datetime, ...] = ()  #: wall-clock times of the recoveries, oldest first
     no_progress: int = 0  #: recoveries in a row, before the one that made the current run, without progress
     restored_from: str | None = None  #: the checkpoint the current run was restored from; None: not restored
+    restored_step: int | None = None  #: that checkpoint's step, when it records one
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str] | None) -> History:
@@ -88,7 +120,16 @@ class History:
             streak = max(int(metadata.get(BUDGET_KEYS[1], "0")), 0)
         except ValueError:
             streak = 0
-        return cls(tuple(sorted(t for t in times if t is not None)), streak, metadata.get(LINEAGE_KEYS[1]))
+        try:
+            step: int | None = int(metadata[BUDGET_KEYS[2]])
+        except (KeyError, ValueError):
+            step = None
+        return cls(
+            tuple(sorted(t for t in times if t is not None)),
+            streak,
+            metadata.get(LINEAGE_KEYS[1]),
+            step if step is None or step >= 0 else None,
+        )
 
     def merged(self, other: History) -> History:
         """Both records of one lineage (the engine's and the run's metadata): every recovery either knows of.
@@ -97,11 +138,17 @@ class History:
             tuple(sorted((Counter(self.times) | Counter(other.times)).elements())),
             max(self.no_progress, other.no_progress),
             self.restored_from if self.restored_from is not None else other.restored_from,
+            self.restored_step if self.restored_from is not None else other.restored_step,
         )
 
     def metadata(self) -> dict[str, str]:
         """The :data:`BUDGET_KEYS` entries for a run this history's last recovery makes."""
         return {BUDGET_KEYS[0]: " ".join(_format_time(t) for t in self.times), BUDGET_KEYS[1]: str(self.no_progress)}
+
+    def clamped(self, now: datetime) -> History:
+        """This history with every time after ``now`` counted as ``now``: a host whose clock runs ahead must not
+        keep a lineage refused for as long as its skew, only for ``recovery_window`` from now."""
+        return replace(self, times=tuple(sorted(min(t, now) for t in self.times)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +167,16 @@ class Recovery:
 
 class AttemptAbandoned(Exception):
     """The attempt's wait was cancelled (deadline passed, or the engine closed)."""
+
+
+class LineageForked(Exception):
+    """Another recovery of the same run (another process, another engine) made the run that continues the lineage,
+    :attr:`winner`: this recovery stops (its own run, if it made one, is named an orphan)."""
+
+    def __init__(self, run_id: str, winner: str, *, made: str | None) -> None:
+        self.winner = winner
+        mine = f"; this recovery's run {made} does not continue" if made else ""
+        super().__init__(f"run {run_id} was also recovered elsewhere: run {winner} continues the lineage{mine}")
 
 
 @dataclass
@@ -174,11 +231,13 @@ def _concurrent_future(value: Any) -> Future[Any] | None:
 _POLL_SLICE = 0.05  # a future-like with nothing to wait on but result(timeout) is asked again this often
 
 
-def await_result(value: Any, cancelled: Cancellation, on_late: Callable[[Any], None]) -> Any:
-    """``value``, or the result of the future it is, waiting until it is ready or ``cancelled`` is set.
+def await_result(value: Any, cancelled: Cancellation, on_late: Callable[[Future[Any]], None] | None = None) -> Any:
+    """``value``, or the result of the future it is, waiting until it is ready or ``cancelled`` is set; on
+    cancellation raises :class:`AttemptAbandoned`.
 
-    On cancellation the future is cancelled; if it is already running, ``on_late(result)`` receives its
-    result if one ever comes. Raises :class:`AttemptAbandoned` then.
+    A read (``on_late`` None) is cancelled then. A call with a side effect is not: the server has the request
+    and acts on it whatever the client does, so its future is left to finish and ``on_late(future)`` gets it
+    when it does, to name what it made.
     """
     result = getattr(value, "result", None)
     if result is None or not callable(result) or inspect.isclass(value):
@@ -197,13 +256,10 @@ def await_result(value: Any, cancelled: Cancellation, on_late: Callable[[Any], N
     wake.wait()
     if inner.done():
         return inner.result()
-    if not inner.cancel():
-
-        def late(done: Future[Any]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                on_late(done.result())
-
-        inner.add_done_callback(late)
+    if on_late is None:
+        inner.cancel()
+    else:
+        inner.add_done_callback(on_late)
     raise AttemptAbandoned
 
 
@@ -233,8 +289,11 @@ class RecoveryJob:
         on_done: Callable[[RecoveryJob, Recovery], None],
         on_exhausted: Callable[[RecoveryJob, RecoveryExhausted], None],
         on_observed: Callable[[RecoveryJob, RecoveryEvent], None] | None = None,
+        on_abandoned: Callable[[RecoveryJob], None] | None = None,
     ) -> None:
         self.run = run
+        #: stamped on every run this recovery's attempts make: the listing tells them from any other run
+        self.recovery_id = uuid.uuid4().hex
         self.run_id = run_id
         self._service = service
         self._status = status
@@ -256,12 +315,20 @@ class RecoveryJob:
         self._on_done = on_done
         self._on_exhausted = on_exhausted
         self._on_observed = on_observed
+        self._on_abandoned = on_abandoned
+        self._lock = threading.Condition()
         self.attempts = 0
+        self._tries = 0  # attempts digested (restore call or not): what backoff and max_attempts count
+        self.abandoned = False  #: an attempt of this recovery was abandoned: the listing must be reconciled
+        self.adopted: str | None = None  #: the run this recovery made and handed on, once it did
+        self.named: set[str] = set()  #: runs this recovery made and named (discarded, orphaned)
+        self.unanswered = 0  #: abandoned restore calls whose answer has not come (yet)
         self._server_rejections = 0
         self.listed: list[Checkpoint] | None = None
         self._refetched = False
         self._restored_from: str | None = None  # the checkpoint the run came from, per the lineage's history
         self.origin: list[Checkpoint] = []  # that checkpoint and older ones of its run, when read (see _origin)
+        self._sent = ""  # the created_at stamp of the last restore call
 
     @property
     def key(self) -> str:
@@ -285,6 +352,7 @@ class RecoveryJob:
     def run_attempt(self, deadline: float, cancelled: Cancellation) -> Outcome:
         started = self._clock.monotonic()
         report = _Report()
+        cancelled.on_cancel(self._note_abandoned)
         if self.admitted is None:  # first learn the run, and whether the budgets allow another recovery
             try:
                 refusal = self._admit(self._ensure_run(cancelled), cancelled)
@@ -322,9 +390,23 @@ class RecoveryJob:
         report.selected = self._emit(EventKind.CHECKPOINT_SELECTED, cancelled, checkpoint=chosen.tinker_path)
         if self._observe:
             return Outcome(OutcomeKind.DONE, value=(report, None))
+        return self._make_run(chosen, report, cancelled, started)
+
+    def _make_run(self, chosen: Checkpoint, report: _Report, cancelled: Cancellation, started: float) -> Outcome:
+        """The side effect of an attempt: check the listing, restore from ``chosen``, check it again."""
         try:
-            client = await_result(self._restore(chosen), cancelled, on_late=self.discard)
+            self._check_fork(cancelled, made=None)  # another process recovered this run already: do not restore
+            if not cancelled.claim():  # abandoned (deadline, close): no restore call from this attempt, ever
+                raise AttemptAbandoned
+            pending = self._restore(chosen)
         except Exception as exc:
+            return Outcome(OutcomeKind.FAILED, value=report, error=exc)
+        try:
+            client = await_result(pending, cancelled, on_late=self._late)
+        except Exception as exc:
+            if isinstance(exc, AttemptAbandoned):
+                with self._lock:
+                    self.unanswered += 1  # the call was made: a run may exist; _late or the listing names it
             if classify(exc) is FailureKind.CHECKPOINT:
                 report.unusable.add(chosen.tinker_path)
                 report.rejected_by_server = True
@@ -340,12 +422,67 @@ class RecoveryJob:
             new_run_id=new_run_id,
             attempt_seconds=self._clock.monotonic() - started,
         )
+        try:
+            self._check_fork(cancelled, made=new_run_id)  # did another process make a run from it meanwhile?
+        except LineageForked as exc:
+            self.orphan(client, "forked", f"another recovery's run {exc.winner} continues the lineage")
+            return Outcome(OutcomeKind.FAILED, value=report, error=exc)
+        except Exception as exc:
+            if cancelled.is_set():  # abandoned while checking: the run is made but never handed on
+                self.discard(client)
+                return Outcome(OutcomeKind.FAILED, value=report, error=exc)
+            logger.warning(
+                "run %s: could not read the training-runs listing after restoring %s, so a second recovery of "
+                "this run elsewhere would go unseen: %s",
+                self.run_id,
+                new_run_id,
+                describe(exc),
+            )
         return Outcome(OutcomeKind.DONE, value=(report, client))
 
+    def _check_fork(self, cancelled: Cancellation, *, made: str | None) -> None:
+        """Split brain: raise :class:`LineageForked` if, per the account's listing, a run recovered from this one
+        by another recovery continues the lineage (:func:`~._lineage.continuing`): before restoring
+        (``made`` None: any such run), and after (``made``: the run this attempt made, in the listing or not).
+        A status source that cannot list runs is not checked."""
+        if not lists_runs(self._status):
+            return
+        if cancelled.is_set():
+            raise AttemptAbandoned
+        runs = all_runs(self._status, wait=lambda pending: self._wait(pending, cancelled))
+        rivals = [r for r in children(runs, self.run_id) if metadata_of(r, RECOVERY_ID_KEY) != self.recovery_id]
+        if not rivals:
+            return
+        if made is None:
+            raise LineageForked(self.run_id, continuing(rivals).training_run_id, made=None)
+        mine = [r for r in runs if r.training_run_id == made]
+        if not mine:  # not listed yet: stands in for itself, as created now
+            mine = [self._as_listed(made)]
+        winner = continuing([*rivals, *mine])
+        if winner.training_run_id != made:
+            raise LineageForked(self.run_id, winner.training_run_id, made=made)
+
+    def _as_listed(self, run_id: str) -> TrainingRun:
+        assert self.run is not None
+        return TrainingRun(
+            training_run_id=run_id,
+            base_model=self.run.base_model,
+            model_owner=self.run.model_owner,
+            is_lora=self.run.is_lora,
+            last_request_time=self._clock.now(),
+            user_metadata={FROM_RUN_KEY: self.run_id, RECOVERY_ID_KEY: self.recovery_id, CREATED_AT_KEY: self._sent},
+        )
+
     def _begin(self, cancelled: Cancellation) -> None:
-        if not self._observe:
-            self.attempts += 1
+        if not self._observe and not cancelled.is_set():  # an abandoned attempt no longer counts
+            with self._lock:
+                self.attempts += 1
             self._emit(EventKind.STARTED, cancelled)
+
+    def _note_abandoned(self) -> None:
+        self.abandoned = True
+        if self._on_abandoned is not None:
+            self._on_abandoned(self)
 
     def _ensure_run(self, cancelled: Cancellation) -> TrainingRun:
         if self.run is None or (self.run.last_checkpoint is None and not self._refetched):
@@ -358,9 +495,9 @@ class RecoveryJob:
         """The safety budgets, checked once per recovery, wherever it started: the lineage's history is the
         engine's record merged with what ``run``'s user_metadata says (a previous process's recoveries)."""
         p = self._policy
-        past = self._history.merged(History.from_metadata(run.user_metadata))
-        self._restored_from = past.restored_from
         now = self._clock.now()
+        past = self._history.clamped(now).merged(History.from_metadata(run.user_metadata).clamped(now))
+        self._restored_from = past.restored_from
         start = now - timedelta(seconds=p.recovery_window)
         recent = tuple(t for t in past.times if t > start)  # a recovery leaves the window recovery_window s later
         if p.max_recoveries is not None and len(recent) >= p.max_recoveries:
@@ -371,23 +508,33 @@ class RecoveryJob:
                 reason=ExhaustedReason.BUDGET,
             )
         streak = 0
-        if past.restored_from is not None and not self._made_progress(run, past.restored_from, cancelled):
+        if past.restored_from is not None and not self._made_progress(run, past, cancelled):
             streak = past.no_progress + 1
         if p.max_no_progress is not None and streak >= p.max_no_progress:
             return RecoveryRefused(
                 f"{streak} recoveries in a row made no progress (max_no_progress={p.max_no_progress}): each "
-                f"restored run was lost before it saved a checkpoint newer than {past.restored_from}",
+                f"restored run was lost before it saved a checkpoint holding more steps than {past.restored_from}",
                 reason=ExhaustedReason.NO_PROGRESS,
             )
         keep = p.max_recoveries or _KEPT_WITHOUT_BUDGET
         self.admitted = History((*recent, now)[-keep:], streak)
         return None
 
-    def _made_progress(self, run: TrainingRun, restored_from: str, cancelled: Cancellation) -> bool:
-        """Whether ``run``, restored from ``restored_from``, saved a checkpoint of its own since: its
-        last_checkpoint, or (when the run reports none) its listing, which selection would read anyway."""
-        own = [run.last_checkpoint] if run.last_checkpoint is not None else self._listing(cancelled)
-        return any(c.tinker_path != restored_from for c in own)
+    def _made_progress(self, run: TrainingRun, past: History, cancelled: Cancellation) -> bool:
+        """Whether ``run``, restored from ``past.restored_from``, saved a checkpoint holding more steps than that
+        one (:func:`checkpoint_step`): its last_checkpoint, else its listing, which selection would read anyway.
+        An eval snapshot or a "checkpoint on resume" at the restored step is no progress. Where a step is not
+        recorded (on either side), a checkpoint other than the restored one counts, as nothing better is known."""
+
+        def progressed(c: Checkpoint) -> bool:
+            step = checkpoint_step(c)
+            if past.restored_step is None or step is None:
+                return c.tinker_path != past.restored_from
+            return step > past.restored_step
+
+        if run.last_checkpoint is not None and progressed(run.last_checkpoint):
+            return True
+        return any(progressed(c) for c in self._listing(cancelled))
 
     def _candidates(self, cancelled: Cancellation) -> Iterator[Checkpoint]:
         assert self.run is not None
@@ -434,17 +581,25 @@ class RecoveryJob:
 
     @staticmethod
     def _wait(pending: Any, cancelled: Cancellation) -> Any:
-        return await_result(pending, cancelled, on_late=lambda _: None)
+        return await_result(pending, cancelled)
 
     def _restore(self, checkpoint: Checkpoint) -> Any:
         assert self.run is not None
         assert self.admitted is not None
+        self._sent = _format_time(self._clock.now())
+        step = checkpoint_step(checkpoint)
         metadata = {
             **(self.run.user_metadata or {}),
             **self._metadata,
             **lineage_metadata(self.run_id, checkpoint.tinker_path, self._number),
+            RECOVERY_ID_KEY: self.recovery_id,
+            CREATED_AT_KEY: self._sent,
             **self.admitted.metadata(),
         }
+        if step is not None:
+            metadata[BUDGET_KEYS[2]] = str(step)
+        else:
+            metadata.pop(BUDGET_KEYS[2], None)  # the old run's, copied above: not this checkpoint's
         return restore_from(
             self._service, checkpoint.tinker_path, with_optimizer=self._policy.restore_optimizer, metadata=metadata
         )
@@ -456,25 +611,84 @@ class RecoveryJob:
             if client is not None:
                 self.discard(client)
 
+    def _late(self, done: Future[Any]) -> None:
+        """The answer of an abandoned restore call: if a run was made after all, it is closed and named."""
+        if not done.cancelled() and done.exception() is None:
+            self.discard(done.result())
+        with self._lock:
+            self.unanswered = max(self.unanswered - 1, 0)
+            self._lock.notify_all()
+
+    def wait_answered(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every abandoned restore call's answer; False if one is still due."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.unanswered == 0, max(timeout, 0.0))
+
     def discard(self, client: Any) -> None:
         """A client no recovery adopts (its attempt was abandoned): close it if it can be, and name its run."""
+        self._close_client(client)
+        run_id = str(getattr(client, "model_id", "?"))
+        with self._lock:
+            first = run_id not in self.named
+            self.named.add(run_id)
+        if first:
+            self._emit(
+                EventKind.CLIENT_DISCARDED,
+                new_run_id=run_id,
+                error="a restore answered after its attempt was abandoned (timeout or close); that run is not used",
+            )
+
+    def orphan(self, client: Any, reason: str, why: str) -> None:
+        """A run this recovery made and does not hand on: close its client, name it (``run_orphaned``)."""
+        self._close_client(client)
+        self.name_orphan(str(getattr(client, "model_id", "?")), reason, why)
+
+    def name_orphan(self, run_id: str, reason: str, why: str) -> None:
+        """Name ``run_id``, made by this recovery and not adopted, once: a ``run_orphaned`` event (a WARNING)."""
+        with self._lock:
+            if run_id in self.named or run_id == self.adopted:
+                return
+            self.named.add(run_id)
+        self._emit(EventKind.RUN_ORPHANED, new_run_id=run_id, reason=reason, error=f"not used: {why}")
+
+    def _close_client(self, client: Any) -> None:
         close = getattr(client, "close", None)
         if callable(close):
             try:
                 close()
-            except Exception as exc:  # closing is best effort; the event below still names the run
-                self._emit(EventKind.FAILED, error=f"closing a discarded client failed: {describe(exc)}")
-        self._emit(
-            EventKind.CLIENT_DISCARDED,
-            new_run_id=str(getattr(client, "model_id", "?")),
-            error="a restore answered after its attempt was abandoned (attempt_timeout); that run is not used",
-        )
+            except Exception as exc:  # closing is best effort; the event naming the run follows anyway
+                self._emit(EventKind.FAILED, error=f"closing a client not used failed: {describe(exc)}")
+
+    def reconcile(self, cancelled: Cancellation) -> list[str]:
+        """Name every run the account's listing shows this recovery made and did not adopt (blocking: run it on a
+        thread of the engine; ``cancelled`` ends the wait). Returns the runs named by this call."""
+        if not lists_runs(self._status):
+            logger.warning(
+                "run %s: recovery %s abandoned a call, and its status source %s cannot list training runs: a run it "
+                "may have made is unknown; `tinkex-recovery status %s` shows the lineage's runs",
+                self.run_id,
+                self.recovery_id,
+                type(self._status).__name__,
+                self.run_id,
+            )
+            return []
+        runs = all_runs(self._status, wait=lambda pending: self._wait(pending, cancelled))
+        found = [r.training_run_id for r in runs if metadata_of(r, RECOVERY_ID_KEY) == self.recovery_id]
+        named = []
+        for run_id in found:
+            with self._lock:
+                known = run_id in self.named or run_id == self.adopted
+            if not known:
+                self.name_orphan(run_id, "abandoned", "a restore call of an abandoned attempt made it")
+                named.append(run_id)
+        return named
 
     # -- decisions, on the dispatcher thread ----------------------------------------------------------
     def on_outcome(self, outcome: Outcome) -> float | None:
         report = outcome.value[0] if outcome.kind is OutcomeKind.DONE else outcome.value
         report = report if isinstance(report, _Report) else _Report()
         self.rejected |= report.unusable
+        self._tries += 1
         if outcome.kind is OutcomeKind.DONE:
             client = outcome.value[1]
             if client is not None:
@@ -489,6 +703,7 @@ class RecoveryJob:
                     step=report.step,
                     client=client,
                 )
+                self.adopted = recovery.new_run_id
                 self._on_done(self, recovery)
             elif report.selected is not None:  # observe mode: the selection was reported, nothing else to do
                 self._observed(report.selected)
@@ -515,7 +730,7 @@ class RecoveryJob:
         if report.rejected_by_server:
             return 0.0  # a rejected checkpoint says nothing about the next one: try it at once
         return backoff_delay(
-            self.attempts,
+            self._tries,
             base=self._policy.backoff,
             cap=self._policy.max_backoff,
             jitter=self._policy.jitter,
@@ -532,23 +747,30 @@ class RecoveryJob:
             return error.reason
         if isinstance(error, NoRestorableCheckpoint):
             return ExhaustedReason.CHECKPOINTS
+        if isinstance(error, LineageForked):
+            return ExhaustedReason.FORKED
         if not report.rejected_by_server and classify(error) is FailureKind.FATAL:
             return ExhaustedReason.FATAL
         if self._server_rejections > self._policy.fallback_depth:
             return ExhaustedReason.CHECKPOINTS
-        if self.attempts >= self._policy.max_attempts:
+        if self._tries >= self._policy.max_attempts:
             return ExhaustedReason.ATTEMPTS
         return None
 
     def history_after(self, recovery: Recovery) -> History:
         """The lineage's history once ``recovery`` (this job's) completed."""
         assert self.admitted is not None
-        return replace(self.admitted, restored_from=recovery.checkpoint.tinker_path)
+        return replace(
+            self.admitted,
+            restored_from=recovery.checkpoint.tinker_path,
+            restored_step=checkpoint_step(recovery.checkpoint),
+        )
 
     def on_crash(self, error: BaseException) -> None:
         self._exhaust(ExhaustedReason.INTERNAL, error)
 
     def _exhaust(self, reason: ExhaustedReason, error: BaseException) -> None:
-        exhausted = RecoveryExhausted(self.run_id, self.attempts, describe(error), reason=reason)
+        winner = error.winner if isinstance(error, LineageForked) else None
+        exhausted = RecoveryExhausted(self.run_id, self.attempts, describe(error), reason=reason, winner=winner)
         exhausted.__cause__ = without_secrets(error)  # as `raise ... from error`: its traceback is kept
         self._on_exhausted(self, exhausted)

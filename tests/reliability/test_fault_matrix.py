@@ -6,6 +6,8 @@ The table in ``docs/fault-matrix.md`` is generated from ``MATRIX`` below; a test
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -15,10 +17,19 @@ from typing import Any
 
 import pytest
 
-from tinkex_recovery import EventKind, FakeClock, RecoveryEngine, RecoveryExhausted, RecoveryPolicy, TinkerRest
+from tinkex_recovery import (
+    EngineState,
+    EventKind,
+    FakeClock,
+    RecoveryEngine,
+    RecoveryExhausted,
+    RecoveryPolicy,
+    TinkerRest,
+    recovery_guard,
+)
 from tinkex_recovery.simulated import SimulatedServer, SimulatedTinker, serve
 
-from ..helpers import WAIT, EventLog, run_with_checkpoints
+from ..helpers import WAIT, EventLog, Gate, LostAnswers, join_attempt_threads, run_with_checkpoints
 from ..http_support import KEY, FakeTime
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "fault-matrix.md"
@@ -34,6 +45,8 @@ class Harness:
     events: EventLog
     clock: FakeClock
     run_id: str
+    rest: TinkerRest
+    client: Any
 
     def polls(self) -> int:
         return sum(1 for r in self.server.requests if r.path.endswith(self.run_id))
@@ -59,7 +72,7 @@ def harness(sim: SimulatedTinker, clock: FakeClock, events: EventLog) -> Iterato
         RecoveryEngine(policy, status=rest, clock=clock) as engine,
     ):
         engine.subscribe(events)
-        h = Harness(sim, server, engine, events, clock, client.model_id)
+        h = Harness(sim, server, engine, events, clock, client.model_id, rest, client)
         h.engine_handle = engine.watch(client.model_id, sim)
         yield h
 
@@ -131,9 +144,11 @@ def hang_past_attempt_timeout(h: Harness, **hang: Any) -> str:
     """The first restore call hangs past attempt_timeout, the retry succeeds; then the hung call is let go.
     Returns the adopted run."""
     h.sim.hang_restores(1, **hang)
+    calling = threading.Event()
+    h.sim.on_restore(lambda path: calling.set())
     h.sim.corrupt(h.run_id)
     h.engine.poll_once()
-    h.events.wait_for(EventKind.CHECKPOINT_SELECTED)
+    assert calling.wait(WAIT)  # the restore call reached the server
     h.clock.advance(20.0)
     assert "attempt_timeout" in str(h.events.wait_for(EventKind.FAILED)[0].error)
     h.clock.advance(5.0)
@@ -144,9 +159,7 @@ def hang_past_attempt_timeout(h: Harness, **hang: Any) -> str:
 
 
 def created_runs(h: Harness) -> list[str]:
-    for t in threading.enumerate():  # the released call's thread has returned: the server's books are final
-        if t.name.startswith("tinkex-recovery-attempt"):
-            t.join(WAIT)
+    join_attempt_threads()  # the released call's thread has returned: the server's books are final
     return [r for r in h.sim.run_ids if r != h.run_id]
 
 
@@ -164,7 +177,8 @@ def restore_hangs_then_succeeds_late(h: Harness) -> None:
 
 def restore_future_pending_past_attempt_timeout(h: Harness) -> None:
     adopted = hang_past_attempt_timeout(h, then="succeed", future=True)
-    assert created_runs(h) == [adopted]  # the abandoned future was cancelled: its run was never created
+    (discarded,) = h.events.wait_for(EventKind.CLIENT_DISCARDED)  # the server had the request: its run exists
+    assert sorted(created_runs(h)) == sorted([adopted, str(discarded.new_run_id)]) and discarded.new_run_id != adopted
 
 
 def restored_client_fails_its_first_call(h: Harness) -> None:
@@ -205,6 +219,150 @@ def all_checkpoints_broken(h: Harness) -> None:
     assert len(h.sim.restore_calls) == 3 and h.events.kinds()[-1] == "exhausted"
 
 
+# -- abandon points: the first read, the listing, the restore; by attempt_timeout, by close(), by a leaving guard --
+def every_run_made_is_adopted_or_named(h: Harness, adopted: list[str], made: int) -> None:
+    """The server's books, once every attempt's thread has returned: ``made`` new runs, each adopted or named."""
+    created = created_runs(h)
+    assert len(created) == made, (created, h.events.kinds())
+
+    def named() -> set[str]:
+        naming = (EventKind.CLIENT_DISCARDED, EventKind.RUN_ORPHANED)
+        return {str(e.new_run_id) for e in h.events.events if e.kind in naming}
+
+    if h.engine.state is not EngineState.CLOSED:  # named on the engine's threads: wait for the delivery
+        h.events.wait_until(lambda: set(created) <= set(adopted) | named())
+    assert set(created) == set(adopted) | named() and not set(adopted) & named()
+
+
+def abandon_by_timeout(h: Harness, reached: threading.Event, start: Callable[[], None], *, made: int = 1) -> None:
+    """``start`` a recovery, let its attempt be abandoned at attempt_timeout where ``reached`` says it waits; the
+    retry completes. ``made``: the runs on the server then (the retry's, and one the abandoned call made)."""
+    start()
+    assert reached.wait(WAIT)
+    h.clock.advance(20.0)
+    h.events.wait_for(EventKind.FAILED)
+    h.clock.advance(5.0)
+    recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    every_run_made_is_adopted_or_named(h, [recovery.new_run_id], made=made)
+
+
+def abandon_by_close(h: Harness, reached: threading.Event, start: Callable[[], None], *, made: int = 0) -> None:
+    start()
+    assert reached.wait(WAIT)
+    h.engine.close(timeout=0.2)  # whatever it names is delivered before it returns
+    every_run_made_is_adopted_or_named(h, [], made=made)
+
+
+def first_read_by_timeout(h: Harness) -> None:
+    with gated(h.sim.on_read) as gate:
+        abandon_by_timeout(h, gate.reached, h.engine_handle.request_recovery)  # type: ignore[attr-defined]
+
+
+def first_read_by_close(h: Harness) -> None:
+    with gated(h.sim.on_read) as gate:
+        abandon_by_close(h, gate.reached, h.engine_handle.request_recovery)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def gated(install: Callable[[Gate], None]) -> Iterator[Gate]:
+    """A :class:`Gate` installed as a simulator hook, opened when the block ends (the abandoned call answers)."""
+    gate = Gate()
+    install(gate)
+    try:
+        yield gate
+    finally:
+        gate.open()
+
+
+def corrupt_and_poll(h: Harness) -> Callable[[], None]:
+    def start() -> None:
+        h.sim.corrupt(h.run_id)
+        h.engine.poll_once()
+
+    return start
+
+
+def listing_by_timeout(h: Harness) -> None:
+    with gated(h.sim.on_list) as gate:
+        abandon_by_timeout(h, gate.reached, corrupt_and_poll(h))
+
+
+def listing_by_close(h: Harness) -> None:
+    with gated(h.sim.on_list) as gate:
+        abandon_by_close(h, gate.reached, corrupt_and_poll(h))
+
+
+def losing_answers(h: Harness) -> LostAnswers:
+    """The run watched anew through a service whose next restore makes its run and never answers."""
+    service = LostAnswers(h.sim)
+    h.engine_handle.unwatch()  # type: ignore[attr-defined]
+    h.engine_handle = h.engine.watch(h.run_id, service)
+    return service
+
+
+def restore_answer_lost_by_timeout(h: Harness) -> None:
+    service = losing_answers(h)
+    abandon_by_timeout(h, service.reached, corrupt_and_poll(h), made=2)  # the lost one named from the listing
+    service.cancel_all()
+
+
+def restore_answer_lost_by_close(h: Harness) -> None:
+    service = losing_answers(h)
+    abandon_by_close(h, service.reached, corrupt_and_poll(h), made=1)
+    service.cancel_all()
+
+
+def guarded(h: Harness, service: Any, gate: Gate | None) -> Any:
+    """A guard on the run (its own engine, its own clock), whose loop gives up while its recovery waits on
+    ``gate`` (or on ``service``'s lost restore): the last guard leaves, its engine closes."""
+    clock = FakeClock()
+    policy = RecoveryPolicy(enabled=True, poll_interval=30.0, attempt_timeout=20.0, jitter=0.0)
+    guard = recovery_guard(h.run_id, service, policy=policy, client=h.client, status=h.rest, clock=clock)
+    with pytest.raises(RuntimeError, match="gives up"), guard:
+        assert guard.engine is not None
+        guard.engine.subscribe(h.events)
+        h.sim.corrupt(h.run_id)
+        clock.advance(30.0)  # a background poll finds it
+        assert (gate.reached if gate is not None else service.reached).wait(WAIT)
+        raise RuntimeError("the loop gives up")
+    return guard
+
+
+def first_read_by_a_leaving_guard(h: Harness) -> None:
+    gate = Gate()
+    h.sim.on_read(gate)
+    clock = FakeClock()
+    policy = RecoveryPolicy(enabled=True, poll_interval=30.0, attempt_timeout=20.0)
+
+    async def resume() -> None:
+        async with recovery_guard(h.run_id, h.sim, policy=policy, status=h.rest, clock=clock):
+            raise AssertionError("the resume cannot have finished")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(resume())  # resumes at entry: its first step is to read the run
+        assert await asyncio.to_thread(gate.reached.wait, WAIT)
+        task.cancel()  # the task is cancelled (Ctrl-C in asyncio.run): the guard leaves, its engine closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    gate.open()
+    every_run_made_is_adopted_or_named(h, [], made=0)
+
+
+def listing_by_a_leaving_guard(h: Harness) -> None:
+    with gated(h.sim.on_list) as gate:
+        guarded(h, h.sim, gate)
+    every_run_made_is_adopted_or_named(h, [], made=0)
+
+
+def restore_by_a_leaving_guard(h: Harness) -> None:
+    service = LostAnswers(h.sim)
+    guarded(h, service, None)
+    every_run_made_is_adopted_or_named(h, [], made=1)  # named before the guard's exit returned
+    service.cancel_all()
+
+
 MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ("poll: 503 until the client's retries run out", "poll_error; still watched; no recovery", poll_5xx),
     ("poll: 429 with Retry-After", "retried after Retry-After; no event", poll_429_retry_after),
@@ -231,7 +389,7 @@ MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ),
     (
         "restore future still pending at attempt_timeout",
-        "the future is cancelled (no run created); retried, completed; one new run",
+        "retried, completed; the future is left to finish: its late run is closed and named in client_discarded",
         restore_future_pending_past_attempt_timeout,
     ),
     (
@@ -243,6 +401,43 @@ MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ("latest checkpoint expired", "checkpoint_skipped, no restore call for it; next older", latest_checkpoint_expired),
     ("sampler checkpoint", "refused as a pinned path; skipped when listed", latest_is_a_sampler_checkpoint),
     ("all checkpoints broken", "exhausted after 1 + fallback_depth restore calls; never loops", all_checkpoints_broken),
+    (
+        "first read abandoned at attempt_timeout",
+        "retried after backoff; the abandoned read makes no restore call; one new run, adopted",
+        first_read_by_timeout,
+    ),
+    ("first read abandoned by close()", "no restore call after close(); no new run", first_read_by_close),
+    (
+        "first read abandoned by a leaving guard (task cancelled)",
+        "the guard leaves, its engine closes; no restore call; no new run",
+        first_read_by_a_leaving_guard,
+    ),
+    (
+        "listing check abandoned at attempt_timeout",
+        "retried; the abandoned attempt makes no restore call; one new run, adopted",
+        listing_by_timeout,
+    ),
+    ("listing check abandoned by close()", "no restore call after close(); no new run", listing_by_close),
+    (
+        "listing check abandoned by a leaving guard",
+        "the guard leaves, its engine closes; no restore call; no new run",
+        listing_by_a_leaving_guard,
+    ),
+    (
+        "restore made, answer lost, at attempt_timeout",
+        "retried, completed; two new runs: one adopted, the other named in run_orphaned (from the listing)",
+        restore_answer_lost_by_timeout,
+    ),
+    (
+        "restore made, answer lost, close()",
+        "one new run, named in run_orphaned before close() returns",
+        restore_answer_lost_by_close,
+    ),
+    (
+        "restore made, answer lost, a leaving guard",
+        "one new run, named in run_orphaned before the guard's exit returns",
+        restore_by_a_leaving_guard,
+    ),
 ]
 
 

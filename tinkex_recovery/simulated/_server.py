@@ -174,13 +174,13 @@ def _list_training_runs(call: Call) -> Any:
     scope = call.query.get("access_scope", "owned")
     if scope not in ("owned", "accessible"):
         raise HTTPError(422, f"access_scope must be 'owned' or 'accessible', not {scope!r}")
-    runs = call.sim.list_training_runs()
     offset = call.query_int("offset", 0)
     limit = call.query_int("limit", 20, minimum=1)
     if call.server.page_size is not None:
         limit = min(limit, call.server.page_size)
+    page = call.sim.list_training_runs(limit=limit, offset=offset)
     return TrainingRunList(
-        training_runs=runs[offset : offset + limit], cursor=Cursor(offset=offset, limit=limit, total_count=len(runs))
+        training_runs=page, cursor=Cursor(offset=offset, limit=limit, total_count=call.sim.run_count)
     )
 
 

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 from .._clock import Clock, SystemClock
-from .._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
+from .._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
 from ._sampling import SamplingService, TrainingSampling
 
 __all__ = [
@@ -115,13 +115,25 @@ class _Run:
     last_request: datetime | None = None
     steps: int = 0
     fail_next_calls: int = 0
+    _model: tuple[tuple[Any, ...], TrainingRun] | None = field(default=None, repr=False)
 
     def model(self) -> TrainingRun:
         last = max((c for c in self.checkpoints if c.kind == "weights"), key=lambda c: c.time, default=None)
         last_sampler = max(
             (c for c in self.checkpoints if c.kind == "sampler_weights"), key=lambda c: c.time, default=None
         )
-        return TrainingRun(
+        # What the model shows, cheaply: a listing of thousands of runs rebuilds only those that changed.
+        key = (
+            self.corrupted,
+            self.last_request,
+            id(last),
+            last.expires_at if last else None,
+            id(last_sampler),
+            last_sampler.expires_at if last_sampler else None,
+        )
+        if self._model is not None and self._model[0] == key:
+            return self._model[1]
+        model = TrainingRun(
             training_run_id=self.run_id,
             base_model=self.base_model,
             model_owner="simulated",
@@ -133,6 +145,8 @@ class _Run:
             last_sampler_checkpoint=last_sampler.model() if last_sampler else None,
             user_metadata=dict(self.user_metadata) if self.user_metadata is not None else None,
         )
+        self._model = (key, model)
+        return model
 
 
 T = TypeVar("T")
@@ -205,6 +219,8 @@ class SimulatedTinker(SamplingService):
         self._pending: list[tuple[Future[SimulatedTrainingClient], Any]] = []  # hung futures: (future, finish)
         self._released = threading.Event()
         self._restore_hook: Callable[[str], object] | None = None
+        self._list_hook: Callable[[], object] | None = None
+        self._read_hook: Callable[[str], object] | None = None
         self.restore_calls: list[tuple[str, bool, dict[str, str] | None]] = []
         self.poll_count = 0
         self._init_sampling()
@@ -292,6 +308,9 @@ class SimulatedTinker(SamplingService):
             return list(self._run(run_id).trained)
 
     def get_training_run(self, run_id: str) -> TrainingRun:
+        hook = self._read_hook
+        if hook is not None:
+            hook(run_id)
         with self._lock:
             self.poll_count += 1
             if self._poll_failures:
@@ -299,15 +318,37 @@ class SimulatedTinker(SamplingService):
                 raise SimulatedAPIError(code, "simulated poll failure")
             return self._run(run_id).model()
 
-    def list_training_runs(self) -> list[TrainingRun]:
-        """Every run not deleted, the most recently created first (not a poll: ``poll_count`` stays)."""
+    def list_training_runs(self, limit: int | None = None, offset: int = 0) -> list[TrainingRun]:
+        """Every run not deleted, the most recently created first (not a poll: ``poll_count`` stays); ``limit``
+        and ``offset`` cut one page out of that list, as the REST listing does."""
+        hook = self._list_hook
+        if hook is not None:
+            hook()
         with self._lock:
-            return [run.model() for run in reversed(self._runs.values()) if not run.deleted]
+            runs = [run for run in reversed(self._runs.values()) if not run.deleted]
+            page = runs[offset:] if limit is None else runs[offset : offset + limit]
+            return [run.model() for run in page]
+
+    def on_read(self, hook: Callable[[str], object] | None) -> None:
+        """Call ``hook(run_id)`` at the start of every read of a run (a poll, a recovery's first read), on the
+        caller's thread. None removes it."""
+        self._read_hook = hook
+
+    def on_list(self, hook: Callable[[], object] | None) -> None:
+        """Call ``hook()`` at the start of every training-runs listing, on the caller's thread (to hold or count
+        listings from a test, as :meth:`on_restore` does restores). None removes it."""
+        self._list_hook = hook
 
     def list_checkpoints(self, run_id: str) -> CheckpointList:
         with self._lock:
             run = self._run(run_id)
             return CheckpointList(checkpoints=[c.model() for c in reversed(run.checkpoints)])
+
+    @property
+    def run_count(self) -> int:
+        """How many runs the listing holds (not deleted)."""
+        with self._lock:
+            return sum(1 for run in self._runs.values() if not run.deleted)
 
     @property
     def run_ids(self) -> list[str]:
@@ -350,7 +391,8 @@ class SimulatedTinker(SamplingService):
 
     def hang_restores(self, n: int = 1, *, then: Literal["fail", "succeed"] = "fail", future: bool = False) -> None:
         """The next ``n`` restore calls hang until :meth:`release` (or :meth:`close`), then fail with 504 or,
-        with ``then="succeed"``, create their new run after all (a late success). The call itself blocks, or,
+        with ``then="succeed"``, create their new run after all (a late success), whether or not the caller
+        still waits: cancelling the future does not undo a request the server has. The call itself blocks, or,
         with ``future=True``, returns at once a future that stays pending until then (never, without release)."""
         if then not in ("fail", "succeed"):
             raise ValueError(f"then must be 'fail' or 'succeed', got {then!r}")
@@ -359,16 +401,22 @@ class SimulatedTinker(SamplingService):
             self._released.clear()
 
     def release(self) -> None:
-        """Unblock every hung restore (pending futures complete now)."""
+        """Unblock every hung restore (pending futures complete now). A restore reached the server when it was
+        called: it has its effect (``then="succeed"``: its run is created) even if the caller cancelled its future
+        or went away meanwhile, as with the real service; only the answer is lost then."""
         with self._lock:
             self._released.set()
             pending, self._pending = self._pending, []
         for fut, finish in pending:
-            if fut.set_running_or_notify_cancel():  # a future the caller cancelled stays cancelled
-                try:
-                    fut.set_result(finish())
-                except Exception as exc:
-                    fut.set_exception(exc)
+            try:
+                outcome: tuple[bool, Any] = (True, finish())
+            except Exception as exc:
+                outcome = (False, exc)
+            if fut.set_running_or_notify_cancel():  # a future the caller cancelled stays cancelled; its run exists
+                if outcome[0]:
+                    fut.set_result(outcome[1])
+                else:
+                    fut.set_exception(outcome[1])
 
     def close(self) -> None:
         """Unblock every hung restore and deliver every held or slow sample."""
@@ -634,3 +682,10 @@ class SimulatedRestClient:
             return _done(self._sim.list_checkpoints(run_id))
         except SimulatedAPIError as exc:
             return _failed(exc)
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0, **_: Any) -> SimulatedAPIFuture[TrainingRunList]:
+        """One page of the account's runs with its cursor, as the SDK's ``RestClient.list_training_runs``."""
+        page = self._sim.list_training_runs(limit=limit, offset=offset)
+        total = self._sim.run_count
+        cursor = Cursor(offset=offset, limit=limit, total_count=total)
+        return _done(TrainingRunList.model_construct(training_runs=page, cursor=cursor))  # the runs are models already
