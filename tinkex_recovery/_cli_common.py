@@ -2,15 +2,20 @@
 into one line and an exit code.
 
 Exit codes: 0 all is well, 1 Tinker could not be read (unreachable, a server error, an unexpected answer),
-2 a usage, authentication or not-found error, 3 the run is corrupted (``status``). A message is one line,
+2 a usage, authentication or not-found error, 3 the run is corrupted (``status``), 141 (128 + SIGPIPE, what a
+shell reports for a filter whose reader left) when stdout was closed early (``| head``). A message is one line,
 never a traceback, and never contains the API key.
+
+Importing this module is cheap (no httpx, no pydantic): ``--help`` is built from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ._exceptions import (
     AuthenticationError,
@@ -19,15 +24,29 @@ from ._exceptions import (
     RunNotFound,
     TinkerAPIError,
 )
+from ._names import DEFAULT_BASE_URL
 from ._redact import redact
-from ._rest import DEFAULT_BASE_URL, TinkerRest
 
-__all__ = ["EXIT_CORRUPTED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "add_connection_arguments", "connect", "fail"]
+if TYPE_CHECKING:
+    from ._rest import TinkerRest
+
+__all__ = [
+    "EXIT_CLOSED_PIPE",
+    "EXIT_CORRUPTED",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "add_connection_arguments",
+    "closed_pipe",
+    "connect",
+    "fail",
+]
 
 EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2  # also argparse's own
 EXIT_CORRUPTED = 3
+EXIT_CLOSED_PIPE = 128 + 13  # as a shell reports a process ended by SIGPIPE (13), which Windows lacks
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +62,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def connect(args: argparse.Namespace) -> TinkerRest:
     """The REST client the arguments (or the environment) describe; raises what :func:`fail` reports."""
-    return TinkerRest(api_key=args.api_key, base_url=args.base_url)
+    from ._rest import TinkerRest
+
+    try:
+        return TinkerRest(api_key=args.api_key, base_url=args.base_url)
+    except MissingAPIKey:
+        raise MissingAPIKey("no Tinker API key: pass --api-key or set the TINKER_API_KEY environment variable") from None
 
 
 def fail(command: str, error: BaseException, err: TextIO = sys.stderr) -> int:
@@ -59,3 +83,13 @@ def fail(command: str, error: BaseException, err: TextIO = sys.stderr) -> int:
     message = " ".join(redact(str(error) or type(error).__name__).split())
     print(f"tinkex-recovery {command}: error: {message}", file=err, flush=True)
     return code
+
+
+def closed_pipe(out: TextIO) -> int:
+    """``out``'s reader left (``| head``): point it at the null device, so the interpreter's last flush at exit
+    writes nowhere instead of printing a traceback, and return :data:`EXIT_CLOSED_PIPE`."""
+    with contextlib.suppress(OSError, ValueError):  # not a file (a test's StringIO), or already closed
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    return EXIT_CLOSED_PIPE

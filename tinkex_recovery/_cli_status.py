@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ._cli_common import EXIT_CORRUPTED, EXIT_OK, add_connection_arguments, connect, fail
+from ._cli_common import EXIT_CORRUPTED, EXIT_OK, add_connection_arguments, closed_pipe, connect, fail
 from ._exceptions import RunNotFound
-from ._models import Checkpoint, TrainingRun, validate_run_id
-from ._recovery import LINEAGE_KEYS
-from ._rest import TinkerRest
+from ._names import LINEAGE_KEYS, validate_run_id
+
+if TYPE_CHECKING:  # imported where used: `status --help` loads neither pydantic nor httpx
+    from ._models import Checkpoint, TrainingRun
+    from ._rest import TinkerRest
 
 __all__ = ["LineageReport", "add_status_arguments", "lineage_report", "run_status"]
 
@@ -29,6 +32,10 @@ _FROM_RUN, _FROM_CHECKPOINT = LINEAGE_KEYS[0], LINEAGE_KEYS[1]
 _PAGE = 100  # runs per listing page, as the SDK's own `tinker run list` asks
 _MAX_PAGES = 1000
 _MAX_RUNS = 10_000  # a lineage longer than this is a loop in the metadata, not a history
+_STEPLESS = (
+    "no step recorded: Tinker can restore it, but a guarded loop or the Lightning callback cannot resume from it "
+    "(it does not know which step comes next)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +90,10 @@ class LineageReport:
                     "tinker_path": c.tinker_path,
                     "checkpoint_id": c.checkpoint_id,
                     "step": c.step,
+                    "resumable": c.step is not None,
                     "time": c.time.isoformat(),
                     "expires_at": c.expires_at.isoformat() if c.expires_at else None,
-                    "metrics": _metrics(c),
+                    "metrics": {k: v if math.isfinite(v) else str(v) for k, v in _metrics(c).items()},
                 }
                 for c in self.checkpoints
             ],
@@ -169,24 +177,40 @@ def render(report: LineageReport, out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print(f"  {row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip(), file=out)
+    if any(c.step is None for c in report.checkpoints):
+        print(f"  ? {_STEPLESS}", file=out)
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_id", metavar="RUN_ID", help="any run of the lineage")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one strict JSON object instead of the report (a metric that is not a finite number, such as "
+        'metadata "nan" or "1e400", is the string "nan", "inf" or "-inf"; "resumable" is false for a checkpoint '
+        "with no step)",
+    )
     add_connection_arguments(parser)
 
 
 def run_status(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """The ``status`` command: 0 healthy, 3 corrupted, 2 or 1 on an error (one line on ``err``)."""
+    """The ``status`` command: 0 healthy, 3 corrupted, 2 or 1 on an error (one line on ``err``), 141 if ``out``
+    was closed early (``| head``)."""
+    try:
+        validate_run_id(args.run_id)  # before any request: `status .` must not read the account's listing
+    except ValueError as exc:
+        return fail("status", exc, err)
     try:
         with connect(args) as rest:
             report = lineage_report(rest, args.run_id)
     except Exception as exc:
         return fail("status", exc, err)
-    if args.json:
-        print(json.dumps(report.to_json()), file=out, flush=True)
-    else:
-        render(report, out)
-        out.flush()
+    try:
+        if args.json:  # strict JSON: a metric that is not finite ("nan", "1e400") is a string, never NaN/Infinity
+            print(json.dumps(report.to_json(), allow_nan=False), file=out, flush=True)
+        else:
+            render(report, out)
+            out.flush()
+    except BrokenPipeError:
+        return closed_pipe(out)
     return EXIT_CORRUPTED if report.corrupted else EXIT_OK

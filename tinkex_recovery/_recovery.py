@@ -32,19 +32,13 @@ from ._exceptions import (
 )
 from ._executor import Cancellation, Outcome, OutcomeKind
 from ._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
+from ._names import LINEAGE_KEYS
 from ._policy import RecoveryPolicy
 from ._redact import without_secrets
 from ._retry import FailureKind, backoff_delay, classify, describe
 from ._selection import StepOf, dedupe, rank, synthetic, walk
 
 __all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"]
-
-#: user_metadata keys written on every recovered run, naming where it came from.
-LINEAGE_KEYS = (
-    "tinkex_recovery.recovered_from_run",
-    "tinkex_recovery.recovered_from_checkpoint",
-    "tinkex_recovery.recovery_number",
-)
 
 #: user_metadata keys written on every recovered run for the safety budgets, so that a restarted process counts
 #: the recoveries of the process before it: the wall-clock times (UTC, ISO 8601, space-separated, oldest first)

@@ -39,14 +39,13 @@ from ._exceptions import (
     TinkerStatusError,
 )
 from ._models import Checkpoint, CheckpointList, TrainingRun, TrainingRunList, validate_run_id
+from ._names import DEFAULT_BASE_URL
 from ._redact import mask, redact, register_secret
 from ._retry import backoff_delay
 
 __all__ = ["DEFAULT_BASE_URL", "TinkerRest"]
 
 logger = logging.getLogger("tinkex_recovery.rest")
-
-DEFAULT_BASE_URL = "https://tinker.thinkingmachines.dev/services/tinker-prod"
 
 _MAX_BODY = 16 * 1024 * 1024  # a checkpoint listing is kilobytes; more is not Tinker talking
 _MAX_PAGES = 1000
