@@ -80,6 +80,7 @@ class ExhaustedReason(StrEnum):
     BUDGET = "budget"  #: max_recoveries recoveries of the lineage within recovery_window
     NO_PROGRESS = "no_progress"  #: max_no_progress restored runs in a row were lost before a newer checkpoint
     INTERNAL = "internal"  #: a bug in tinkex-recovery's own handling of the recovery (logged with its traceback)
+    RUN_NOT_FOUND = "run_not_found"  #: the run itself is not there (404): a mistyped id, another account or URL
 
 
 class RecoveryExhausted(TinkexRecoveryError):

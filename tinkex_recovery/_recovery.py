@@ -29,13 +29,14 @@ from ._exceptions import (
     NoRestorableCheckpoint,
     RecoveryExhausted,
     RecoveryRefused,
+    RunNotFound,
 )
 from ._executor import Cancellation, Outcome, OutcomeKind
 from ._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
 from ._names import LINEAGE_KEYS
 from ._policy import RecoveryPolicy
 from ._redact import without_secrets
-from ._retry import FailureKind, backoff_delay, classify, describe
+from ._retry import FailureKind, backoff_delay, classify, describe, status_code_of
 from ._selection import StepOf, dedupe, rank, synthetic, walk
 
 __all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"]
@@ -47,6 +48,7 @@ __all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"]
 #: checkpoint newer than the one it was restored from).
 BUDGET_KEYS = ("tinkex_recovery.recovery_times", "tinkex_recovery.no_progress")
 
+_NAMED = 3  # checkpoints a "no restorable checkpoint left" message names (events name every one)
 _KEPT_WITHOUT_BUDGET = 10  # recovery times kept in user_metadata when max_recoveries is None (for the record)
 
 
@@ -121,6 +123,19 @@ class _Report:
     unusable: set[str] = field(default_factory=set)
     rejected_by_server: bool = False
     selected: RecoveryEvent | None = None
+
+
+def run_not_found(run_id: str, error: BaseException) -> RunNotFound:
+    """A 404 on reading the run itself (whatever client raised it) as one :class:`RunNotFound` saying what to
+    check: nothing is retried for it, as no retry can find a run that is not there."""
+    if isinstance(error, RunNotFound):
+        return error
+    return RunNotFound(
+        f"run {run_id} not found ({describe(error)}): check the run id, and that the client points at the Tinker "
+        "that holds it (base_url, TINKER_BASE_URL)",
+        status_code=404,
+        run_id=run_id,
+    )
 
 
 def lineage_metadata(from_run: str, checkpoint_path: str, number: int | None = None) -> dict[str, str]:
@@ -249,6 +264,9 @@ class RecoveryJob:
         self._on_exhausted = on_exhausted
         self._on_observed = on_observed
         self.attempts = 0
+        self.restore_calls = 0  #: restore calls actually made (an attempt may end before it makes one)
+        #: why each checkpoint this recovery passed over was unusable, for the message it may end with
+        self.passed_over: dict[str, str] = {}
         self._server_rejections = 0
         self.listed: list[Checkpoint] | None = None
         self._refetched = False
@@ -289,6 +307,7 @@ class RecoveryJob:
 
         def skip(c: Checkpoint, reason: str) -> None:
             report.unusable.add(c.tinker_path)
+            self.passed_over[c.tinker_path] = reason
             self._emit(EventKind.CHECKPOINT_SKIPPED, cancelled, checkpoint=c.tinker_path, error=reason)
 
         rejected = set(self.rejected)
@@ -298,7 +317,7 @@ class RecoveryJob:
                 walk(candidates, rejected=rejected, now=self._clock.now(), skip=skip, step_of=self._step_of), None
             )
             if chosen is None:
-                raise NoRestorableCheckpoint(f"no restorable checkpoint left for run {self.run_id}")
+                raise NoRestorableCheckpoint(self._nothing_left())
         except Exception as exc:
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         report.checkpoint = chosen
@@ -306,11 +325,13 @@ class RecoveryJob:
         if self._observe:
             return Outcome(OutcomeKind.DONE, value=(report, None))
         try:
+            self.restore_calls += 1
             client = await_result(self._restore(chosen), cancelled, on_late=self.discard)
         except Exception as exc:
             if classify(exc) is FailureKind.CHECKPOINT:
                 report.unusable.add(chosen.tinker_path)
                 report.rejected_by_server = True
+                self.passed_over[chosen.tinker_path] = f"Tinker refused to restore it ({describe(exc)})"
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         new_run_id = getattr(client, "model_id", None)
         if not isinstance(new_run_id, str) or not new_run_id:
@@ -334,8 +355,27 @@ class RecoveryJob:
         if self.run is None or (self.run.last_checkpoint is None and not self._refetched):
             # asked for (no poll result yet), or a poll result without last_checkpoint: read the run afresh
             self._refetched = True
-            self.run = TrainingRun.coerce(self._wait(self._status.get_training_run(self.run_id), cancelled))
+            try:
+                self.run = TrainingRun.coerce(self._wait(self._status.get_training_run(self.run_id), cancelled))
+            except Exception as exc:
+                if status_code_of(exc) == 404:  # the run itself, not a checkpoint: no retry can find it
+                    raise run_not_found(self.run_id, exc) from exc
+                raise
         return self.run
+
+    def _nothing_left(self) -> str:
+        """Why no checkpoint is left, naming each one passed over and why, with the fix where there is one."""
+        if not self.passed_over:
+            return (
+                f"no restorable checkpoint left for run {self.run_id}: it has none (save one with the training "
+                "client's save_state() before a recovery can restore it)"
+            )
+        named = list(self.passed_over.items())[:_NAMED]
+        why = "; ".join(f"{path}: {reason}" for path, reason in named)
+        more = len(self.passed_over) - len(named)
+        return f"no restorable checkpoint left for run {self.run_id}; passed over {why}" + (
+            f"; and {more} more" if more else ""
+        )
 
     def _admit(self, run: TrainingRun, cancelled: Cancellation) -> RecoveryRefused | None:
         """The safety budgets, checked once per recovery, wherever it started: the lineage's history is the
@@ -513,6 +553,8 @@ class RecoveryJob:
         """One rule for every bound: whichever is reached first ends the recovery."""
         if isinstance(error, RecoveryRefused):
             return error.reason
+        if isinstance(error, RunNotFound) and error.run_id == self.run_id:
+            return ExhaustedReason.RUN_NOT_FOUND
         if isinstance(error, NoRestorableCheckpoint):
             return ExhaustedReason.CHECKPOINTS
         if not report.rejected_by_server and classify(error) is FailureKind.FATAL:
@@ -532,6 +574,6 @@ class RecoveryJob:
         self._exhaust(ExhaustedReason.INTERNAL, error)
 
     def _exhaust(self, reason: ExhaustedReason, error: BaseException) -> None:
-        exhausted = RecoveryExhausted(self.run_id, self.attempts, describe(error), reason=reason)
+        exhausted = RecoveryExhausted(self.run_id, self.restore_calls, describe(error), reason=reason)
         exhausted.__cause__ = without_secrets(error)  # as `raise ... from error`: its traceback is kept
         self._on_exhausted(self, exhausted)
