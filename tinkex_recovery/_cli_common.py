@@ -67,7 +67,9 @@ def connect(args: argparse.Namespace) -> TinkerRest:
     try:
         return TinkerRest(api_key=args.api_key, base_url=args.base_url)
     except MissingAPIKey:
-        raise MissingAPIKey("no Tinker API key: pass --api-key or set the TINKER_API_KEY environment variable") from None
+        raise MissingAPIKey(
+            "no Tinker API key: pass --api-key or set the TINKER_API_KEY environment variable"
+        ) from None
 
 
 def fail(command: str, error: BaseException, err: TextIO = sys.stderr) -> int:
