@@ -93,7 +93,9 @@ def pipeline(command: str, server: SimulatedServer) -> tuple[str, list[int], str
 
 # -- closed pipes ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(BASH is None, reason="needs bash for PIPESTATUS")
-def test_watch_json_piped_into_head_1_ends_after_its_line_with_141(sim: SimulatedTinker, server: SimulatedServer) -> None:
+def test_watch_json_piped_into_head_1_ends_after_its_line_with_141(
+    sim: SimulatedTinker, server: SimulatedServer
+) -> None:
     lost = run_with_checkpoints(sim)
     sim.corrupt(lost.model_id)  # the first poll reports it; then no event comes to find the closed pipe out
     out, codes, err = pipeline(f'"$TINKEX" watch {lost.model_id} --json --interval 3600 | head -1', server)
@@ -161,6 +163,19 @@ def test_status_json_has_no_nan_or_infinity_and_marks_stepless_checkpoints(
     text = run("status", client.model_id, server=server).stdout
     (bare,) = [line for line in text.splitlines() if line.rstrip().endswith("/weights/bare")]
     assert bare.split()[0] == "?" and "? no step recorded" in text and "cannot resume from it" in text
+
+
+def test_watch_marks_the_stepless_checkpoint_it_would_restore(sim: SimulatedTinker, server: SimulatedServer) -> None:
+    client = run_with_checkpoints(sim)
+    client.save_state("bare").result()  # the newest, and no step
+    sim.corrupt(client.model_id)
+    for flag in ("--json", ""):
+        out, codes, _ = pipeline(f'"$TINKEX" watch {client.model_id} {flag} | grep -m1 checkpoint_selected', server)
+        assert codes == [CLOSED_PIPE, 0] and "/weights/bare" in out
+        if flag:
+            assert json.loads(out)["resumable"] is False
+        else:
+            assert "no step recorded: a guarded loop or the Lightning callback cannot resume from it" in out
 
 
 # -- run ids --------------------------------------------------------------------------------------------------

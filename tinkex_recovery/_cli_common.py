@@ -36,6 +36,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "STEPLESS",
     "add_connection_arguments",
     "closed_pipe",
     "connect",
@@ -46,6 +47,8 @@ EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2  # also argparse's own
 EXIT_CORRUPTED = 3
+#: How ``status`` and ``watch`` mark a checkpoint that records no step.
+STEPLESS = "no step recorded: a guarded loop or the Lightning callback cannot resume from it"
 EXIT_CLOSED_PIPE = 128 + 13  # as a shell reports a process ended by SIGPIPE (13), which Windows lacks
 
 

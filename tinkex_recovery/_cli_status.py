@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._cli_common import EXIT_CORRUPTED, EXIT_OK, add_connection_arguments, closed_pipe, connect, fail
+from ._cli_common import EXIT_CORRUPTED, EXIT_OK, STEPLESS, add_connection_arguments, closed_pipe, connect, fail
 from ._exceptions import RunNotFound
 from ._names import LINEAGE_KEYS, validate_run_id
 
@@ -32,10 +32,6 @@ _FROM_RUN, _FROM_CHECKPOINT = LINEAGE_KEYS[0], LINEAGE_KEYS[1]
 _PAGE = 100  # runs per listing page, as the SDK's own `tinker run list` asks
 _MAX_PAGES = 1000
 _MAX_RUNS = 10_000  # a lineage longer than this is a loop in the metadata, not a history
-_STEPLESS = (
-    "no step recorded: Tinker can restore it, but a guarded loop or the Lightning callback cannot resume from it "
-    "(it does not know which step comes next)"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +174,7 @@ def render(report: LineageReport, out: TextIO) -> None:
     for row in rows:
         print(f"  {row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip(), file=out)
     if any(c.step is None for c in report.checkpoints):
-        print(f"  ? {_STEPLESS}", file=out)
+        print(f"  ? {STEPLESS}", file=out)
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,12 +22,13 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from ._cli_common import EXIT_OK, add_connection_arguments, closed_pipe, connect, fail
+from ._cli_common import EXIT_OK, STEPLESS, add_connection_arguments, closed_pipe, connect, fail
 from ._names import validate_run_id
 from ._redact import redact
 
 if TYPE_CHECKING:  # imported where used: `watch --help` loads neither pydantic nor httpx
     from ._events import RecoveryEvent
+    from ._models import Checkpoint
 
 __all__ = ["add_watch_arguments", "run_watch"]
 
@@ -54,14 +55,27 @@ class EventPrinter:
         self._lock = threading.Lock()
         #: set once ``out``'s reader has left (``| head -1``): there is no one left to print for
         self.closed = threading.Event()
+        self._stepless: set[str] = set()
+
+    def step_of(self, checkpoint: Checkpoint) -> int:
+        """The engine's ``step_of``: every checkpoint stays a candidate (the watch reports what a recovery would
+        restore), and those that record no step are remembered, so that a line naming one says a loop could not
+        resume from it."""
+        if checkpoint.step is None:
+            self._stepless.add(checkpoint.tinker_path)
+        return checkpoint.step or 0
 
     def __call__(self, event: RecoveryEvent) -> None:
         time = self._now().isoformat(timespec="milliseconds")
         if self._json:
             fields = {k: v for k, v in asdict(event).items() if v is not None and k not in ("kind", "run_id")}
+            if event.checkpoint is not None:
+                fields["resumable"] = event.checkpoint not in self._stepless
             line = json.dumps({"time": time, "kind": event.kind.value, "run_id": event.run_id, **fields})
         else:
             line = f"{time} {event.message}"
+            if event.checkpoint in self._stepless:
+                line += f" ({STEPLESS})"
         with self._lock:
             if self.closed.is_set():
                 return
@@ -132,7 +146,7 @@ def run_watch(
                 engine.subscribe(printer)
                 service = _NoRestore()
                 for run_id in runs:
-                    engine.watch(run_id, service)
+                    engine.watch(run_id, service, step_of=printer.step_of)
                 print(
                     f"watching {len(runs)} run(s), polling every {args.interval:g}s; Ctrl-C stops",
                     file=err,

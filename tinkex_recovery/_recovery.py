@@ -48,7 +48,7 @@ __all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"]
 #: checkpoint newer than the one it was restored from).
 BUDGET_KEYS = ("tinkex_recovery.recovery_times", "tinkex_recovery.no_progress")
 
-_NAMED = 3  # checkpoints a "no restorable checkpoint left" message names (events name every one)
+_NAMED = 3  # checkpoints a "no restorable checkpoint left" message names per reason (events name every one)
 _KEPT_WITHOUT_BUDGET = 10  # recovery times kept in user_metadata when max_recoveries is None (for the record)
 
 
@@ -370,12 +370,14 @@ class RecoveryJob:
                 f"no restorable checkpoint left for run {self.run_id}: it has none (save one with the training "
                 "client's save_state() before a recovery can restore it)"
             )
-        named = list(self.passed_over.items())[:_NAMED]
-        why = "; ".join(f"{path}: {reason}" for path, reason in named)
-        more = len(self.passed_over) - len(named)
-        return f"no restorable checkpoint left for run {self.run_id}; passed over {why}" + (
-            f"; and {more} more" if more else ""
+        by_reason: dict[str, list[str]] = {}
+        for path, reason in self.passed_over.items():
+            by_reason.setdefault(reason, []).append(path)
+        why = "; ".join(
+            ", ".join(paths[:_NAMED]) + (f" and {len(paths) - _NAMED} more" if len(paths) > _NAMED else "") + f": {r}"
+            for r, paths in by_reason.items()
         )
+        return f"no restorable checkpoint left for run {self.run_id}; passed over {why}"
 
     def _admit(self, run: TrainingRun, cancelled: Cancellation) -> RecoveryRefused | None:
         """The safety budgets, checked once per recovery, wherever it started: the lineage's history is the
