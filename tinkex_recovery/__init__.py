@@ -10,32 +10,34 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+# These need the standard library only; every other name is imported on first use (see _HOMES).
+from ._clock import Clock, FakeClock, SystemClock
+from ._exceptions import (
+    AuthenticationError,
+    CannotReplay,
+    ClientClosed,
+    EngineClosed,
+    EngineNotStarted,
+    ExhaustedReason,
+    InvalidTinkerPath,
+    MalformedResponse,
+    MissingAPIKey,
+    NoRestorableCheckpoint,
+    PermissionDenied,
+    RecoveryDisabled,
+    RecoveryExhausted,
+    RecoveryRefused,
+    ResumeBeforeFirstStep,
+    RunNotFound,
+    TinkerAPIError,
+    TinkerConnectionError,
+    TinkerStatusError,
+    TinkexRecoveryError,
+)
+
 if TYPE_CHECKING:
-    from ._clock import Clock, FakeClock, SystemClock
     from ._engine import EngineState, RecoveryEngine, RunHandle, RunState
     from ._events import EventKind, RecoveryEvent
-    from ._exceptions import (
-        AuthenticationError,
-        CannotReplay,
-        ClientClosed,
-        EngineClosed,
-        EngineNotStarted,
-        ExhaustedReason,
-        InvalidTinkerPath,
-        MalformedResponse,
-        MissingAPIKey,
-        NoRestorableCheckpoint,
-        PermissionDenied,
-        RecoveryDisabled,
-        RecoveryExhausted,
-        RecoveryRefused,
-        ResumeBeforeFirstStep,
-        RunNotFound,
-        TinkerAPIError,
-        TinkerConnectionError,
-        TinkerStatusError,
-        TinkexRecoveryError,
-    )
     from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
     from ._policy import RecoveryPolicy
     from ._recovery import BUDGET_KEYS, LINEAGE_KEYS, Recovery
@@ -91,35 +93,12 @@ __all__ = [
 ]
 
 
-# Where each public name lives. Every one is imported on first use, so ``import tinkex_recovery`` (and so the
-# command line's ``--help``) costs next to nothing: pydantic, httpx, the engine, torch and Lightning are loaded
+# Where each of the other public names lives: imported on first use, so ``import tinkex_recovery`` (and so the
+# command line's ``--help``) costs next to nothing; pydantic, httpx, the engine, torch and Lightning are loaded
 # by the code that uses them.
 _HOMES = {
-    "_clock": ("Clock", "FakeClock", "SystemClock"),
     "_engine": ("EngineState", "RecoveryEngine", "RunHandle", "RunState"),
     "_events": ("EventKind", "RecoveryEvent"),
-    "_exceptions": (
-        "AuthenticationError",
-        "CannotReplay",
-        "ClientClosed",
-        "EngineClosed",
-        "EngineNotStarted",
-        "ExhaustedReason",
-        "InvalidTinkerPath",
-        "MalformedResponse",
-        "MissingAPIKey",
-        "NoRestorableCheckpoint",
-        "PermissionDenied",
-        "RecoveryDisabled",
-        "RecoveryExhausted",
-        "RecoveryRefused",
-        "ResumeBeforeFirstStep",
-        "RunNotFound",
-        "TinkerAPIError",
-        "TinkerConnectionError",
-        "TinkerStatusError",
-        "TinkexRecoveryError",
-    ),
     "_models": ("Checkpoint", "CheckpointList", "Cursor", "TinkerPath", "TrainingRun", "TrainingRunList"),
     "_policy": ("RecoveryPolicy",),
     "_recovery": ("BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"),
