@@ -227,6 +227,11 @@ def test_no_key_names_the_flag(sim: SimulatedTinker, server: SimulatedServer) ->
     assert done.returncode == 2 and "--api-key" in done.stderr and "api_key=" not in done.stderr
 
 
+def test_a_malformed_base_url_names_the_flag(server: SimulatedServer) -> None:
+    done = run("status", "run:train:0", "--base-url", "ftp://x", server=server)
+    assert done.returncode == 2 and "--base-url (or TINKER_BASE_URL) must be an http(s) URL" in done.stderr
+
+
 def test_a_wrong_base_url_path_names_the_url(sim: SimulatedTinker, server: SimulatedServer) -> None:
     run_id = run_with_checkpoints(sim).model_id
     wrong = f"{server.base_url}/services/tinker-prod"

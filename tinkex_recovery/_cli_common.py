@@ -73,6 +73,9 @@ def connect(args: argparse.Namespace) -> TinkerRest:
         raise MissingAPIKey(
             "no Tinker API key: pass --api-key or set the TINKER_API_KEY environment variable"
         ) from None
+    except ValueError as exc:  # the library's words name its arguments; a user of the command has flags
+        message = str(exc).replace("base_url must", "--base-url (or TINKER_BASE_URL) must", 1)
+        raise ValueError(message) from None
 
 
 def fail(command: str, error: BaseException, err: TextIO = sys.stderr) -> int:
