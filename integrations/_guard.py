@@ -48,13 +48,13 @@ from tinkex_recovery import (
 from tinkex_recovery._integration import (
     SERVICE_METHODS,
     STATUS_METHODS,
+    describe,
     report_steps_lost,
     require_methods,
     resolve,
     validate_run_id,
     would_do,
 )
-from tinkex_recovery._retry import describe
 
 from . import _aio
 from ._checkpoint_log import CheckpointLog, metadata_for, validate_metrics, validate_step
