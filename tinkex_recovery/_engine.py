@@ -37,7 +37,7 @@ from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._observers import report_poll, track_engine
 from ._policy import RecoveryPolicy
 from ._recovery import History, Recovery, RecoveryJob, run_not_found
-from ._redact import without_secrets
+from ._redact import redact, without_secrets
 from ._retry import describe, status_code_of
 from ._selection import StepOf
 
@@ -101,9 +101,11 @@ def rest_client_of(service: Any, *, timeout: float | None = None) -> Any:
         made.add_done_callback(_close_late_client)
         where = getattr(service, "_base_url", None) or os.environ.get("TINKER_BASE_URL") or "the SDK's default URL"
         raise TinkerConnectionError(
-            f"could not make the REST client of {type(service).__name__} within setup_timeout={timeout:g}s: is "
-            f"Tinker reachable at {where}? Check the service's base_url (or TINKER_BASE_URL), the network, and "
-            "TINKER_API_KEY"
+            redact(
+                f"could not make the REST client of {type(service).__name__} within setup_timeout={timeout:g}s: "
+                f"is Tinker reachable at {where}? Check the service's base_url (or TINKER_BASE_URL), the network, "
+                "and TINKER_API_KEY"
+            )
         ) from None
 
 
