@@ -194,6 +194,13 @@ def test_a_bad_run_id_is_refused_before_any_request_and_echoed_escaped(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("interval", ["inf", "nan", "1e-300", "1e12", "0"])
+def test_an_interval_that_cannot_work_is_a_usage_error(server: SimulatedServer, interval: str) -> None:
+    done = run("watch", "run:train:0", "--interval", interval, server=server)
+    assert done.returncode == 2 and "between 0.01 and 86400 seconds" in done.stderr and "Traceback" not in done.stderr
+    assert server.requests == ()
+
+
 # -- help -----------------------------------------------------------------------------------------------------
 HEAVY = ("httpx", "pydantic", "tinkex_recovery._engine", "tinkex_recovery.simulated._server", "tinker")
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # imported where used: `watch --help` loads neither pydantic 
 __all__ = ["add_watch_arguments", "run_watch"]
 
 _MAX_POLL_WORKERS = 16
+_MIN_INTERVAL, _MAX_INTERVAL = 0.01, 86400.0  # from a busy loop against Tinker to once a day
 _READER_CHECK = 0.5  # seconds between two looks at whether stdout's reader has left
 
 
@@ -90,8 +91,8 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    if not _MIN_INTERVAL <= value <= _MAX_INTERVAL:  # NaN and inf too: an infinite wait overflows the poller's
+        raise argparse.ArgumentTypeError(f"must be between {_MIN_INTERVAL:g} and {_MAX_INTERVAL:g} seconds, got {text}")
     return value
 
 
