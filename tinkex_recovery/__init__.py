@@ -38,6 +38,7 @@ from ._exceptions import (
 if TYPE_CHECKING:
     from ._engine import EngineState, RecoveryEngine, RunHandle, RunState
     from ._events import EventKind, RecoveryEvent
+    from ._ledger import RESUME_KEY, Ledger, ObservedClient
     from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
     from ._policy import RecoveryPolicy
     from ._recovery import BUDGET_KEYS, LINEAGE_KEYS, Recovery
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BUDGET_KEYS",
     "LINEAGE_KEYS",
+    "RESUME_KEY",
     "AuthenticationError",
     "CannotReplay",
     "Checkpoint",
@@ -64,9 +66,11 @@ __all__ = [
     "ExhaustedReason",
     "FakeClock",
     "InvalidTinkerPath",
+    "Ledger",
     "MalformedResponse",
     "MissingAPIKey",
     "NoRestorableCheckpoint",
+    "ObservedClient",
     "PermissionDenied",
     "Recovery",
     "RecoveryDisabled",
@@ -99,6 +103,7 @@ __all__ = [
 _HOMES = {
     "_engine": ("EngineState", "RecoveryEngine", "RunHandle", "RunState"),
     "_events": ("EventKind", "RecoveryEvent"),
+    "_ledger": ("RESUME_KEY", "Ledger", "ObservedClient"),
     "_models": ("Checkpoint", "CheckpointList", "Cursor", "TinkerPath", "TrainingRun", "TrainingRunList"),
     "_policy": ("RecoveryPolicy",),
     "_recovery": ("BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"),

@@ -28,6 +28,7 @@ from ._names import DEFAULT_BASE_URL
 from ._redact import redact
 
 if TYPE_CHECKING:
+    from ._models import Checkpoint
     from ._rest import TinkerRest
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "closed_pipe",
     "connect",
     "fail",
+    "step_of",
 ]
 
 EXIT_OK = 0
@@ -101,3 +103,14 @@ def closed_pipe(out: TextIO) -> int:
         os.dup2(devnull, out.fileno())
         os.close(devnull)
     return EXIT_CLOSED_PIPE
+
+
+def step_of(checkpoint: Checkpoint) -> int | None:
+    """The step a loop restored from ``checkpoint`` resumes at, as its user_metadata records it (``step``, else the
+    one the ledger wrote); None: a guarded loop or the Lightning callback could not resume from it."""
+    from ._ledger import RESUME_KEY
+    from ._models import parse_step
+
+    if checkpoint.step is not None:
+        return checkpoint.step
+    return parse_step((checkpoint.user_metadata or {}).get(RESUME_KEY))

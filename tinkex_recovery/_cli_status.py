@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._cli_common import EXIT_CORRUPTED, EXIT_OK, STEPLESS, add_connection_arguments, closed_pipe, connect, fail
+from ._cli_common import (
+    EXIT_CORRUPTED,
+    EXIT_OK,
+    STEPLESS,
+    add_connection_arguments,
+    closed_pipe,
+    connect,
+    fail,
+    step_of,
+)
 from ._exceptions import RunNotFound
 from ._names import LINEAGE_KEYS, validate_run_id
 
@@ -85,8 +94,8 @@ class LineageReport:
                 {
                     "tinker_path": c.tinker_path,
                     "checkpoint_id": c.checkpoint_id,
-                    "step": c.step,
-                    "resumable": c.step is not None,
+                    "step": step_of(c),
+                    "resumable": step_of(c) is not None,
                     "time": c.time.isoformat(),
                     "expires_at": c.expires_at.isoformat() if c.expires_at else None,
                     "metrics": {k: v if math.isfinite(v) else str(v) for k, v in _metrics(c).items()},
@@ -168,12 +177,12 @@ def render(report: LineageReport, out: TextIO) -> None:
     rows = [("STEP", "SAVED (UTC)", "TINKER PATH", "METRICS")]
     for c in report.checkpoints:
         metrics = " ".join(f"{k}={v:g}" for k, v in sorted(_metrics(c).items()))
-        step = "?" if c.step is None else str(c.step)
+        step = "?" if step_of(c) is None else str(step_of(c))
         rows.append((step, c.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"), c.tinker_path, metrics))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print(f"  {row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip(), file=out)
-    if any(c.step is None for c in report.checkpoints):
+    if any(step_of(c) is None for c in report.checkpoints):
         print(f"  ? {STEPLESS}", file=out)
 
 

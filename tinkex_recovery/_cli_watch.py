@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from ._cli_common import EXIT_OK, STEPLESS, add_connection_arguments, closed_pipe, connect, fail
+from ._cli_common import EXIT_OK, STEPLESS, add_connection_arguments, closed_pipe, connect, fail, step_of
 from ._names import validate_run_id
 from ._redact import redact
 
@@ -62,9 +62,10 @@ class EventPrinter:
         """The engine's ``step_of``: every checkpoint stays a candidate (the watch reports what a recovery would
         restore), and those that record no step are remembered, so that a line naming one says a loop could not
         resume from it."""
-        if checkpoint.step is None:
+        step = step_of(checkpoint)
+        if step is None:
             self._stepless.add(checkpoint.tinker_path)
-        return checkpoint.step or 0
+        return step or 0
 
     def __call__(self, event: RecoveryEvent) -> None:
         time = self._now().isoformat(timespec="milliseconds")

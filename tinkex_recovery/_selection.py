@@ -19,8 +19,8 @@ __all__ = ["NO_STEP", "StepOf", "dedupe", "metric_of", "rank"]
 #: Why a checkpoint is passed over by a caller that must know where to resume, and what to do about it. The one
 #: place this advice is written: every message, event and the troubleshooting docs quote it.
 NO_STEP = (
-    "it records no step, so a loop restored from it could not know where to resume (save checkpoints with "
-    "their step: recovery_guard's save_state(..., step=), or user_metadata={'step': ...})"
+    "it records no step, so a loop restored from it could not know where to resume (save checkpoints through "
+    "recovery_guard's save_state(), which records their step, or with user_metadata={'step': ...})"
 )
 
 #: Where a checkpoint resumes a loop: its step (optimizer steps it holds), or None when it records none.
