@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch that lies on these machines' disk; without the pin pip would fetch a multi-GB CUDA build.
+# torch's CPU build, pinned: the tests need no GPU, and without the pin pip may fetch a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
 .PHONY: venv venv-test demo test lint typecheck unit docs clean

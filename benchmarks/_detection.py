@@ -90,6 +90,8 @@ def by_error(samples: int) -> list[float]:
     log = _DetectedLog()
     logger = logging.getLogger("tinkex_recovery")
     logger.addHandler(log)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # `detected` is a step of a recovery: an INFO line
     failed_at: list[float] = []
     every = 3  # a corruption every third step; each step saves a checkpoint, so one step is trained again
     try:
@@ -111,6 +113,7 @@ def by_error(samples: int) -> list[float]:
                         guard.save_state(f"{step.index + 1:06d}", step=step.index + 1)
     finally:
         logger.removeHandler(log)
+        logger.setLevel(level)
     if len(log.times) != len(failed_at):
         raise RuntimeError(f"{len(failed_at)} failed steps but {len(log.times)} detections")
     return [d - f for d, f in zip(log.times, failed_at, strict=True)]

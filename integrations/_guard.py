@@ -52,6 +52,7 @@ from tinkex_recovery._integration import (
     SERVICE_METHODS,
     STATUS_METHODS,
     Ledger,
+    describe,
     report_steps_lost,
     require_methods,
     resolve,
@@ -518,12 +519,13 @@ class RecoveryGuard:
                     would,
                 )
             return False
-        logger.warning(
-            "recovery_guard: step %d failed on run %s, which was lost; recovering (the step's error follows)",
+        logger.info(
+            "recovery_guard: step %d failed on run %s, which was lost (%s); recovering",
             step.index,
             self._run_id,
-            exc_info=(type(exc), exc, exc.__traceback__),
+            describe(exc),
         )
+        logger.debug("recovery_guard: the error of step %d", step.index, exc_info=(type(exc), exc, exc.__traceback__))
         assert self._cursor is not None
         yield from self._catch_up_plan(next_pos=self._cursor.pos - 1, cause=exc, since=since)
         return True
@@ -577,7 +579,7 @@ class RecoveryGuard:
         self._recoveries.append(record)
         self._rewound = True
         report_steps_lost(record.steps_lost, "guard")
-        logger.warning(
+        logger.info(
             "recovery_guard: run %s recovered as %s from %s in %.3fs; resuming at step %d (%d step(s) trained again)",
             record.old_run_id,
             record.new_run_id,

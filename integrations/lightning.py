@@ -245,7 +245,8 @@ class TinkexRecovery(Callback):
         if not isinstance(run_id, str) or not run_id:
             raise AttributeError(
                 f"TinkexRecovery: {type(pl_module).__name__}.{self.client_attr} must be a Tinker training "
-                f"client with a model_id (got {type(client).__name__})"
+                f"client with a model_id (got {type(client).__name__}); if the module keeps it under another "
+                'attribute, name it: TinkexRecovery(client_attr="...")'
             )
         service = getattr(pl_module, self.service_attr, None)
         if service is None:
@@ -346,7 +347,7 @@ class TinkexRecovery(Callback):
                     would_do(handle, self._wait_limit()),
                 )
             return False  # the run is healthy (or only observed): the error is the step's own
-        logger.warning("TinkexRecovery: training_step failed on a lost run (%s); recovering", describe(exc))
+        logger.info("TinkexRecovery: training_step failed on a lost run (%s); recovering", describe(exc))
         return self._take_recoveries(trainer, pl_module, cause=exc)
 
     def _take_recoveries(self, trainer: pl.Trainer, pl_module: pl.LightningModule, cause: Exception | None) -> bool:

@@ -35,6 +35,8 @@ REQUIRED = [
     "threads_at_10_runs",
     "threads_at_10000_runs",
     "import_time_ms",
+    "cli_help_ms",
+    "interpreter_startup_ms",
 ]
 #: Measured through the tinker SDK: reported only when it is installed.
 SDK_REQUIRED = [

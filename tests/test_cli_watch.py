@@ -173,5 +173,5 @@ def test_json_lines_carry_every_field_an_event_has() -> None:
         {"time": "2026-01-01T00:00:00.000+00:00", "kind": "poll_error", "run_id": "r:train:0", "attempt": 0,
          "error": "HTTP 503"},
         {"time": "2026-01-01T00:00:00.000+00:00", "kind": "checkpoint_selected", "run_id": "r:train:0", "attempt": 1,
-         "checkpoint": "tinker://r:train:0/weights/a"},
+         "checkpoint": "tinker://r:train:0/weights/a", "resumable": True},
     ]  # fmt: skip

@@ -204,6 +204,7 @@ def test_a_run_recovered_already_corrupted_is_recovered_again_from_the_inherited
 def test_exhaustion_inside_a_step_raises_recovery_exhausted_from_the_last_error_and_logs_the_steps_own(
     sim: SimulatedTinker, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="tinkex_recovery")
     policy = POLICY.replace(max_attempts=2)
     sim.fail_restores(5)
     with pytest.raises(RecoveryExhausted) as info:
@@ -213,8 +214,12 @@ def test_exhaustion_inside_a_step_raises_recovery_exhausted_from_the_last_error_
     assert err.run_id.endswith(":train:0")
     assert isinstance(err.__cause__, SimulatedAPIError) and err.__cause__.status_code == 503
     assert err.__cause__.__traceback__ is not None  # the restore's own traceback, not only its text
+    # the step's own error: one INFO line naming it, its traceback once, at DEBUG
     (suppressed,) = [r for r in caplog.records if "step 15 failed" in r.getMessage()]
-    assert suppressed.exc_info is not None and isinstance(suppressed.exc_info[1], SimulatedRequestFailedError)
+    assert suppressed.levelno == logging.INFO and suppressed.exc_info is None
+    assert "SimulatedRequestFailedError" in suppressed.getMessage() and "\n" not in suppressed.getMessage()
+    (traceback,) = [r for r in caplog.records if r.exc_info is not None and "step 15" in r.getMessage()]
+    assert traceback.levelno == logging.DEBUG and isinstance(traceback.exc_info[1], SimulatedRequestFailedError)
 
 
 def test_exhaustion_found_by_the_poller_makes_the_next_step_raise(sim: SimulatedTinker, clock: FakeClock) -> None:
@@ -231,7 +236,9 @@ def test_exhaustion_found_by_the_poller_makes_the_next_step_raise(sim: Simulated
     with pytest.raises(RecoveryExhausted, match="no restorable checkpoint") as info:
         guarded_loop(sim, clock, policy=policy, hook=hook)
     assert info.value.reason is ExhaustedReason.CHECKPOINTS
-    assert info.value.attempts == 1 and isinstance(info.value.__cause__, NoRestorableCheckpoint)
+    # nothing to restore from: no restore call was made, and the message says so (and why)
+    assert info.value.attempts == 0 and isinstance(info.value.__cause__, NoRestorableCheckpoint)
+    assert "after 0 restore call(s)" in str(info.value) and "it has none" in str(info.value)
 
 
 # -- rewinding ------------------------------------------------------------------------------------------------

@@ -29,6 +29,18 @@ def test_import_pulls_in_neither_torch_lightning_tinker_nor_opentelemetry(tmp_pa
     assert run_python(sys.executable, code, tmp_path).strip() == "[]"
 
 
+def test_import_loads_each_name_on_first_use_and_every_public_name_resolves(tmp_path: Path) -> None:
+    code = (
+        "import sys, tinkex_recovery as t;"
+        "print(sorted(m for m in ('pydantic', 'httpx', 'tinkex_recovery._engine') if m in sys.modules));"
+        "missing = [n for n in t.__all__ if getattr(t, n, None) is None];"
+        "print(missing, 'pydantic' in sys.modules)"
+    )
+    first, second = run_python(sys.executable, code, tmp_path).splitlines()
+    assert first == "[]"  # `import tinkex_recovery` (and the CLI's --help) pays for nothing it does not use
+    assert second == "[] True"
+
+
 def test_editable_install_maps_integrations_under_the_package(tmp_path: Path) -> None:
     code = (
         "import tinkex_recovery.integrations as i, importlib.util as u; print(i.__name__, u.find_spec('integrations'))"

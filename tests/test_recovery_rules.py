@@ -210,6 +210,7 @@ def test_exhaustion_chains_the_last_error_with_its_traceback_and_passes_the_reas
 def test_a_steps_own_error_suppressed_on_a_lost_run_is_logged_and_kept(
     sim: SimulatedTinker, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="tinkex_recovery")
     client = run_with_checkpoints(sim, steps=2, every=2)
     bug = KeyError("a bug in the step")
     with recovery_guard(client.model_id, sim, policy=POLICY, client=client, clock=clock) as guard:
@@ -221,8 +222,10 @@ def test_a_steps_own_error_suppressed_on_a_lost_run_is_logged_and_kept(
                 train(guard.client, [step.index])
     (recovery,) = guard.recoveries
     assert recovery.cause is bug
-    (record,) = [r for r in caplog.records if "step 2 failed" in r.getMessage()]
-    assert record.exc_info is not None and record.exc_info[1] is bug and record.levelno == logging.WARNING
+    (record,) = [r for r in caplog.records if "step 2 failed" in r.getMessage()]  # one line, naming the error
+    assert record.levelno == logging.INFO and "KeyError: 'a bug in the step'" in record.getMessage()
+    (traceback,) = [r for r in caplog.records if r.exc_info is not None and "step 2" in r.getMessage()]
+    assert traceback.exc_info is not None and traceback.exc_info[1] is bug and traceback.levelno == logging.DEBUG
 
 
 # -- engine bookkeeping ----------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ a checkpoint chosen by the :class:`RecoveryPolicy`, keeps watching the new run, 
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+# These need the standard library only; every other name is imported on first use (see _HOMES).
 from ._clock import Clock, FakeClock, SystemClock
-from ._engine import EngineState, RecoveryEngine, RunHandle, RunState
-from ._events import EventKind, RecoveryEvent
 from ._exceptions import (
     AuthenticationError,
     CannotReplay,
@@ -34,12 +34,14 @@ from ._exceptions import (
     TinkerStatusError,
     TinkexRecoveryError,
 )
-from ._ledger import RESUME_KEY, Ledger, ObservedClient
-from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
-from ._policy import RecoveryPolicy
-from ._recovery import BUDGET_KEYS, LINEAGE_KEYS, Recovery
 
 if TYPE_CHECKING:
+    from ._engine import EngineState, RecoveryEngine, RunHandle, RunState
+    from ._events import EventKind, RecoveryEvent
+    from ._ledger import RESUME_KEY, Ledger, ObservedClient
+    from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
+    from ._policy import RecoveryPolicy
+    from ._recovery import BUDGET_KEYS, LINEAGE_KEYS, Recovery
     from .integrations import recovery_guard
     from .integrations.lightning import TinkexRecovery
     from .rest import TinkerRest
@@ -95,18 +97,31 @@ __all__ = [
 ]
 
 
+# Where each of the other public names lives: imported on first use, so ``import tinkex_recovery`` (and so the
+# command line's ``--help``) costs next to nothing; pydantic, httpx, the engine, torch and Lightning are loaded
+# by the code that uses them.
+_HOMES = {
+    "_engine": ("EngineState", "RecoveryEngine", "RunHandle", "RunState"),
+    "_events": ("EventKind", "RecoveryEvent"),
+    "_ledger": ("RESUME_KEY", "Ledger", "ObservedClient"),
+    "_models": ("Checkpoint", "CheckpointList", "Cursor", "TinkerPath", "TrainingRun", "TrainingRunList"),
+    "_policy": ("RecoveryPolicy",),
+    "_recovery": ("BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"),
+    "rest": ("TinkerRest",),
+    "integrations": ("recovery_guard",),
+    "integrations.lightning": ("TinkexRecovery",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
 def __getattr__(name: str) -> Any:
-    # Imported on first use: the REST client pulls in httpx, the Lightning integration torch.
-    if name == "TinkerRest":
-        from .rest import TinkerRest
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tinkex_recovery' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next lookup is an ordinary attribute
+    return value
 
-        return TinkerRest
-    if name == "recovery_guard":
-        from .integrations import recovery_guard
 
-        return recovery_guard
-    if name == "TinkexRecovery":
-        from .integrations.lightning import TinkexRecovery
-
-        return TinkexRecovery
-    raise AttributeError(f"module 'tinkex_recovery' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -15,18 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ._cli_common import EXIT_CORRUPTED, EXIT_FORKED, EXIT_OK, add_connection_arguments, connect, fail
+from ._cli_common import (
+    EXIT_CORRUPTED,
+    EXIT_FORKED,
+    EXIT_OK,
+    STEPLESS,
+    add_connection_arguments,
+    closed_pipe,
+    connect,
+    fail,
+    step_of,
+)
 from ._exceptions import RunNotFound
-from ._lineage import RECOVERY_ID_KEY, all_runs, continuing, metadata_of
-from ._models import Checkpoint, TrainingRun, validate_run_id
-from ._recovery import LINEAGE_KEYS
-from ._rest import TinkerRest
+from ._names import LINEAGE_KEYS, RECOVERY_ID_KEY, validate_run_id
+
+if TYPE_CHECKING:  # imported where used: `status --help` loads neither pydantic nor httpx
+    from ._models import Checkpoint, TrainingRun
+    from ._rest import TinkerRest
 
 __all__ = ["LineageReport", "add_status_arguments", "lineage_report", "run_status"]
 
@@ -88,6 +100,8 @@ class LineageReport:
         return bool(self.newest.corrupted)
 
     def to_json(self) -> dict[str, Any]:
+        from ._lineage import metadata_of
+
         return {
             "run_id": self.newest.run_id,
             "queried_run_id": self.queried,
@@ -119,10 +133,11 @@ class LineageReport:
                 {
                     "tinker_path": c.tinker_path,
                     "checkpoint_id": c.checkpoint_id,
-                    "step": c.step,
+                    "step": step_of(c),
+                    "resumable": step_of(c) is not None,
                     "time": c.time.isoformat(),
                     "expires_at": c.expires_at.isoformat() if c.expires_at else None,
-                    "metrics": _metrics(c),
+                    "metrics": {k: v if math.isfinite(v) else str(v) for k, v in _metrics(c).items()},
                 }
                 for c in self.checkpoints
             ],
@@ -144,6 +159,8 @@ def _metrics(checkpoint: Checkpoint) -> dict[str, float]:
 
 def lineage_report(rest: TinkerRest, run_id: str, *, now: datetime | None = None) -> LineageReport:
     """Follow ``run_id``'s lineage back and forward, and list its newest run's restorable checkpoints."""
+    from ._lineage import all_runs, continuing, metadata_of
+
     start = rest.get_training_run(validate_run_id(run_id))
     runs = [LineageRun(start.training_run_id, start)]
     seen = {start.training_run_id}
@@ -207,31 +224,43 @@ def render(report: LineageReport, out: TextIO) -> None:
     rows = [("STEP", "SAVED (UTC)", "TINKER PATH", "METRICS")]
     for c in report.checkpoints:
         metrics = " ".join(f"{k}={v:g}" for k, v in sorted(_metrics(c).items()))
-        step = "?" if c.step is None else str(c.step)
+        step = "?" if step_of(c) is None else str(step_of(c))
         rows.append((step, c.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"), c.tinker_path, metrics))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print(f"  {row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip(), file=out)
+    if any(step_of(c) is None for c in report.checkpoints):
+        print(f"  ? {STEPLESS}", file=out)
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_id", metavar="RUN_ID", help="any run of the lineage")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one strict JSON object instead of the report (a metric that is not a finite number, such as "
+        'metadata "nan" or "1e400", is the string "nan", "inf" or "-inf"; "resumable" is false for a checkpoint '
+        "with no step)",
+    )
     add_connection_arguments(parser)
 
 
 def run_status(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """The ``status`` command: 0 healthy, 3 corrupted, 4 forked, 2 or 1 on an error (one line on ``err``)."""
+    """The ``status`` command: 0 healthy, 3 corrupted, 4 forked, 2 or 1 on an error (one line on ``err``), 141 if
+    ``out`` was closed early (``| head``)."""
     try:
         with connect(args) as rest:
             report = lineage_report(rest, args.run_id)
     except Exception as exc:
         return fail("status", exc, err)
-    if args.json:
-        print(json.dumps(report.to_json()), file=out, flush=True)
-    else:
-        render(report, out)
-        out.flush()
+    try:
+        if args.json:  # strict JSON: a metric that is not finite ("nan", "1e400") is a string, never NaN/Infinity
+            print(json.dumps(report.to_json(), allow_nan=False), file=out, flush=True)
+        else:
+            render(report, out)
+            out.flush()
+    except BrokenPipeError:
+        return closed_pipe(out)
     if report.forked:
         return EXIT_FORKED
     return EXIT_CORRUPTED if report.corrupted else EXIT_OK

@@ -1,5 +1,6 @@
 """``tinkex-recovery watch RUN_ID... [--interval S] [--json]``: an observe-only engine over the runs, printing
-one line per event as it happens (JSON lines with ``--json``), until Ctrl-C or SIGTERM (exit 0).
+one line per event as it happens (JSON lines with ``--json``), until Ctrl-C or SIGTERM (exit 0), or until
+stdout's reader leaves (``| head -1``: exit 141, silently).
 
 The engine runs with ``RecoveryPolicy(mode="observe")``: it polls, detects and selects the checkpoint it would
 restore, and restores nothing. The runs are read once before watching starts, so a wrong key or an unknown
@@ -10,8 +11,8 @@ events.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import select
 import signal
 import sys
 import threading
@@ -19,18 +20,21 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from ._cli_common import EXIT_OK, add_connection_arguments, connect, fail
-from ._engine import RecoveryEngine
-from ._events import RecoveryEvent
-from ._models import validate_run_id
-from ._policy import RecoveryPolicy
+from ._cli_common import EXIT_OK, STEPLESS, add_connection_arguments, closed_pipe, connect, fail, step_of
+from ._names import validate_run_id
 from ._redact import redact
+
+if TYPE_CHECKING:  # imported where used: `watch --help` loads neither pydantic nor httpx
+    from ._events import RecoveryEvent
+    from ._models import Checkpoint
 
 __all__ = ["add_watch_arguments", "run_watch"]
 
 _MAX_POLL_WORKERS = 16
+_MIN_INTERVAL, _MAX_INTERVAL = 0.01, 86400.0  # from a busy loop against Tinker to once a day
+_READER_CHECK = 0.5  # seconds between two looks at whether stdout's reader has left
 
 
 class _NoRestore:
@@ -50,16 +54,37 @@ class EventPrinter:
         self._json = as_json
         self._now = now or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()
+        #: set once ``out``'s reader has left (``| head -1``): there is no one left to print for
+        self.closed = threading.Event()
+        self._stepless: set[str] = set()
+
+    def step_of(self, checkpoint: Checkpoint) -> int:
+        """The engine's ``step_of``: every checkpoint stays a candidate (the watch reports what a recovery would
+        restore), and those that record no step are remembered, so that a line naming one says a loop could not
+        resume from it."""
+        step = step_of(checkpoint)
+        if step is None:
+            self._stepless.add(checkpoint.tinker_path)
+        return step or 0
 
     def __call__(self, event: RecoveryEvent) -> None:
         time = self._now().isoformat(timespec="milliseconds")
         if self._json:
             fields = {k: v for k, v in asdict(event).items() if v is not None and k not in ("kind", "run_id")}
+            if event.checkpoint is not None:
+                fields["resumable"] = event.checkpoint not in self._stepless
             line = json.dumps({"time": time, "kind": event.kind.value, "run_id": event.run_id, **fields})
         else:
             line = f"{time} {event.message}"
-        with self._lock, contextlib.suppress(BrokenPipeError):  # a closed pipe (| head) is not an error
-            print(redact(line), file=self._out, flush=True)
+            if event.checkpoint in self._stepless:
+                line += f" ({STEPLESS})"
+        with self._lock:
+            if self.closed.is_set():
+                return
+            try:
+                print(redact(line), file=self._out, flush=True)
+            except BrokenPipeError:  # a closed pipe (| head) is not an error, but it ends the watch
+                self.closed.set()
 
 
 def _positive_seconds(text: str) -> float:
@@ -67,8 +92,8 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    if not _MIN_INTERVAL <= value <= _MAX_INTERVAL:  # NaN and inf too: an infinite wait overflows the poller's
+        raise argparse.ArgumentTypeError(f"must be between {_MIN_INTERVAL:g} and {_MAX_INTERVAL:g} seconds, got {text}")
     return value
 
 
@@ -79,6 +104,20 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON lines (each has kind, run_id, time)")
     add_connection_arguments(parser)
+
+
+def reader_gone(out: TextIO) -> bool:
+    """Whether ``out`` is a pipe whose reader has closed it (its write end polls POLLERR). ``watch | head -1``
+    must end once head has its line, though no further event may come to find it out by a failed write."""
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError):  # not a file (a test's StringIO)
+        return False
+    if not hasattr(select, "poll"):  # Windows: a failed write is the only sign
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked for: POLLERR, POLLHUP and POLLNVAL are always reported
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll(0))
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -95,29 +134,37 @@ def run_watch(
             validate_run_id(run_id)
         except ValueError as exc:
             parser.error(str(exc))
+    from ._engine import RecoveryEngine
+    from ._policy import RecoveryPolicy
+
     policy = RecoveryPolicy(enabled=True, mode="observe", poll_interval=args.interval)
+    printer = EventPrinter(out, as_json=args.json)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with connect(args) as rest:
             for run_id in runs:  # a wrong key or an unknown run: one line now, not a poll error forever
                 rest.get_training_run(run_id)
             with RecoveryEngine(policy, status=rest, poll_concurrency=min(len(runs), _MAX_POLL_WORKERS)) as engine:
-                engine.subscribe(EventPrinter(out, as_json=args.json))
+                engine.subscribe(printer)
                 service = _NoRestore()
                 for run_id in runs:
-                    engine.watch(run_id, service)
+                    engine.watch(run_id, service, step_of=printer.step_of)
                 print(
                     f"watching {len(runs)} run(s), polling every {args.interval:g}s; Ctrl-C stops",
                     file=err,
                     flush=True,
                 )
                 engine.poll_once()  # a run already corrupted is reported now, not an interval from now
-                threading.Event().wait()
+                while not printer.closed.wait(_READER_CHECK):
+                    if reader_gone(out):
+                        break
     except KeyboardInterrupt:
         pass
     except Exception as exc:
         return fail("watch", exc, err)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if printer.closed.is_set() or reader_gone(out):
+        return closed_pipe(out)  # `watch --json | grep -m1 detected && alert`: the reader has what it wanted
     print("stopped", file=err, flush=True)
     return EXIT_OK

@@ -10,6 +10,7 @@ a daemon thread, with a warning, and whatever it returns is discarded).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -23,14 +24,22 @@ from typing import Any, Self
 
 from ._clock import Clock, SystemClock
 from ._events import EventBus, EventKind, RecoveryEvent, Subscriber, call_safely
-from ._exceptions import EngineClosed, EngineNotStarted, RecoveryDisabled, RecoveryExhausted
+from ._exceptions import (
+    EngineClosed,
+    EngineNotStarted,
+    ExhaustedReason,
+    RecoveryDisabled,
+    RecoveryExhausted,
+    TinkerConnectionError,
+)
 from ._executor import Cancellation, Executor
 from ._futures import resolve
 from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._observers import report_poll, track_engine
 from ._policy import RecoveryPolicy
-from ._recovery import History, Recovery, RecoveryJob
-from ._retry import describe
+from ._recovery import History, Recovery, RecoveryJob, run_not_found
+from ._redact import redact, without_secrets
+from ._retry import describe, status_code_of
 from ._selection import StepOf
 
 __all__ = ["EngineState", "RecoveryEngine", "RunHandle", "RunState"]
@@ -64,13 +73,51 @@ def require_methods(obj: object, names: Iterable[str], role: str) -> None:
         raise TypeError(f"{role} {type(obj).__name__} lacks the method(s) {', '.join(missing)}")
 
 
-def rest_client_of(service: Any) -> Any:
+def rest_client_of(service: Any, *, timeout: float | None = None) -> Any:
     """The REST client of ``service``: the status source when none is given.
 
     ``tinker.ServiceClient`` (0.38) deprecates ``create_rest_client()`` with a FutureWarning; its own
     ``_rest_client()`` builds the same client without one (and ``close()`` closes it). The public replacement,
     ``tinker.RestClient(base_url=..., api_key=...)``, needs credentials a ServiceClient does not expose.
+
+    Making it contacts Tinker (the SDK fetches its client config, retrying for minutes when the server is down),
+    so with ``timeout`` it is made on a thread of its own and waited for that long at most: past it,
+    :class:`TinkerConnectionError` names the URL to check. The call cannot be interrupted; its thread is left to
+    end (a daemon), and a client it makes late is closed, never used.
     """
+    if timeout is None:
+        return _make_rest_client(service)
+    made: Future[Any] = Future()
+
+    def make() -> None:
+        try:
+            made.set_result(_make_rest_client(service))
+        except BaseException as exc:
+            made.set_exception(exc)
+
+    threading.Thread(target=make, name="tinkex-recovery-rest-client", daemon=True).start()
+    try:
+        return made.result(timeout)
+    except TimeoutError:
+        made.add_done_callback(_close_late_client)
+        where = getattr(service, "_base_url", None) or os.environ.get("TINKER_BASE_URL") or "the SDK's default URL"
+        raise TinkerConnectionError(
+            redact(
+                f"could not make the REST client of {type(service).__name__} within setup_timeout={timeout:g}s: "
+                f"is Tinker reachable at {where}? Check the service's base_url (or TINKER_BASE_URL), the network, "
+                "and TINKER_API_KEY"
+            )
+        ) from None
+
+
+def _close_late_client(made: Future[Any]) -> None:
+    if made.exception() is None:
+        close = getattr(made.result(), "close", None)
+        if callable(close):
+            call_safely(close, what="closing a REST client made after setup_timeout")
+
+
+def _make_rest_client(service: Any) -> Any:
     if callable(getattr(type(service), "_rest_client", None)):  # on the class: not an attribute a mock conjures
         status = resolve(service._rest_client())
     else:
@@ -100,6 +147,7 @@ class _Lineage:
     observation: RecoveryEvent | None = None  # observe mode: what a recovery of `observed` would do
     history: History = field(default_factory=History)  # what the safety budgets count (merged with run metadata)
     failed_polls: int = 0
+    polled: bool = False  # a poll has read the run: a 404 now is a run deleted, not one that never was
     exhausted: RecoveryExhausted | None = None
     announced: int = 0  # recoveries whose events and callbacks have run: wait_for_recovery() may return them
     consumed: int = 0  # recoveries already returned by wait_for_recovery()
@@ -555,7 +603,7 @@ class RecoveryEngine:
             cached = self._rest_clients.get(id(service))
         if cached is not None:
             return cached[1]
-        status = rest_client_of(service)
+        status = rest_client_of(service, timeout=self.policy.setup_timeout)
         with self._cond:
             cached = self._rest_clients.setdefault(id(service), (service, status))
         if cached[1] is not status:  # another thread made one first: keep one client per service
@@ -599,10 +647,14 @@ class RecoveryEngine:
             )
         except Exception as exc:
             report_poll(False)
+            if status_code_of(exc) == 404 and not lineage.polled:  # watch("no-such-run"): say so, once
+                self._exhausted(lineage, None, self._never_found(run_id, exc))
+                return
             self._poll_failed(lineage, run_id, exc)
             return
         report_poll(True)
         with self._cond:
+            lineage.polled = True
             if lineage.failed_polls >= self.policy.degraded_after:
                 logger.info("run %s: polls answer again after %d failures", run_id, lineage.failed_polls)
             lineage.failed_polls = 0
@@ -723,19 +775,30 @@ class RecoveryEngine:
             self._waited.discard(lineage)
         _wake(ready)
 
-    def _exhausted(self, lineage: _Lineage, job: RecoveryJob, error: RecoveryExhausted) -> None:
-        self._finished(job)
+    @staticmethod
+    def _never_found(run_id: str, error: BaseException) -> RecoveryExhausted:
+        """The end of a lineage whose run the first poll did not find: nothing to watch, nothing to restore."""
+        not_found = run_not_found(run_id, error)
+        exhausted = RecoveryExhausted(run_id, 0, describe(not_found), reason=ExhaustedReason.RUN_NOT_FOUND)
+        exhausted.__cause__ = without_secrets(not_found)
+        return exhausted
+
+    def _exhausted(self, lineage: _Lineage, job: RecoveryJob | None, error: RecoveryExhausted) -> None:
+        """The lineage ends: by a recovery that gave up (``job``), or a run the first poll did not find."""
+        if job is not None:
+            self._finished(job)
         with self._cond:
-            if self._state is EngineState.CLOSED:
+            if self._state is EngineState.CLOSED or (job is None and lineage.state is not RunState.WATCHING):
                 return
             lineage.state = RunState.EXHAUSTED
-            lineage.rejected = job.rejected
+            if job is not None:
+                lineage.rejected = job.rejected
         self._bus.emit(
             RecoveryEvent(
                 EventKind.EXHAUSTED,
                 error.run_id,
                 attempt=error.attempts,
-                since_detected=self._clock.monotonic() - job.detected_at,
+                since_detected=self._clock.monotonic() - job.detected_at if job is not None else None,
                 error=error.last_error,
                 reason=error.reason.value,
             )

@@ -41,12 +41,12 @@ class EventKind(StrEnum):
     RUN_ORPHANED = "run_orphaned"
 
 
+#: The level each event is logged at; the rest are INFO. A recovery is one WARNING (``completed``) or one ERROR
+#: (``exhausted``); its steps (detected, started, checkpoint_selected or _skipped, client_created, a failed
+#: attempt) and a single failed poll are INFO, so a log at WARNING shows what happened and INFO shows how.
 _LEVELS = {
-    EventKind.DETECTED: logging.WARNING,
-    EventKind.FAILED: logging.WARNING,
-    EventKind.POLL_ERROR: logging.WARNING,
+    EventKind.COMPLETED: logging.WARNING,
     EventKind.POLL_DEGRADED: logging.WARNING,
-    EventKind.CHECKPOINT_SKIPPED: logging.WARNING,
     EventKind.CLIENT_DISCARDED: logging.WARNING,
     EventKind.RUN_ORPHANED: logging.WARNING,
     EventKind.EXHAUSTED: logging.ERROR,
@@ -96,6 +96,9 @@ class RecoveryEvent:
         if self.error:
             parts.append(f"error: {self.error}")
         return ", ".join(parts)
+
+    def __str__(self) -> str:  # print(event), f"{event}": the one line, not the dataclass's repr
+        return self.message
 
 
 Subscriber = Callable[[RecoveryEvent], object]

@@ -81,6 +81,7 @@ class ExhaustedReason(StrEnum):
     NO_PROGRESS = "no_progress"  #: max_no_progress restored runs in a row were lost before a newer checkpoint
     FORKED = "forked"  #: another process recovered the same run and its run continues the lineage (see .winner)
     INTERNAL = "internal"  #: a bug in tinkex-recovery's own handling of the recovery (logged with its traceback)
+    RUN_NOT_FOUND = "run_not_found"  #: the run itself is not there (404): a mistyped id, another account or URL
 
 
 class RecoveryExhausted(TinkexRecoveryError):

@@ -18,12 +18,10 @@ from typing import Any
 
 from ._futures import resolve
 from ._models import TrainingRun, TrainingRunList
+from ._names import CREATED_AT_KEY, FROM_RUN_KEY, RECOVERY_ID_KEY
 
 __all__ = ["CREATED_AT_KEY", "FROM_RUN_KEY", "RECOVERY_ID_KEY", "all_runs", "children", "continuing", "lists_runs"]
 
-FROM_RUN_KEY = "tinkex_recovery.recovered_from_run"
-RECOVERY_ID_KEY = "tinkex_recovery.recovery_id"
-CREATED_AT_KEY = "tinkex_recovery.created_at"
 
 PAGE = 100  # runs per listing page, as the SDK's own `tinker run list` asks
 MAX_PAGES = 1000

@@ -7,7 +7,6 @@ older client) and also the official SDK's own objects, through :meth:`TrainingRu
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
@@ -15,22 +14,14 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ._exceptions import InvalidTinkerPath
+from ._names import validate_run_id
 
 __all__ = ["Checkpoint", "CheckpointList", "Cursor", "TinkerPath", "TrainingRun", "TrainingRunList", "validate_run_id"]
 
 _SCHEME = "tinker://"
-_RUN_ID = re.compile(r"[^\s/]+")
 #: The checkpoint user_metadata key holding its step: how many optimizer steps the checkpoint holds, which is
 #: also the index of the next step to run after restoring it.
 STEP_KEY = "step"
-
-
-def validate_run_id(run_id: object) -> str:
-    """``run_id`` if it is a run id Tinker could have issued (matched whole: no whitespace, no '/'); else
-    :class:`ValueError`."""
-    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
-        raise ValueError(f"invalid run id {run_id!r}: expected a non-empty string without '/' or whitespace")
-    return run_id
 
 
 _KINDS = {"weights": "training", "sampler_weights": "sampler"}

@@ -45,6 +45,12 @@ class RecoveryPolicy(BaseModel):
     best_mode: Literal["min", "max"] = Field("min", description="Whether 'best' is the lowest or highest.")
     restore_optimizer: bool = Field(True, description="Restore optimizer state along with the weights.")
     attempt_timeout: float = Field(300.0, gt=0, description="A restore call that takes longer is abandoned.")
+    setup_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Making a service's REST client (the SDK contacts Tinker for it) longer than this fails "
+        "watch(), and so a guard's entry, with TinkerConnectionError naming the URL to check.",
+    )
     fallback_depth: int = Field(
         2, ge=0, description="How many older checkpoints may be tried after the chosen one is rejected."
     )

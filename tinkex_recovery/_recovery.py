@@ -31,13 +31,11 @@ from ._exceptions import (
     NoRestorableCheckpoint,
     RecoveryExhausted,
     RecoveryRefused,
+    RunNotFound,
 )
 from ._executor import Cancellation, Outcome, OutcomeKind
 from ._ledger import RESUME_KEY
 from ._lineage import (
-    CREATED_AT_KEY,
-    FROM_RUN_KEY,
-    RECOVERY_ID_KEY,
     all_runs,
     children,
     continuing,
@@ -45,26 +43,16 @@ from ._lineage import (
     metadata_of,
 )
 from ._models import STEP_KEY, Checkpoint, CheckpointList, TinkerPath, TrainingRun, parse_step
+from ._names import CREATED_AT_KEY, FROM_RUN_KEY, LINEAGE_KEYS, RECOVERY_ID_KEY
 from ._policy import RecoveryPolicy
 from ._redact import without_secrets
-from ._retry import FailureKind, backoff_delay, classify, describe
+from ._retry import FailureKind, backoff_delay, classify, describe, status_code_of
 from ._selection import StepOf, dedupe, rank, synthetic, walk
 
 __all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery", "checkpoint_step"]
 
 logger = logging.getLogger("tinkex_recovery")
 
-LINEAGE_KEYS = (
-    FROM_RUN_KEY,
-    "tinkex_recovery.recovered_from_checkpoint",
-    "tinkex_recovery.recovery_number",
-    RECOVERY_ID_KEY,
-    CREATED_AT_KEY,
-)
-"""user_metadata keys written on every recovered run, naming what made it: the lost run, the checkpoint it was
-restored from, its place in the lineage (1, 2, ...), the recovery that made it (an id unique to that recovery,
-shared by every run its attempts made) and when that recovery's restore call was sent (UTC, the sender's clock;
-see ``_lineage``)."""
 
 #: The checkpoint user_metadata keys that may hold its step, first found wins: the user's ``step`` (the guard's
 #: ``save_state`` and the cookbook write it), then the one the ledger writes (:data:`~._ledger.RESUME_KEY`).
@@ -85,6 +73,7 @@ of the lineage's recoveries still inside ``recovery_window``, the one that made 
 recoveries in a row before that one made no progress (their restored run was lost before it saved a checkpoint
 holding more steps than the one it was restored from); and that checkpoint's step, when known."""
 
+_NAMED = 3  # checkpoints a "no restorable checkpoint left" message names per reason (events name every one)
 _KEPT_WITHOUT_BUDGET = 10  # recovery times kept in user_metadata when max_recoveries is None (for the record)
 
 
@@ -186,6 +175,19 @@ class _Report:
     unusable: set[str] = field(default_factory=set)
     rejected_by_server: bool = False
     selected: RecoveryEvent | None = None
+
+
+def run_not_found(run_id: str, error: BaseException) -> RunNotFound:
+    """A 404 on reading the run itself (whatever client raised it) as one :class:`RunNotFound` saying what to
+    check: nothing is retried for it, as no retry can find a run that is not there."""
+    if isinstance(error, RunNotFound):
+        return error
+    return RunNotFound(
+        f"run {run_id} not found ({describe(error)}): check the run id, and that the client points at the Tinker "
+        "that holds it (base_url, TINKER_BASE_URL)",
+        status_code=404,
+        run_id=run_id,
+    )
 
 
 def lineage_metadata(from_run: str, checkpoint_path: str, number: int | None = None) -> dict[str, str]:
@@ -323,6 +325,9 @@ class RecoveryJob:
         self.adopted: str | None = None  #: the run this recovery made and handed on, once it did
         self.named: set[str] = set()  #: runs this recovery made and named (discarded, orphaned)
         self.unanswered = 0  #: abandoned restore calls whose answer has not come (yet)
+        self.restore_calls = 0  #: restore calls actually made (an attempt may end before it makes one)
+        #: why each checkpoint this recovery passed over was unusable, for the message it may end with
+        self.passed_over: dict[str, str] = {}
         self._server_rejections = 0
         self.listed: list[Checkpoint] | None = None
         self._refetched = False
@@ -365,6 +370,7 @@ class RecoveryJob:
 
         def skip(c: Checkpoint, reason: str) -> None:
             report.unusable.add(c.tinker_path)
+            self.passed_over[c.tinker_path] = reason
             self._emit(EventKind.CHECKPOINT_SKIPPED, cancelled, checkpoint=c.tinker_path, error=reason)
 
         rejected = set(self.rejected)
@@ -382,7 +388,7 @@ class RecoveryJob:
             candidates = self._candidates(cancelled)
             chosen = next(walk(candidates, rejected=rejected, now=self._clock.now(), skip=skip, step_of=step_of), None)
             if chosen is None:
-                raise NoRestorableCheckpoint(f"no restorable checkpoint left for run {self.run_id}")
+                raise NoRestorableCheckpoint(self._nothing_left())
         except Exception as exc:
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         report.checkpoint = chosen
@@ -398,6 +404,7 @@ class RecoveryJob:
             self._check_fork(cancelled, made=None)  # another process recovered this run already: do not restore
             if not cancelled.claim():  # abandoned (deadline, close): no restore call from this attempt, ever
                 raise AttemptAbandoned
+            self.restore_calls += 1
             pending = self._restore(chosen)
         except Exception as exc:
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
@@ -410,6 +417,7 @@ class RecoveryJob:
             if classify(exc) is FailureKind.CHECKPOINT:
                 report.unusable.add(chosen.tinker_path)
                 report.rejected_by_server = True
+                self.passed_over[chosen.tinker_path] = f"Tinker refused to restore it ({describe(exc)})"
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         new_run_id = getattr(client, "model_id", None)
         if not isinstance(new_run_id, str) or not new_run_id:
@@ -488,8 +496,29 @@ class RecoveryJob:
         if self.run is None or (self.run.last_checkpoint is None and not self._refetched):
             # asked for (no poll result yet), or a poll result without last_checkpoint: read the run afresh
             self._refetched = True
-            self.run = TrainingRun.coerce(self._wait(self._status.get_training_run(self.run_id), cancelled))
+            try:
+                self.run = TrainingRun.coerce(self._wait(self._status.get_training_run(self.run_id), cancelled))
+            except Exception as exc:
+                if status_code_of(exc) == 404:  # the run itself, not a checkpoint: no retry can find it
+                    raise run_not_found(self.run_id, exc) from exc
+                raise
         return self.run
+
+    def _nothing_left(self) -> str:
+        """Why no checkpoint is left, naming each one passed over and why, with the fix where there is one."""
+        if not self.passed_over:
+            return (
+                f"no restorable checkpoint left for run {self.run_id}: it has none (save one with the training "
+                "client's save_state() before a recovery can restore it)"
+            )
+        by_reason: dict[str, list[str]] = {}
+        for path, reason in self.passed_over.items():
+            by_reason.setdefault(reason, []).append(path)
+        why = "; ".join(
+            ", ".join(paths[:_NAMED]) + (f" and {len(paths) - _NAMED} more" if len(paths) > _NAMED else "") + f": {r}"
+            for r, paths in by_reason.items()
+        )
+        return f"no restorable checkpoint left for run {self.run_id}; passed over {why}"
 
     def _admit(self, run: TrainingRun, cancelled: Cancellation) -> RecoveryRefused | None:
         """The safety budgets, checked once per recovery, wherever it started: the lineage's history is the
@@ -745,6 +774,8 @@ class RecoveryJob:
         """One rule for every bound: whichever is reached first ends the recovery."""
         if isinstance(error, RecoveryRefused):
             return error.reason
+        if isinstance(error, RunNotFound) and error.run_id == self.run_id:
+            return ExhaustedReason.RUN_NOT_FOUND
         if isinstance(error, NoRestorableCheckpoint):
             return ExhaustedReason.CHECKPOINTS
         if isinstance(error, LineageForked):
@@ -771,6 +802,6 @@ class RecoveryJob:
 
     def _exhaust(self, reason: ExhaustedReason, error: BaseException) -> None:
         winner = error.winner if isinstance(error, LineageForked) else None
-        exhausted = RecoveryExhausted(self.run_id, self.attempts, describe(error), reason=reason, winner=winner)
+        exhausted = RecoveryExhausted(self.run_id, self.restore_calls, describe(error), reason=reason, winner=winner)
         exhausted.__cause__ = without_secrets(error)  # as `raise ... from error`: its traceback is kept
         self._on_exhausted(self, exhausted)

@@ -39,15 +39,13 @@ from ._exceptions import (
     TinkerStatusError,
 )
 from ._models import Checkpoint, CheckpointList, TrainingRun, TrainingRunList, validate_run_id
+from ._names import DEFAULT_BASE_URL
 from ._redact import mask, redact, register_secret
 from ._retry import backoff_delay
 
 __all__ = ["DEFAULT_BASE_URL", "TinkerRest"]
 
 logger = logging.getLogger("tinkex_recovery.rest")
-
-DEFAULT_BASE_URL = "https://tinker.thinkingmachines.dev/services/tinker-prod"
-"""The production Tinker service: the base URL when neither ``base_url=`` nor ``TINKER_BASE_URL`` is given."""
 
 _MAX_BODY = 16 * 1024 * 1024  # a checkpoint listing is kilobytes; more is not Tinker talking
 _MAX_PAGES = 1000
@@ -276,7 +274,7 @@ class TinkerRest:
             if not isinstance(outcome, _Failure):
                 return outcome
             if not outcome.retryable or attempt > self._max_retries:
-                raise self._error(outcome, what=what, run_id=run_id, attempts=attempt)
+                raise self._error(outcome, what=what, path=path, run_id=run_id, attempts=attempt)
             delay = outcome.retry_after
             if delay is None:
                 delay = backoff_delay(
@@ -287,6 +285,7 @@ class TinkerRest:
                 raise self._error(
                     outcome,
                     what=what,
+                    path=path,
                     run_id=run_id,
                     attempts=attempt,
                     note=f"no time left in the {self._timeout:g}s bound",
@@ -387,13 +386,15 @@ class TinkerRest:
         return text[:_DETAIL_CHARS] or None
 
     def _error(
-        self, failure: _Failure, *, what: str, run_id: str | None, attempts: int, note: str | None = None
+        self, failure: _Failure, *, what: str, path: str, run_id: str | None, attempts: int, note: str | None = None
     ) -> TinkerAPIError:
         tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
         extra = f"; {note}" if note else ""
+        what = f"{what} ({self._prefix}{path})"  # the URL: a wrong base URL shows in every error
         if failure.status is None:
             error: TinkerAPIError = TinkerConnectionError(
-                redact(f"{what}: {failure.reason} ({tries}{extra})"), run_id=run_id
+                redact(f"{what}: {failure.reason} ({tries}{extra}); is Tinker reachable at {self._prefix}?"),
+                run_id=run_id,
             )
         else:
             reason = f"HTTP {failure.status}"
@@ -403,6 +404,8 @@ class TinkerRest:
                 reason += " (the API key was rejected)"
             if failure.detail:
                 reason += f": {failure.detail}"
+            if failure.status == 404:
+                extra += f"; check the run id, and that {self._prefix} is the Tinker that holds it"
             cls = _STATUS_ERRORS.get(failure.status, TinkerStatusError)
             error = cls(redact(f"{what}: {reason} ({tries}{extra})"), status_code=failure.status, run_id=run_id)
         error.__cause__ = failure.cause

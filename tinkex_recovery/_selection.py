@@ -14,7 +14,14 @@ from datetime import UTC, datetime
 from ._models import Checkpoint, TinkerPath
 from ._policy import RecoveryPolicy
 
-__all__ = ["StepOf", "dedupe", "metric_of", "rank"]
+__all__ = ["NO_STEP", "StepOf", "dedupe", "metric_of", "rank"]
+
+#: Why a checkpoint is passed over by a caller that must know where to resume, and what to do about it. The one
+#: place this advice is written: every message, event and the troubleshooting docs quote it.
+NO_STEP = (
+    "it records no step, so a loop restored from it could not know where to resume (save checkpoints through "
+    "recovery_guard's save_state(), which records their step, or with user_metadata={'step': ...})"
+)
 
 #: Where a checkpoint resumes a loop: its step (optimizer steps it holds), or None when it records none.
 StepOf = Callable[[Checkpoint], int | None]
@@ -94,7 +101,7 @@ def walk(
         elif c.expired(now):
             reason = f"expired at {c.expires_at}"
         elif step_of is not None and step_of(c) is None:
-            reason = "it records no step, so a loop restored from it could not know where to resume"
+            reason = NO_STEP
         if reason is not None:
             rejected.add(c.tinker_path)
             skip(c, reason)

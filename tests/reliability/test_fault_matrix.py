@@ -24,6 +24,7 @@ from tinkex_recovery import (
     RecoveryEngine,
     RecoveryExhausted,
     RecoveryPolicy,
+    RunState,
     TinkerRest,
     recovery_guard,
 )
@@ -117,10 +118,20 @@ def poll_401(h: Harness) -> None:
 
 
 def poll_404_run_deleted(h: Harness) -> None:
+    h.engine.poll_once()  # read once: then deleted, it is gone, not a run that never was
     h.sim.delete_run(h.run_id)
     h.engine.poll_once()
     assert h.events.kinds() == ["poll_error"] and "RunNotFound" in str(h.events.events[0].error)
+    assert h.polls() == 2 and h.sim.restore_calls == []
+
+
+def poll_404_never_found(h: Harness) -> None:
+    h.sim.delete_run(h.run_id)  # as a mistyped run id: the first poll finds nothing
+    h.engine.poll_once()
+    h.engine.poll_once()
+    assert h.events.kinds() == ["exhausted"] and h.events.events[0].reason == "run_not_found"
     assert h.polls() == 1 and h.sim.restore_calls == []
+    assert getattr(h.engine_handle, "state", None) is RunState.EXHAUSTED
 
 
 def server_down_for_several_intervals(h: Harness) -> None:
@@ -371,6 +382,11 @@ MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ("poll: malformed JSON", "poll_error (MalformedResponse); one request, not retried", poll_malformed_json),
     ("poll: 401", "poll_error (AuthenticationError); one request, not retried", poll_401),
     ("poll: 404, run deleted", "poll_error (RunNotFound); one request; no recovery", poll_404_run_deleted),
+    (
+        "poll: 404 on the first poll (no such run)",
+        "exhausted (run_not_found); one request, never polled again; no recovery",
+        poll_404_never_found,
+    ),
     (
         "server down for several poll intervals",
         "one poll_degraded, no recovery; the run is still watched and recovers afterwards",

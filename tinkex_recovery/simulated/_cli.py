@@ -16,30 +16,22 @@ import threading
 from types import FrameType
 from typing import TextIO
 
+from .._cli_serve import KEY_PREFIX as _KEY_PREFIX
+from .._cli_serve import add_serve_arguments
 from ._server import serve
 from ._tinker import SimulatedTinker
 
 __all__ = ["add_serve_arguments", "run_server"]
-
-_KEY_PREFIX = "tml-"  # the SDK refuses to send any other API key
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
-    parser.add_argument(
-        "--api-key",
-        default=None,
-        help=f"the key clients must send; must start with {_KEY_PREFIX!r} (default: a random one)",
-    )
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO = sys.stdout) -> int:
-    """Serve until interrupted; 0 after a clean stop."""
+def run_server(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """Serve until interrupted; 0 after a clean stop, 1 (one line on ``err``) if it cannot listen."""
     api_key: str = args.api_key or f"{_KEY_PREFIX}sim-{secrets.token_hex(12)}"
     if not api_key.startswith(_KEY_PREFIX):
         parser.error(f"--api-key must start with {_KEY_PREFIX!r}: the tinker SDK sends no other key")
@@ -48,7 +40,17 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser, out: T
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with serve(SimulatedTinker(), api_key, host=args.host, port=args.port) as server:
+        with contextlib.ExitStack() as stack:
+            try:
+                server = stack.enter_context(serve(SimulatedTinker(), api_key, host=args.host, port=args.port))
+            except OSError as exc:  # a busy port, an address not this machine's: one line, no traceback
+                print(
+                    f"{parser.prog}: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+                    "(choose another --port, or leave it out for a free one)",
+                    file=err,
+                    flush=True,
+                )
+                return 1
             url = server.base_url
             auth = '-H "X-API-Key: $TINKER_API_KEY"'
             curls = [
