@@ -38,6 +38,7 @@ BENCHMARKS = [
     Benchmark("lightning", "_lightning", 600),
     Benchmark("scale", "_scale", 300),
     Benchmark("startup", "_startup", 300),
+    Benchmark("logging", "_logging", 120),
     Benchmark("resume", "_resume", 300),  # no figure when tinker is not installed
     Benchmark("sdk", "_sdk", 300),  # last; no figure at all when tinker is not installed
 ]
@@ -78,6 +79,11 @@ TARGETS = [
         lambda r: r["threads_at_10000_runs"] <= r["threads_at_10_runs"],
     ),
     Target("import_time_ms", "<= 150", lambda r: r["import_time_ms"] <= 150),
+    Target(
+        "log_record_overhead_ns",
+        "<= 3% of a record",
+        lambda r: r["log_record_overhead_ns"] <= 0.03 * r["log_record_ns"],
+    ),
     Target("round_trips_per_recovery", "<= 4", lambda r: r["round_trips_per_recovery"] <= 4),
     Target(
         "time_to_resume_p50_s",
@@ -112,6 +118,7 @@ REQUIRED = [
     "threads_at_10_runs",
     "threads_at_10000_runs",
     "import_time_ms",
+    "log_record_overhead_ns",
     "time_to_resume_p50_s",
     "time_to_resume_p99_s",
     "round_trips_per_recovery",

@@ -33,6 +33,7 @@ REQUIRED = [
     "threads_at_10_runs",
     "threads_at_10000_runs",
     "import_time_ms",
+    "log_record_overhead_ns",
 ]
 #: Measured through the tinker SDK: reported only when it is installed.
 SDK_REQUIRED = [

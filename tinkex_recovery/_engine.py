@@ -29,6 +29,7 @@ from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._observers import report_poll, track_engine
 from ._policy import RecoveryPolicy
 from ._recovery import History, Recovery, RecoveryJob
+from ._redact import redact_loggers
 from ._retry import describe
 from ._selection import StepOf
 
@@ -339,6 +340,7 @@ class RecoveryEngine:
 
     def start(self) -> Self:
         """Start the poller, the poll workers and the executor. A closed engine cannot restart."""
+        redact_loggers()  # loggers the HTTP stack made since the last look get the redacting filter too
         with self._cond:
             if self._state is EngineState.CLOSED:
                 raise EngineClosed("a closed RecoveryEngine cannot be started again")
