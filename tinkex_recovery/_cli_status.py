@@ -105,6 +105,20 @@ def _metrics(checkpoint: Checkpoint) -> dict[str, float]:
     return out
 
 
+def newest_successor(successors: list[TrainingRun]) -> TrainingRun:
+    """Of the runs recovered from one run, the one the lineage goes on with: the one that saw a request last."""
+    return max(successors, key=lambda r: (r.last_request_time, r.training_run_id))
+
+
+def successors_by_parent(rest: TinkerRest) -> dict[str, list[TrainingRun]]:
+    """Every run of the account that was recovered from another, by the run it was recovered from."""
+    children: dict[str, list[TrainingRun]] = defaultdict(list)
+    for run in _all_runs(rest):
+        if (parent := (run.user_metadata or {}).get(_FROM_RUN)) is not None:
+            children[parent].append(run)
+    return children
+
+
 def _all_runs(rest: TinkerRest) -> list[TrainingRun]:
     runs: list[TrainingRun] = []
     for _ in range(_MAX_PAGES):
@@ -128,15 +142,12 @@ def lineage_report(rest: TinkerRest, run_id: str, *, now: datetime | None = None
         except (RunNotFound, ValueError):
             runs.insert(0, LineageRun(parent, None))  # named by its successor, but gone (or never a run id)
             break
-    children: dict[str, list[TrainingRun]] = defaultdict(list)
-    for run in _all_runs(rest):
-        if (parent := (run.user_metadata or {}).get(_FROM_RUN)) is not None:
-            children[parent].append(run)
+    children = successors_by_parent(rest)
     while len(runs) < _MAX_RUNS:
         successors = [r for r in children.get(runs[-1].run_id, []) if r.training_run_id not in seen]
         if not successors:
             break
-        successor = max(successors, key=lambda r: (r.last_request_time, r.training_run_id))
+        successor = newest_successor(successors)
         seen.add(successor.training_run_id)
         runs.append(LineageRun(successor.training_run_id, successor))
     now = now or datetime.now(UTC)
