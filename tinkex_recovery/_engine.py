@@ -281,7 +281,9 @@ class RunHandle:
         self._engine._recover(self._lineage, None)
 
     def unwatch(self) -> None:
-        """Stop polling this lineage (a recovery already under way still finishes)."""
+        """Stop polling this lineage (a recovery already under way still finishes). The REST client the engine
+        made for its service is closed once no watched lineage (nor that recovery) reads through it. Watching
+        the run again is allowed: a recovery it needs runs once the old one has ended."""
         self._engine._unwatch(self._lineage)
 
     def __repr__(self) -> str:

@@ -2,7 +2,8 @@
 
 The executor knows nothing of Tinker. A :class:`Job` runs one attempt at a time on a short-lived thread and
 decides, from each :class:`Outcome`, whether and when to try again; the executor only keeps the slots, the
-FIFO queue, the retries waiting out their backoff (they hold no slot) and the per-attempt deadline.
+FIFO queue, the retries waiting out their backoff (they hold no slot) and the per-attempt deadline. Jobs of
+one key never run side by side: one submitted while its key is busy is parked until the earlier one ends.
 
 An attempt still running at its deadline is *abandoned*: its ``cancelled`` event is set (the job cancels what
 it waits for), its slot is freed, and its outcome, if it ever comes, goes to :meth:`Job.on_late` instead of
