@@ -56,7 +56,7 @@ def bench(quick: bool) -> dict[str, float]:
     firsts, helps = [], []
     with serve(sim, api_key=API_KEY) as server:
         server.latency = 0.020
-        for _ in range(3 if quick else 7):
+        for _ in range(2 if quick else 7):
             firsts.append(_first_line_s(runs, server.base_url))
             helps.append(_help_s())
     first, cli = statistics.median(firsts), statistics.median(helps)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import traceback
 
 __all__ = ["RedactedError", "redact", "redact_loggers", "register_secret", "without_secrets"]
 
@@ -55,10 +54,13 @@ def _scrub(record: logging.LogRecord) -> None:
         record.msg, record.args = clean, None
     exc_info = record.exc_info
     if exc_info and exc_info[0] is not None:
-        shown = record.exc_text or "".join(traceback.format_exception(*exc_info)).rstrip("\n")
+        shown = record.exc_text or _formatter.formatException(exc_info)
         clean = redact(shown)
+        # logging.Formatter prints exc_text as the traceback (and formats none itself once it is set): kept
+        # either way, so a traceback is formatted once per record, not once here and once per handler.
+        record.exc_text = clean
         if clean != shown:
-            record.exc_text, record.exc_info = clean, None  # logging.Formatter prints exc_text as the traceback
+            record.exc_info = None
     elif record.exc_text:
         record.exc_text = redact(record.exc_text)
     if record.stack_info:
@@ -66,6 +68,7 @@ def _scrub(record: logging.LogRecord) -> None:
 
 
 _filter = _Redacting()
+_formatter = logging.Formatter()
 
 
 def redact_loggers() -> None:
