@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch that lies on these machines' disk; without the pin pip would fetch a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: venv venv-test demo test lint typecheck unit clean
+.PHONY: venv venv-test demo test lint typecheck unit docs clean
 
 venv: $(VENV)/.core-installed
 
@@ -21,7 +21,7 @@ $(VENV)/.core-installed: pyproject.toml $(VENV)/.created
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.created
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev,lightning,tinker,otel]"
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev,lightning,tinker,otel,docs]"
 	touch $@ $(VENV)/.core-installed
 
 demo: venv
@@ -39,7 +39,13 @@ unit: venv-test
 	@$(BIN)/pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-test: lint typecheck unit
+# The documentation site, built offline into site/; --strict turns every warning (a broken link, a reference
+# mkdocstrings cannot resolve, a missing snippet file) into a failure. (Not --quiet: it hides the warnings
+# --strict counts, and the build passes.)
+docs: venv-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+test: lint typecheck unit docs
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info

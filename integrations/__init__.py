@@ -6,6 +6,7 @@ OpenTelemetry metrics from every engine of the process (needs the ``otel`` extra
 """
 
 from ._guard import GuardRecovery, RecoveryGuard, Steps, recovery_guard
+from ._rollouts import WeightsVersion
 from ._steps import Step
 
-__all__ = ["GuardRecovery", "RecoveryGuard", "Step", "Steps", "recovery_guard"]
+__all__ = ["GuardRecovery", "RecoveryGuard", "Step", "Steps", "WeightsVersion", "recovery_guard"]

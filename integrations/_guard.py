@@ -16,9 +16,12 @@ the plans below, which say what to wait for and never wait themselves; a blockin
   traceback and kept as :attr:`GuardRecovery.cause`), otherwise it propagates unchanged. Recoveries the poller
   finds are taken in before the next step. When the iterable runs out, one last poll makes sure the loop does
   not end on a run already marked corrupted.
-- Where to resume comes from the checkpoint: ``step`` in its user_metadata (written by :meth:`save_state`),
-  else the ``batch`` of its record in ``{log_path}/checkpoints.jsonl`` (tinker-cookbook's file). The engine is
-  told so (``step_of``): a checkpoint with neither is never restored for a guarded loop.
+- Where to resume is the ledger's one rule (:class:`~tinkex_recovery._ledger.Ledger`, the engine's ``step_of``):
+  ``guard.client`` is the client behind a proxy that tells the ledger of every ``optim_step`` and ``save_state``
+  sent, so each save, a bare ``save_state(name)`` too, records the step it holds in its user_metadata; a step the
+  user records wins (``step`` in the user_metadata, else the ``batch`` of its record in
+  ``{log_path}/checkpoints.jsonl``, tinker-cookbook's file). A checkpoint with no step is never restored for a
+  guarded loop.
 - Without a ``client``, the guard resumes at entry, as a restarted process needs: the engine restores a new
   run from ``run_id``'s checkpoint chosen by the policy (the same recovery, with the same rules, as for a
   corruption), and the loop starts at :attr:`RecoveryGuard.start_step`.
@@ -49,6 +52,7 @@ from tinkex_recovery import (
 from tinkex_recovery._integration import (
     SERVICE_METHODS,
     STATUS_METHODS,
+    Ledger,
     report_steps_lost,
     require_methods,
     resolve,
@@ -58,6 +62,7 @@ from tinkex_recovery._integration import (
 
 from . import _aio
 from ._checkpoint_log import CheckpointLog, metadata_for, validate_metrics, validate_step
+from ._rollouts import WeightsVersion, staleness
 from ._shared import shared_engines
 from ._steps import Step, StepCursor
 
@@ -278,7 +283,8 @@ class RecoveryGuard:
         self._engine_clock = None if clock is None or type(clock) is SystemClock else clock
         self._given_engine = engine
         self._on_swap = on_swap
-        self._client = client
+        self._ledger = Ledger(position=self._position, recorded=self._log.step_of if self._log is not None else None)
+        self._client: Any = self._ledger.adopt(client) if client is not None else None
         self._run_id = run_id
         self._state = _State.NEW
         self._engine: RecoveryEngine | None = None
@@ -295,8 +301,25 @@ class RecoveryGuard:
     # -- what the loop reads ------------------------------------------------------------------------------
     @property
     def client(self) -> Any:
-        """The training client to use now: the one passed in (or resumed at entry), then each recovered one."""
+        """The training client to use now: the one passed in (or resumed at entry), then each recovered one.
+
+        It is that client behind an :class:`~tinkex_recovery.ObservedClient`, a proxy that passes every call
+        through and passes for the client (``isinstance(guard.client, tinker.TrainingClient)`` holds): its
+        ``optim_step`` and ``save_state`` calls are counted by :attr:`ledger`, so a bare ``save_state(name)``
+        records the step it holds in the checkpoint's user_metadata and is a checkpoint the loop resumes from.
+        ``guard.client.__wrapped__`` is the client itself (calls made on it are not seen)."""
         return self._client
+
+    @property
+    def ledger(self) -> Ledger:
+        """The book of the run: :attr:`Ledger.step` is the step a checkpoint saved now would hold (what the loop
+        resumes at after restoring it), :attr:`Ledger.sent` the optimizer steps sent to the current run."""
+        return self._ledger
+
+    def _position(self) -> int | None:
+        """The step under way (the last index yielded), for the ledger; None before the loop."""
+        cursor = self._cursor
+        return cursor.current if cursor is not None else None
 
     @property
     def run_id(self) -> str:
@@ -314,6 +337,29 @@ class RecoveryGuard:
         """The engine watching the run (the process's one for this policy, or ``engine=``); None before entry
         and when the policy is disabled. Subscribe to it for events."""
         return self._engine
+
+    # -- RL: the weights samplers are made from ------------------------------------------------------------
+    def weights_version(self, step: int | None = None) -> WeightsVersion:
+        """The version of the weights :attr:`client` holds now, to tag a sampler made from them (and its
+        rollouts) with: ``step`` (default: the :attr:`ledger`'s step, the index of the next step to train), the
+        run, and how many recoveries the loop has gone through. Read it where the sampler is made, inside the
+        step (recoveries are taken in only between steps)."""
+        self._require_open("weights_version()")
+        if step is None:
+            step = self._ledger.step
+            if step is None:
+                raise ValueError("the step the weights hold is not known here (no step under way); pass step=")
+        return WeightsVersion(validate_step(step), self._run_id, len(self._recoveries))
+
+    def staleness(self, version: WeightsVersion, *, at: int) -> int | None:
+        """How many steps the weights of ``version`` are behind step ``at`` of the current lineage (0: on-policy),
+        or None when they are not in its history: from the future of a run lost and restored to an earlier step
+        (or ahead of ``at``). An RL loop trains a rollout at step ``at`` only if this is not None and at most its
+        ``max_steps_off_policy``."""
+        if not isinstance(version, WeightsVersion):
+            raise TypeError(f"version must be a WeightsVersion, got {type(version).__name__}")
+        origin = self._recoveries[0].old_run_id if self._recoveries else self._run_id
+        return staleness(version, validate_step(at), self._recoveries, origin)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -364,7 +410,7 @@ class RecoveryGuard:
         else:
             engine = self._leased = shared_engines.acquire(policy, self._engine_clock)
         self._engine = engine
-        self._handle = engine.watch(self._run_id, self._service, step_of=self._step_of, status=self._status)
+        self._handle = engine.watch(self._run_id, self._service, step_of=self._ledger.step_of, status=self._status)
 
     def _release(self) -> None:
         """Stop watching the run and give the shared engine back (the last guard to do so closes it, abandoning
@@ -525,14 +571,15 @@ class RecoveryGuard:
         return p.max_attempts * (p.attempt_timeout + p.max_backoff) + 60.0
 
     def _apply(self, recovery: Recovery, *, next_pos: int, waited: float, cause: BaseException | None) -> None:
-        self._client = recovery.client
-        self._run_id = recovery.new_run_id
         step = recovery.step
         assert step is not None, "the engine restores a guarded loop only from checkpoints with a step"
         assert self._cursor is not None
         self._cursor.seek(step)
+        self._client = self._ledger.adopt(recovery.client, step)
+        self._run_id = recovery.new_run_id
         record = GuardRecovery(
-            **{f.name: getattr(recovery, f.name) for f in fields(Recovery)},
+            **{f.name: getattr(recovery, f.name) for f in fields(Recovery) if f.name != "client"},
+            client=self._client,
             resumed_at=step,
             steps_lost=max(next_pos - self._cursor.pos, 0),
             waited=waited,
@@ -551,32 +598,26 @@ class RecoveryGuard:
             record.steps_lost,
         )
         if self._on_swap is not None:
-            self._on_swap(recovery.client)  # on the loop's thread, before its next step; what it raises propagates
-
-    def _step_of(self, checkpoint: Checkpoint) -> int | None:
-        """Where a loop restored from ``checkpoint`` resumes: its user_metadata ``step``, else its record in
-        checkpoints.jsonl; None when neither says (the engine then never restores from it)."""
-        step = checkpoint.step
-        if step is None and self._log is not None:
-            step = self._log.step_of(checkpoint.tinker_path)
-        return step
+            self._on_swap(self._client)  # on the loop's thread, before its next step; what it raises propagates
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save_state(
         self,
         name: str,
         *,
-        step: int,
+        step: int | None = None,
         metrics: Mapping[str, int | float] | None = None,
         ttl_seconds: int | None = None,
     ) -> str:
         """Save the current client's state as checkpoint ``name`` and return its tinker path.
 
-        ``step`` is the index of the next step to run (what a resume starts at); it and the numeric
-        ``metrics`` go into the checkpoint's user_metadata, so recovery (and ``best``) can use them even
-        in a new process. With ``log_path``, a tinker-cookbook record is appended to checkpoints.jsonl.
-        A loop with requests in flight saves what the service has been sent: a save submitted after step k's
-        requests holds every step up to k, so it is ``step=k + 1``.
+        ``step`` is the index of the next step to run (what a resume starts at); by default the one the
+        :attr:`ledger` counted (the step under way plus one once an ``optim_step`` of it was sent; a bare
+        ``guard.client.save_state(name)`` records the same). It and the numeric ``metrics`` go into the
+        checkpoint's user_metadata, so recovery (and ``best``) can use them even in a new process. With
+        ``log_path``, a tinker-cookbook record is appended to checkpoints.jsonl. A loop with requests in flight
+        saves what the service has been sent: a save submitted after step k's requests holds every step up to
+        k, so it is ``step=k + 1``.
         """
         self._require_open("save_state()")
         step, values, ttl_seconds = self._checked_save(name, step, metrics, ttl_seconds)
@@ -589,7 +630,7 @@ class RecoveryGuard:
         self,
         name: str,
         *,
-        step: int,
+        step: int | None = None,
         metrics: Mapping[str, int | float] | None = None,
         ttl_seconds: int | None = None,
     ) -> str:
@@ -600,12 +641,18 @@ class RecoveryGuard:
         pending = self._client.save_state(name, ttl_seconds=ttl_seconds, user_metadata=metadata_for(step, values))
         return self._saved(name, step, values, await _aio.settle(pending))
 
-    @staticmethod
     def _checked_save(
-        name: object, step: object, metrics: Mapping[str, int | float] | None, ttl_seconds: object
+        self, name: object, step: object, metrics: Mapping[str, int | float] | None, ttl_seconds: object
     ) -> tuple[int, dict[str, int | float], int | None]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if step is None:
+            step = self._ledger.step
+            if step is None:
+                raise ValueError(
+                    "the step this checkpoint holds is not known (no step under way, or a load_state was made "
+                    "through the client); pass step= (the index of the next step to run)"
+                )
         checked = validate_step(step)
         values = validate_metrics(metrics)
         if ttl_seconds is not None and (isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int)):
@@ -637,7 +684,7 @@ class RecoveryGuard:
             yield _Call(self._release, self._service)  # the resume is all a disabled guard does
             self._engine = None
         assert recovery.step is not None, "the engine resumes a guarded loop only from checkpoints with a step"
-        self._client, self._run_id = recovery.client, recovery.new_run_id
+        self._client, self._run_id = self._ledger.adopt(recovery.client, recovery.step), recovery.new_run_id
         self.start_step, self.resumed_from = recovery.step, recovery.checkpoint
         logger.info(
             "recovery_guard: run %s resumed as %s from %s; start at step %d",

@@ -64,6 +64,12 @@ class StepCursor:
                 self._floor = None
                 return index
 
+    @property
+    def current(self) -> int | None:
+        """The index last yielded (after a :meth:`seek`, the one before the resume point); None before any."""
+        pos = self.pos
+        return self._items[pos - 1] if pos > 0 else None
+
     def _check(self, index: object) -> None:
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"steps() iterates over step indices (ints), got {index!r}")

@@ -49,8 +49,8 @@ __all__ = ["METER_NAME", "RecoveryInstrumentor"]
 
 logger = logging.getLogger("tinkex_recovery")
 
-#: The instrumentation scope (meter) name the metrics are recorded under.
 METER_NAME = "tinkex_recovery"
+"""The instrumentation scope (meter) name the metrics are recorded under."""
 
 _DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 _STEPS_BUCKETS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)

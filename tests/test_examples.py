@@ -41,3 +41,15 @@ def test_async_loop_recovers_twice_with_requests_in_flight_and_keeps_its_checkpo
     assert len(dropped) == 2 and all(" 0 future(s)" not in line for line in dropped)  # requests were in flight
     assert "the checkpoint manager holds the current client: True" in lines
     assert lines[-1].startswith("finished 60 batches") and lines[-1].endswith("every batch trained exactly once: True")
+
+
+def test_rl_loop_recovers_twice_with_rollouts_in_flight_and_stays_on_policy() -> None:
+    out = run_example("rl_loop.py")
+    lines = out.splitlines()
+    assert any("rollouts in flight; the server marks run" in line for line in lines), out
+    resumed = [line for line in lines if "sampler republished" in line]
+    assert [line.split()[1] for line in resumed] == ["15:", "25:"], out
+    assert len([line for line in lines if line.startswith("recovery ")]) == 2
+    assert "the checkpoint manager holds the current client: True" in lines
+    assert "every optimizer step trained once: True" in lines
+    assert lines[-1] == "every group trained at step k was sampled from weights holding k-1..k steps: True"

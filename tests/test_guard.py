@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tinkex_recovery import (
+    RESUME_KEY,
     EventKind,
     ExhaustedReason,
     FakeClock,
@@ -300,8 +301,9 @@ def test_a_checkpoint_before_the_iterables_start_is_a_clear_error(sim: Simulated
 
 
 def test_a_checkpoint_without_a_step_is_never_restored_for_the_loop(sim: SimulatedTinker, clock: FakeClock) -> None:
-    """The newest checkpoint is an eval snapshot saved with a bare save_state("eval"): the loop could not know
-    where to resume from it, so the recovery skips it before any restore call and uses the older one."""
+    """The newest checkpoint is an eval snapshot saved behind the guard's back (on the client itself, not through
+    guard.client, with no step): the loop could not know where to resume from it, so the recovery skips it before
+    any restore call and uses the older one."""
     skipped: list[str] = []
     policy = POLICY.replace(checkpoint_strategy="latest")
 
@@ -311,7 +313,7 @@ def test_a_checkpoint_without_a_step_is_never_restored_for_the_loop(sim: Simulat
 
     def hook(guard: RecoveryGuard, step: Step, phase: str) -> None:
         if (step.index, phase) == (24, "after") and not guard.recoveries:
-            guard.client.save_state("eval").result()  # newest, no step
+            guard.client.__wrapped__.save_state("eval").result()  # newest, no step, not seen by the guard
             assert guard._engine is not None
             guard._engine.subscribe(note)
         if (step.index, phase) == (26, "mid") and not guard.recoveries:
@@ -322,6 +324,27 @@ def test_a_checkpoint_without_a_step_is_never_restored_for_the_loop(sim: Simulat
     assert skipped and skipped[0].endswith("/weights/eval")
     assert ran == [*range(27), *range(20, 60)]
     assert sim.lineage(guard.run_id) == list(range(60))
+
+
+def test_a_bare_save_through_guard_client_is_a_checkpoint_the_loop_resumes_from(
+    sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    """tinker-cookbook's way: a plain save_state(name), no step given. The guard saw the save go out after step
+    24's optim_step, so the checkpoint records step 25, and the recovery resumes there."""
+
+    def hook(guard: RecoveryGuard, step: Step, phase: str) -> None:
+        if (step.index, phase) == (24, "after") and not guard.recoveries:
+            guard.client.save_state("bare").result()
+        if (step.index, phase) == (26, "mid") and not guard.recoveries:
+            sim.corrupt(guard.run_id)
+
+    guard, ran = guarded_loop(sim, clock, hook=hook)
+    assert [c[0].rsplit("/", 1)[1] for c in sim.restore_calls] == ["bare"]
+    (recovery,) = guard.recoveries
+    assert (recovery.resumed_at, recovery.steps_lost) == (25, 1)
+    assert recovery.checkpoint.user_metadata == {RESUME_KEY: "25"}
+    assert ran == [*range(27), *range(25, 60)]
+    assert sim.lineage(guard.run_id) == list(range(60)) and guard.ledger.step == 60
 
 
 def test_only_checkpoints_without_a_step_exhaust_without_creating_a_run(sim: SimulatedTinker, clock: FakeClock) -> None:
@@ -358,7 +381,9 @@ def test_a_disabled_policy_passes_through_without_a_thread(
                 guard.client.forward_backward([step.index]).result()
                 guard.client.optim_step().result()
                 if (step.index + 1) % 10 == 0:
-                    guard.save_state(f"s{step.index + 1}", step=step.index + 1)
+                    guard.client.save_state(f"s{step.index + 1}").result()
+    # the one thing it adds: the step of each bare save, for a later process that recovers
+    assert [c.user_metadata for c in sim.list_checkpoints(client.model_id).checkpoints] == [{RESUME_KEY: "10"}]
     assert [r.message for r in caplog.records if "disabled" in r.message] == [
         f"recovery_guard: recovery is disabled by the policy (enabled=False); run {client.model_id} is not "
         "watched and the guard passes everything through"
@@ -530,3 +555,19 @@ def test_best_strategy_ranks_by_the_metrics_save_state_stored(sim: SimulatedTink
     assert guard.recoveries[0].resumed_at == 20
     assert ran == [*range(36), *range(20, 40)]
     assert sim.lineage(guard.run_id) == list(range(40))
+
+
+def test_guard_save_state_records_the_ledgers_step_unless_told_and_refuses_when_none_is_known(
+    sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    client = sim.create_lora_training_client(base_model="m")
+    with recovery_guard(client.model_id, sim, policy=POLICY, client=client, clock=clock) as guard:
+        with pytest.raises(ValueError, match="pass step="):
+            guard.save_state("before-the-loop")  # a client passed in: what its run holds is not known yet
+        for step in guard.steps(range(3)):
+            with step:
+                guard.client.forward_backward([step.index]).result()
+                guard.client.optim_step().result()
+        path = guard.save_state("three", metrics={"loss": 0.25})
+    (saved,) = [c for c in sim.list_checkpoints(client.model_id).checkpoints if c.tinker_path == path]
+    assert saved.user_metadata == {RESUME_KEY: "3", "step": "3", "loss": "0.25"} and guard.ledger.step == 3

@@ -34,6 +34,7 @@ from ._exceptions import (
     TinkerStatusError,
     TinkexRecoveryError,
 )
+from ._ledger import RESUME_KEY, Ledger, ObservedClient
 from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
 from ._policy import RecoveryPolicy
 from ._recovery import BUDGET_KEYS, LINEAGE_KEYS, Recovery
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BUDGET_KEYS",
     "LINEAGE_KEYS",
+    "RESUME_KEY",
     "AuthenticationError",
     "CannotReplay",
     "Checkpoint",
@@ -62,9 +64,11 @@ __all__ = [
     "ExhaustedReason",
     "FakeClock",
     "InvalidTinkerPath",
+    "Ledger",
     "MalformedResponse",
     "MissingAPIKey",
     "NoRestorableCheckpoint",
+    "ObservedClient",
     "PermissionDenied",
     "Recovery",
     "RecoveryDisabled",

@@ -149,11 +149,13 @@ class RunHandle:
 
     @property
     def state(self) -> RunState:
+        """Where the lineage stands: watching, recovering, exhausted or unwatched."""
         # One read of a field that is only ever replaced whole: no lock, as a guarded loop reads it every step.
         return self._lineage.state
 
     @property
     def recoveries(self) -> tuple[Recovery, ...]:
+        """Every finished recovery of the lineage, oldest first."""
         return self._lineage.recoveries
 
     @property
@@ -338,6 +340,7 @@ class RecoveryEngine:
     # -- lifecycle ------------------------------------------------------------------------------------
     @property
     def state(self) -> EngineState:
+        """Where the engine is in its life: unopened, opened (started) or closed."""
         return self._state
 
     def start(self) -> Self:
@@ -495,6 +498,7 @@ class RecoveryEngine:
 
     @property
     def watched_runs(self) -> list[str]:
+        """The newest run of every lineage this engine watches."""
         with self._cond:
             return list(self._watched)
 

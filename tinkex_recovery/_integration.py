@@ -9,14 +9,19 @@ from __future__ import annotations
 from ._engine import SERVICE_METHODS, STATUS_METHODS, RunHandle, require_methods, rest_client_of
 from ._events import EventKind
 from ._futures import resolve
+from ._ledger import RESUME_KEY, Book, Ledger, ObservedClient
 from ._models import STEP_KEY, validate_run_id
 from ._observers import RecoveryObserver, add_observer, report_steps_lost, watched_run_count
 from ._retry import describe
 
 __all__ = [
+    "RESUME_KEY",
     "SERVICE_METHODS",
     "STATUS_METHODS",
     "STEP_KEY",
+    "Book",
+    "Ledger",
+    "ObservedClient",
     "RecoveryObserver",
     "add_observer",
     "describe",

@@ -39,19 +39,20 @@ from ._selection import StepOf, dedupe, rank, synthetic, walk
 
 __all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery"]
 
-#: user_metadata keys written on every recovered run, naming where it came from.
 LINEAGE_KEYS = (
     "tinkex_recovery.recovered_from_run",
     "tinkex_recovery.recovered_from_checkpoint",
     "tinkex_recovery.recovery_number",
 )
+"""user_metadata keys written on every recovered run, naming where it came from: the lost run, the checkpoint
+it was restored from, and its place in the lineage (1, 2, ...)."""
 
-#: user_metadata keys written on every recovered run for the safety budgets, so that a restarted process counts
-#: the recoveries of the process before it: the wall-clock times (UTC, ISO 8601, space-separated, oldest first)
-#: of the lineage's recoveries still inside ``recovery_window``, the one that made this run included; and how
-#: many recoveries in a row before that one made no progress (their restored run was lost before it saved a
-#: checkpoint newer than the one it was restored from).
 BUDGET_KEYS = ("tinkex_recovery.recovery_times", "tinkex_recovery.no_progress")
+"""user_metadata keys written on every recovered run for the safety budgets, so that a restarted process counts
+the recoveries of the process before it: the wall-clock times (UTC, ISO 8601, space-separated, oldest first)
+of the lineage's recoveries still inside ``recovery_window``, the one that made this run included; and how
+many recoveries in a row before that one made no progress (their restored run was lost before it saved a
+checkpoint newer than the one it was restored from)."""
 
 _KEPT_WITHOUT_BUDGET = 10  # recovery times kept in user_metadata when max_recoveries is None (for the record)
 
@@ -124,6 +125,7 @@ class AttemptAbandoned(Exception):
 @dataclass
 class _Report:
     checkpoint: Checkpoint | None = None
+    step: int | None = None  # the chosen checkpoint's step, as step_of said when it was chosen
     unusable: set[str] = field(default_factory=set)
     rejected_by_server: bool = False
     selected: RecoveryEvent | None = None
@@ -298,16 +300,25 @@ class RecoveryJob:
             self._emit(EventKind.CHECKPOINT_SKIPPED, cancelled, checkpoint=c.tinker_path, error=reason)
 
         rejected = set(self.rejected)
+        step_of = self._step_of
+        if step_of is not None:  # asked once per checkpoint: the step the choice was made on is the one reported
+            steps: dict[str, int | None] = {}
+            asked = step_of
+
+            def step_of(c: Checkpoint) -> int | None:
+                if c.tinker_path not in steps:
+                    steps[c.tinker_path] = asked(c)
+                return steps[c.tinker_path]
+
         try:
             candidates = self._candidates(cancelled)
-            chosen = next(
-                walk(candidates, rejected=rejected, now=self._clock.now(), skip=skip, step_of=self._step_of), None
-            )
+            chosen = next(walk(candidates, rejected=rejected, now=self._clock.now(), skip=skip, step_of=step_of), None)
             if chosen is None:
                 raise NoRestorableCheckpoint(f"no restorable checkpoint left for run {self.run_id}")
         except Exception as exc:
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         report.checkpoint = chosen
+        report.step = step_of(chosen) if step_of is not None else None
         report.selected = self._emit(EventKind.CHECKPOINT_SELECTED, cancelled, checkpoint=chosen.tinker_path)
         if self._observe:
             return Outcome(OutcomeKind.DONE, value=(report, None))
@@ -475,7 +486,7 @@ class RecoveryJob:
                     attempts=self.attempts,
                     seconds=self._clock.monotonic() - self.detected_at,
                     number=self._number,
-                    step=self._step_of(report.checkpoint) if self._step_of is not None else None,
+                    step=report.step,
                     client=client,
                 )
                 self._on_done(self, recovery)

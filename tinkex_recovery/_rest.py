@@ -47,6 +47,7 @@ __all__ = ["DEFAULT_BASE_URL", "TinkerRest"]
 logger = logging.getLogger("tinkex_recovery.rest")
 
 DEFAULT_BASE_URL = "https://tinker.thinkingmachines.dev/services/tinker-prod"
+"""The production Tinker service: the base URL when neither ``base_url=`` nor ``TINKER_BASE_URL`` is given."""
 
 _MAX_BODY = 16 * 1024 * 1024  # a checkpoint listing is kilobytes; more is not Tinker talking
 _MAX_PAGES = 1000
@@ -234,6 +235,7 @@ class TinkerRest:
     # -- lifecycle -------------------------------------------------------------------------------------
     @property
     def base_url(self) -> httpx.URL:
+        """The Tinker URL this client talks to (``TINKER_BASE_URL``, or the production service)."""
         return self._base_url
 
     def close(self) -> None:

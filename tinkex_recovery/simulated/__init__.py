@@ -4,6 +4,8 @@
 serves one for your own loop."""
 
 from . import _sdk_routes as _sdk_routes  # registers the tinker SDK's protocol into the server's routes
+from . import _sdk_sampling as _sdk_sampling  # and its sampling protocol
+from ._sampling import SampledSequence, SampleResult, SaveWeightsForSamplerResult, SimulatedSamplingClient
 from ._server import ServedRequest, SimulatedServer, serve
 from ._tinker import (
     ForwardBackwardResult,
@@ -20,12 +22,16 @@ from ._tinker import (
 __all__ = [
     "ForwardBackwardResult",
     "OptimStepResult",
+    "SampleResult",
+    "SampledSequence",
     "SaveStateResult",
+    "SaveWeightsForSamplerResult",
     "ServedRequest",
     "SimulatedAPIError",
     "SimulatedAPIFuture",
     "SimulatedRequestFailedError",
     "SimulatedRestClient",
+    "SimulatedSamplingClient",
     "SimulatedServer",
     "SimulatedTinker",
     "SimulatedTrainingClient",

@@ -24,7 +24,14 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ForwardBackwardRequest", "ProtoError", "WireDatum", "decode_forward_backward_request", "encode_output"]
+__all__ = [
+    "ForwardBackwardRequest",
+    "ProtoError",
+    "WireDatum",
+    "decode_forward_backward_request",
+    "encode_output",
+    "encode_sample_response",
+]
 
 _FLOAT32, _INT64, _INT32, _BFLOAT16 = 1, 2, 3, 4
 _FORMATS = {_FLOAT32: ("f", 4), _INT64: ("q", 8), _INT32: ("i", 4)}
@@ -242,4 +249,22 @@ def encode_output(
         out += _put_bytes(2, record)
     for key, value in metrics.items():
         out += _put_bytes(3, _put_double_entry(key, float(value)))
+    return out
+
+
+def encode_sample_response(
+    sequences: Sequence[tuple[Sequence[int], Sequence[float]]], prompt_logprobs: Sequence[float | None] | None
+) -> bytes:
+    """A ``SampleResponse`` (SDK 0.38: sequences=1 SampledSequence*, prompt_logprobs=2 bytes float32 with NaN
+    where there is none; SampledSequence: stop_reason=1 enum (STOP=0, LENGTH=1), tokens=2 bytes int32 LE,
+    logprobs=3 bytes float32 LE). Every sequence stopped for its length."""
+    out = b""
+    for tokens, logprobs in sequences:
+        seq = _put_int(1, 1) + _put_bytes(2, struct.pack(f"<{len(tokens)}i", *tokens))
+        if logprobs:
+            seq += _put_bytes(3, struct.pack(f"<{len(logprobs)}f", *logprobs))
+        out += _put_bytes(1, seq)
+    if prompt_logprobs:
+        values = [float("nan") if v is None else v for v in prompt_logprobs]
+        out += _put_bytes(2, struct.pack(f"<{len(values)}f", *values))
     return out

@@ -19,8 +19,14 @@ What the SDK does, and what answers it here (all under ``/api/v1``):
 - ``get_info``, ``get_server_capabilities`` and ``healthz`` answer plainly; ``GET training_runs/...`` are the
   REST routes of ``_server``.
 
+- an operation may also finish later (a sample in flight): ``retrieve_future`` then holds the request until it
+  does (a long poll, as the service's), answering ``try_again`` after :data:`LONG_POLL` seconds.
+- sampling (``save_weights_for_sampler``, ``create_sampling_session``, ``samplers/{id}``, ``asample``) is served
+  by ``_sdk_sampling``.
+
 A handler bug answers 422 with ``x-should-retry: false``: the SDK retries a 5xx for minutes, a 422 never.
-Not simulated: sampling, ``load_state`` into an existing run, zstd-compressed bodies.
+Not simulated: ``load_state`` into an existing run, zstd-compressed bodies, the sampling futures poller
+(``sample_use_retrieve_futures``), ``join_sampling_session``.
 
 Admin routes for a person rehearsing a corruption from another shell (they need the API key too):
 ``POST /_sim/corrupt/{run_id}``, ``GET /_sim/runs``, ``GET /_sim/lineage/{run_id}``.
@@ -37,6 +43,8 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +77,8 @@ _CLOSE = {"Connection": "close"}
 _NO_RETRY = {"x-should-retry": "false"}
 # The SDK fetches each result at once; a long rehearsal must not keep every one forever.
 _KEEP_RESULTS = 4096
+#: Seconds ``retrieve_future`` holds a request for an operation still in flight before it answers ``try_again``.
+LONG_POLL = 20.0
 
 
 @dataclass
@@ -84,7 +94,7 @@ class _State:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     sessions: dict[str, _Session] = field(default_factory=dict)
-    results: OrderedDict[str, Reply] = field(default_factory=OrderedDict)  # the newest _KEEP_RESULTS
+    results: OrderedDict[str, Reply | Future[Reply]] = field(default_factory=OrderedDict)  # the newest _KEEP_RESULTS
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
 
@@ -143,7 +153,9 @@ class _Failed(Exception):
 
 
 def _submit(call: Call, operation: Callable[[], Any], model_id: str | None = None) -> dict[str, Any]:
-    """Run ``operation`` now, keep its outcome for ``retrieve_future``, and answer the future."""
+    """Run ``operation`` now, keep its outcome (or the ``Future`` of a :class:`Reply` it returns, for an
+    operation that finishes later) for ``retrieve_future``, and answer the future."""
+    outcome: Any
     try:
         outcome = operation()
     except SimulatedRequestFailedError as exc:
@@ -154,7 +166,7 @@ def _submit(call: Call, operation: Callable[[], Any], model_id: str | None = Non
         outcome = {"error": str(exc), "category": exc.category}
     except TypeError as exc:  # user_metadata that is not str -> str
         outcome = {"error": str(exc), "category": "user"}
-    reply = outcome if isinstance(outcome, Reply) else Reply(200, outcome)
+    reply = outcome if isinstance(outcome, Reply | Future) else Reply(200, outcome)
     state = _state(call.server)
     with state.lock:
         request_id = f"req-{next(state.ids)}-{uuid.uuid4().hex[:8]}"
@@ -236,7 +248,7 @@ def _telemetry(call: Call) -> Reply:
 
 @_route("GET", "/api/v1/get_server_capabilities")
 def _capabilities(call: Call) -> Any:
-    return {"supported_models": [{"model_name": "Qwen/Qwen3-8B", "trainable": True, "sampleable": False}]}
+    return {"supported_models": [{"model_name": "Qwen/Qwen3-8B", "trainable": True, "sampleable": True}]}
 
 
 @_route("GET", "/api/v1/healthz")
@@ -372,7 +384,23 @@ def _retrieve_future(call: Call) -> Reply:
         reply = state.results.get(request_id)
     if reply is None:
         raise HTTPError(404, f"unknown request_id {request_id!r}")
+    if isinstance(reply, Future):
+        return _when_done(call, reply, request_id)
     return reply
+
+
+def _when_done(call: Call, pending: Future[Reply], request_id: str) -> Reply:
+    """The reply of an operation in flight, once it finishes: within :data:`LONG_POLL` seconds, else
+    ``try_again`` (the SDK asks again at once); cut short when the server stops."""
+    deadline = LONG_POLL
+    while not pending.done() and deadline > 0 and not call.server._stopping.is_set():
+        wait_futures([pending], timeout=0.05)
+        deadline -= 0.05
+    if not pending.done():
+        if call.server._stopping.is_set():
+            raise HTTPError(503, "the server is stopping")
+        return Reply(200, {"type": "try_again", "request_id": request_id, "queue_state": "active"})
+    return pending.result()
 
 
 # -- admin: for a person rehearsing a corruption --------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from .._clock import Clock, SystemClock
 from .._models import Checkpoint, CheckpointList, TinkerPath, TrainingRun
+from ._sampling import SamplingService, TrainingSampling
 
 __all__ = [
     "ForwardBackwardResult",
@@ -52,17 +53,23 @@ class SimulatedRequestFailedError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ForwardBackwardResult:
+    """What a simulated ``forward_backward`` returns: a loss and the metrics the SDK's output carries."""
+
     loss: float
     metrics: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
 class OptimStepResult:
+    """What a simulated ``optim_step`` returns: how many optimizer steps the run has taken."""
+
     step: int
 
 
 @dataclass(frozen=True, slots=True)
 class SaveStateResult:
+    """What a simulated ``save_state`` returns: the checkpoint's ``tinker://`` path, as the SDK's ``.path``."""
+
     path: str
 
 
@@ -75,11 +82,16 @@ class _Checkpoint:
     user_metadata: dict[str, str] | None
     expires_at: datetime | None
     broken: int | None = None  # a status code the server answers a restore with
+    steps: int = 0  # the optimizer steps the saved weights hold
+
+    @property
+    def kind(self) -> str:
+        return TinkerPath.parse(self.path).kind
 
     def model(self) -> Checkpoint:
         return Checkpoint(
-            checkpoint_id=f"weights/{self.name}",
-            checkpoint_type="training",
+            checkpoint_id=f"{self.kind}/{self.name}",
+            checkpoint_type="training" if self.kind == "weights" else "sampler",
             time=self.time,
             tinker_path=self.path,
             size_bytes=1024,
@@ -105,7 +117,10 @@ class _Run:
     fail_next_calls: int = 0
 
     def model(self) -> TrainingRun:
-        last = max(self.checkpoints, key=lambda c: c.time, default=None)
+        last = max((c for c in self.checkpoints if c.kind == "weights"), key=lambda c: c.time, default=None)
+        last_sampler = max(
+            (c for c in self.checkpoints if c.kind == "sampler_weights"), key=lambda c: c.time, default=None
+        )
         return TrainingRun(
             training_run_id=self.run_id,
             base_model=self.base_model,
@@ -115,6 +130,7 @@ class _Run:
             lora_rank=self.lora_rank,
             last_request_time=self.last_request or self.created,
             last_checkpoint=last.model() if last else None,
+            last_sampler_checkpoint=last_sampler.model() if last_sampler else None,
             user_metadata=dict(self.user_metadata) if self.user_metadata is not None else None,
         )
 
@@ -167,12 +183,13 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None
     return dict(metadata)
 
 
-class SimulatedTinker:
+class SimulatedTinker(SamplingService):
     """A Tinker service in memory: a ``ServiceClient`` look-alike plus controls for tests and demos.
 
     Service methods: ``create_lora_training_client``, ``create_training_client_from_state``,
-    ``create_training_client_from_state_with_optimizer`` (futures of clients, as in SDK 0.38) and
-    ``create_rest_client``. Controls: :meth:`corrupt`, :meth:`lineage`, and the fault injectors.
+    ``create_training_client_from_state_with_optimizer`` (futures of clients, as in SDK 0.38),
+    ``create_sampling_client`` and ``create_rest_client``. Controls: :meth:`corrupt`, :meth:`lineage`, and the
+    fault injectors (sampling's are described in ``_sampling``).
     """
 
     def __init__(self, *, clock: Clock | None = None, session_id: str | None = None) -> None:
@@ -190,6 +207,7 @@ class SimulatedTinker:
         self._restore_hook: Callable[[str], object] | None = None
         self.restore_calls: list[tuple[str, bool, dict[str, str] | None]] = []
         self.poll_count = 0
+        self._init_sampling()
 
     # -- time -----------------------------------------------------------------------------------------
     def _now(self) -> datetime:
@@ -352,7 +370,10 @@ class SimulatedTinker:
                 except Exception as exc:
                     fut.set_exception(exc)
 
-    close = release
+    def close(self) -> None:
+        """Unblock every hung restore and deliver every held or slow sample."""
+        self.release()
+        self.release_samples()
 
     def break_checkpoint(self, path: str, *, status_code: int = 400) -> None:
         """Restores from ``path`` are rejected with ``status_code`` (the checkpoint is invalid)."""
@@ -456,7 +477,37 @@ class SimulatedTinker:
                 )
             except SimulatedAPIError as exc:
                 return _failed(exc)
+            run.steps = checkpoint.steps
         return _done(SimulatedTrainingClient(self, run.run_id))
+
+    def _save_checkpoint(
+        self,
+        run_id: str,
+        name: str,
+        *,
+        ttl_seconds: int | None,
+        overwrite: bool,
+        user_metadata: Mapping[str, str] | None,
+        kind: Literal["weights", "sampler_weights"],
+    ) -> str:
+        """Save the run's weights as ``tinker://{run_id}/{kind}/{name}`` and return that path (a call on the run)."""
+        metadata = _check_metadata(user_metadata)
+        with self._lock:
+            run = self._call(run_id)
+            if isinstance(run, BaseException):
+                raise run
+            path = f"tinker://{run_id}/{kind}/{name}"
+            try:
+                TinkerPath.parse(path)
+            except ValueError as exc:
+                raise SimulatedAPIError(400, str(exc)) from None
+            if not overwrite and any(c.path == path for c in run.checkpoints):
+                raise SimulatedAPIError(409, f"checkpoint {name!r} already exists")
+            run.checkpoints = [c for c in run.checkpoints if c.path != path]
+            now = self._now()
+            expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
+            run.checkpoints.append(_Checkpoint(name, path, now, tuple(run.trained), metadata, expires, steps=run.steps))
+        return path
 
     def _model_info(self, run_id: str) -> tuple[str, int]:
         """The run's base model and LoRA rank, with no side effect (unlike a poll)."""
@@ -479,7 +530,7 @@ class SimulatedTinker:
         return run
 
 
-class SimulatedTrainingClient:
+class SimulatedTrainingClient(TrainingSampling):
     """A ``TrainingClient`` look-alike bound to one simulated run; every call returns a future."""
 
     def __init__(self, sim: SimulatedTinker, model_id: str) -> None:
@@ -526,24 +577,17 @@ class SimulatedTrainingClient:
         user_metadata: Mapping[str, str] | None = None,
     ) -> SimulatedAPIFuture[SaveStateResult]:
         """Save the weights trained so far as ``tinker://{model_id}/weights/{name}``."""
-        metadata = _check_metadata(user_metadata)
-        sim = self._sim
-        with sim._lock:
-            run = sim._call(self.model_id)
-            if isinstance(run, BaseException):
-                return _failed(run)
-            path = f"tinker://{self.model_id}/weights/{name}"
-            try:
-                TinkerPath.parse(path)
-            except ValueError as exc:
-                return _failed(SimulatedAPIError(400, str(exc)))
-            existing = [c for c in run.checkpoints if c.name == name]
-            if existing and not overwrite:
-                return _failed(SimulatedAPIError(409, f"checkpoint {name!r} already exists"))
-            run.checkpoints = [c for c in run.checkpoints if c.name != name]
-            now = sim._now()
-            expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
-            run.checkpoints.append(_Checkpoint(name, path, now, tuple(run.trained), metadata, expires))
+        try:
+            path = self._sim._save_checkpoint(
+                self.model_id,
+                name,
+                ttl_seconds=ttl_seconds,
+                overwrite=overwrite,
+                user_metadata=user_metadata,
+                kind="weights",
+            )
+        except (SimulatedAPIError, SimulatedRequestFailedError) as exc:
+            return _failed(exc)
         return _done(SaveStateResult(path=path))
 
     # -- the SDK's async surface: coroutines returning a future of the result (two awaits, as in tinker 0.38) ----
