@@ -37,6 +37,8 @@ REQUIRED = [
     "import_time_ms",
     "cli_help_ms",
     "interpreter_startup_ms",
+    "log_record_overhead_ns",
+    "watch_first_event_s_200_runs",
 ]
 #: Measured through the tinker SDK: reported only when it is installed.
 SDK_REQUIRED = [
