@@ -12,6 +12,8 @@ from ._futures import resolve
 from ._ledger import RESUME_KEY, Book, Ledger, ObservedClient
 from ._models import STEP_KEY, validate_run_id
 from ._observers import RecoveryObserver, add_observer, report_steps_lost, watched_run_count
+from ._recovery import lineage_metadata, restore_from
+from ._replay import Lane, Replayer, Tape
 from ._retry import describe
 
 __all__ = [
@@ -20,14 +22,19 @@ __all__ = [
     "STATUS_METHODS",
     "STEP_KEY",
     "Book",
+    "Lane",
     "Ledger",
     "ObservedClient",
     "RecoveryObserver",
+    "Replayer",
+    "Tape",
     "add_observer",
     "describe",
+    "lineage_metadata",
     "report_steps_lost",
     "require_methods",
     "resolve",
+    "restore_from",
     "rest_client_of",
     "validate_run_id",
     "watched_run_count",
