@@ -103,6 +103,7 @@ class _Run:
     last_request: datetime | None = None
     steps: int = 0
     fail_next_calls: int = 0
+    sampler_weights: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> the items they hold
 
     def model(self) -> TrainingRun:
         last = max(self.checkpoints, key=lambda c: c.time, default=None)
@@ -272,6 +273,11 @@ class SimulatedTinker:
         SDK sends over HTTP is recorded as the tuple of its input token ids.)"""
         with self._lock:
             return list(self._run(run_id).trained)
+
+    def sampler_weights(self, run_id: str) -> dict[str, list[Any]]:
+        """The run's ``save_weights_for_sampler`` saves: name -> the data items those weights were trained on."""
+        with self._lock:
+            return {name: list(items) for name, items in self._run(run_id).sampler_weights.items()}
 
     def get_training_run(self, run_id: str) -> TrainingRun:
         with self._lock:
@@ -545,6 +551,16 @@ class SimulatedTrainingClient:
             expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
             run.checkpoints.append(_Checkpoint(name, path, now, tuple(run.trained), metadata, expires))
         return _done(SaveStateResult(path=path))
+
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None) -> SimulatedAPIFuture[SaveStateResult]:
+        """Save the weights trained so far for sampling, as ``tinker://{model_id}/sampler_weights/{name}`` (not a
+        training checkpoint: never restorable, not listed with them)."""
+        with self._sim._lock:
+            run = self._sim._call(self.model_id)
+            if isinstance(run, BaseException):
+                return _failed(run)
+            run.sampler_weights[name] = tuple(run.trained)
+        return _done(SaveStateResult(path=f"tinker://{self.model_id}/sampler_weights/{name}"))
 
     # -- the SDK's async surface: coroutines returning a future of the result (two awaits, as in tinker 0.38) ----
     async def forward_backward_async(
