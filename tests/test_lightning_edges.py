@@ -330,3 +330,37 @@ def test_the_loop_state_lightning_saves_is_untouched_by_a_recovery(
     # Lost in epoch 2's second batch: the replay (from step 4) crosses the epoch's start.
     clean = loops(set())
     assert loops({(7, "mid")}) == clean and loops({(5, "poll")}) == clean
+
+
+# -- the property ------------------------------------------------------------------------------------------------
+N = 8
+MOMENTS = ("before", "mid", "saved", "eval", "end", "poll", "again")
+
+
+@st.composite
+def schedules(draw: st.DrawFn) -> tuple[int, set[tuple[int, str]]]:
+    """A save interval and up to 3 losses: anywhere in a batch (before, between or after its calls, after its
+    save), between batches (a poll), in its second run (a replay or a rerun), in the last batch, in validation
+    (after 4 and after 8 batches); none before the first checkpoint."""
+    save_every = draw(st.sampled_from([1, 2, 3]))
+    in_batch = st.tuples(st.integers(save_every, N - 1), st.sampled_from(MOMENTS))
+    in_val = st.tuples(st.sampled_from([4000, 4001, 8000, 8001]), st.just("val"))
+    return save_every, set(draw(st.lists(st.one_of(in_batch, in_val), max_size=3, unique=True)))
+
+
+@pytest.mark.parametrize("automatic", [False, True])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(schedule=schedules())
+def test_exactly_once_for_any_schedule_of_losses(
+    tmp_path_factory: pytest.TempPathFactory, automatic: bool, schedule: tuple[int, set[tuple[int, str]]]
+) -> None:
+    save_every, losses = schedule
+    sim = SimulatedTinker(clock=FakeClock())
+    module = Module(sim, save_every=save_every, lose=losses, automatic=automatic)
+    trainer = fit(tmp_path_factory.mktemp("fit"), module, N, val=4)
+    exactly_once(module, trainer, N)
+    assert len(sim.run_ids) == 1 + len(module.lost_runs) == 1 + len(module.cbs[0].lineage)
+    # every loss happened, but in a second run that never came, or after a save in a batch that saves nothing
+    assert all(m == "again" or (m in ("saved", "eval") and (b + 1) % save_every) for b, m in module.lose)
