@@ -62,7 +62,8 @@ __all__ = ["LineageRecord", "TinkexRecovery"]
 logger = logging.getLogger("tinkex_recovery")
 
 _INSTALL_HINT = "TinkexRecovery needs Lightning: pip install 'tinkex-recovery[lightning]'"
-_REPLAYER = "_tinkex_recovery_replayer"  # the module's Replayer, an instance attribute for the length of the fit
+_REPLAYER = "_tinkex_recovery_replayer"
+_PROGRESS = "_tinkex_recovery_progress"  # (fit loop, the tracker behind global_step), cached on the trainer  # the module's Replayer, an instance attribute for the length of the fit
 _DDP_REFUSED = (
     "TinkexRecovery does not support distributed training (world_size={n}): Tinker gives a run one training "
     "client and the SDK (0.38) cannot attach a second process to an existing run, so the ranks can neither "
@@ -134,11 +135,16 @@ class TinkexRecovery(Callback):
         self._lane: Lane | None = None
         self._replayer: Replayer | None = None
         self._exhausted: RecoveryExhausted | None = None
+        self._state_key = ("", "")
 
     # -- public state ---------------------------------------------------------------------------------
     @property
-    def state_key(self) -> str:
-        return self._generate_state_key(client_attr=self.client_attr)
+    def state_key(self) -> str:  # one per watched client; cached, as Lightning reads it at every hook call
+        attr, key = self._state_key
+        if attr != self.client_attr:
+            key = self._generate_state_key(client_attr=self.client_attr)
+            self._state_key = (self.client_attr, key)
+        return key
 
     @property
     def run_id(self) -> str | None:
@@ -232,7 +238,7 @@ class TinkexRecovery(Callback):
         ledger = Ledger(position=lambda: replayer.at)
         engine = RecoveryEngine(self.policy, status=self._status, poll_concurrency=1, clock=self._clock)
         try:
-            handle = engine.watch(run_id, service, step_of=ledger.step_of)
+            handle = engine.watch(run_id, service, step_of=replayer.step_of(ledger))
             self._engine = engine.start()
         except BaseException:
             engine.close()
@@ -352,7 +358,7 @@ def _install(trainer: pl.Trainer, module: pl.LightningModule, replay: bool, retr
     replayer = Replayer(
         train,
         start=start,
-        counter=lambda: trainer.global_step,
+        counter=lambda: _step_progress(trainer).total.completed,
         set_counter=lambda n: _set_global_step(trainer, n),
         replay=replay,
         retry_failed_step=retry,
@@ -365,25 +371,35 @@ def _install(trainer: pl.Trainer, module: pl.LightningModule, replay: bool, retr
         would_do(lane.handle, 60.0),
     )
     setattr(module, _REPLAYER, replayer)
-    setattr(module, "training_step", lambda *args, **kwargs: replayer.step(args, kwargs))  # noqa: B010
+    setattr(module, "training_step", replayer.step)  # noqa: B010
     if type(module).validation_step is not LightningModule.validation_step:
         validate = module.validation_step
         setattr(module, "validation_step", lambda *a, **k: replayer.call(validate, a, k))  # noqa: B010
     return replayer
 
 
+def _step_progress(trainer: pl.Trainer) -> Any:
+    """The progress tracker behind ``trainer.global_step`` (manual optimization: ``optim_step_progress``;
+    automatic: ``optim_progress.optimizer.step``), read directly as ``global_step`` itself is a chain of properties.
+    With :func:`_set_global_step`, the one use of Lightning internals; tested at both bounds of the Lightning range
+    pyproject.toml allows (tests/test_lightning_edges.py::test_the_loop_state_lightning_saves_is_untouched_by_a_recovery)."""
+    cached = trainer.__dict__.get(_PROGRESS)
+    if cached is None or cached[0] is not trainer.fit_loop:  # the loops are built once per fit
+        loop = trainer.fit_loop.epoch_loop
+        if trainer.lightning_module.automatic_optimization:
+            progress = loop.automatic_optimization.optim_progress.optimizer.step
+        else:
+            progress = loop.manual_optimization.optim_step_progress
+        cached = trainer.__dict__[_PROGRESS] = (trainer.fit_loop, progress)
+    return cached[1]
+
+
 def _set_global_step(trainer: pl.Trainer, step: int) -> None:
-    """Set ``trainer.global_step`` (read-only in Lightning's API): the one use of Lightning internals. It moves the
-    progress tracker behind it (manual: ``optim_step_progress``; automatic: ``optim_progress.optimizer.step``), its
-    ``total`` and ``current`` (this epoch's) alike, ``ready`` with ``completed``, so that what Lightning saves in a
-    checkpoint is what a fit that never lost its run would save (``current`` may go below 0 while a replay crosses
-    an epoch's start, and comes back). Tested at
-    both bounds of the Lightning range pyproject.toml allows (tests/test_lightning_internals.py)."""
-    loop = trainer.fit_loop.epoch_loop
-    if trainer.lightning_module.automatic_optimization:
-        progress = loop.automatic_optimization.optim_progress.optimizer.step
-    else:
-        progress = loop.manual_optimization.optim_step_progress
+    """Set ``trainer.global_step`` (read-only in Lightning's API) by moving its progress tracker's ``total`` and
+    ``current`` (this epoch's) alike, ``ready`` with ``completed``, so that what Lightning saves in a checkpoint is
+    what a fit that never lost its run would save (``current`` may go below 0 while a replay crosses an epoch's
+    start, and comes back)."""
+    progress = _step_progress(trainer)
     delta = step - progress.total.completed
     for tracker in (progress.total, progress.current):
         tracker.completed += delta

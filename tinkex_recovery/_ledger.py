@@ -137,7 +137,9 @@ class Ledger:
                 raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
         if floor is not None and ceiling is not None and floor > ceiling:
             raise ValueError(f"floor {floor} is above ceiling {ceiling}")
-        self.book = replace(self.book, floor=floor, ceiling=ceiling)
+        book = self.book  # a front-end sets it at every step: built directly, not through replace()
+        if book.floor != floor or book.ceiling != ceiling:
+            self.book = Book(book.saved, book.split, floor, ceiling)
 
     # -- what it says ---------------------------------------------------------------------------------------
     @property

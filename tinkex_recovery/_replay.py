@@ -25,13 +25,14 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ._engine import RunHandle, RunState
 from ._exceptions import CannotReplay, RecoveryExhausted
 from ._futures import resolve
 from ._ledger import Ledger
+from ._models import Checkpoint
 from ._recovery import Recovery
 
 __all__ = ["Kept", "Lane", "Replayer", "Tape"]
@@ -42,15 +43,17 @@ MAX_RERUNS = 3  #: a step that keeps failing on a lost run after this many recov
 Call = tuple[str, Any]  # (method name, what it returned)
 
 
+_CONTAINERS = frozenset({list, tuple, dict})
+
+
 def frozen(value: Any) -> Any:
     """``value`` with its lists, tuples and dicts copied (recursively; the items are referenced, not copied)."""
     kind = type(value)
-    if kind is list:
-        return [frozen(v) for v in value]
-    if kind is tuple:
-        return tuple(frozen(v) for v in value)
+    if kind is list or kind is tuple:
+        items = [v if type(v) not in _CONTAINERS else frozen(v) for v in value]
+        return items if kind is list else tuple(items)
     if kind is dict:
-        return {k: frozen(v) for k, v in value.items()}
+        return {k: v if type(v) not in _CONTAINERS else frozen(v) for k, v in value.items()}
     return value
 
 
@@ -83,10 +86,14 @@ class Tape:
     def __repr__(self) -> str:
         return repr(self.__wrapped__)
 
-    def begin(self, playback: Iterable[Call] | None = None) -> None:
-        """Start recording a step afresh; answer from ``playback`` first."""
-        object.__setattr__(self, "calls", [])
-        object.__setattr__(self, "_queue", deque(playback) if playback else None)
+    def begin(self, playback: Iterable[Call] | None = None, keep: bool = True) -> None:
+        """Start recording a step afresh; answer from ``playback`` first. ``keep=False``: the last step's record is
+        not kept anywhere, its list is reused (the common case, one lane: cheaper than a new list each step)."""
+        if keep or self._queue is not None or playback:
+            object.__setattr__(self, "calls", [])
+            object.__setattr__(self, "_queue", deque(playback) if playback else None)
+        else:
+            self.calls.clear()
 
     def _call(self, name: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         queue = self._queue
@@ -123,7 +130,7 @@ class Kept:
     counter: int
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    tapes: dict[Lane, list[Call]] = field(default_factory=dict)
+    tapes: dict[Lane, list[Call]] | None = None
 
     def call(self, fn: Callable[..., Any]) -> Any:
         return fn(*frozen(self.args), **frozen(self.kwargs))
@@ -149,13 +156,17 @@ class Lane:
         self.ledger, self.handle = ledger, handle
         self.install, self.on_recovery, self.on_exhausted = install, on_recovery, on_exhausted
         self.depth, self.wait_limit = fallback_depth, wait_limit
+        self._saves: object = None
+        self._floor: int | None = None
         self.tape = Tape(ledger.adopt(client))
         install(self.tape)
 
     def floor(self, default: int) -> int:
         """The oldest step this lane may have to train again (the engine restores nothing older)."""
-        step = self.ledger.keep_from(self.depth)
-        return default if step is None else step
+        saves = self.ledger._saves  # replaced whole at each save and adoption: recomputed only then
+        if saves is not self._saves:
+            self._saves, self._floor = saves, self.ledger.keep_from(self.depth)
+        return default if self._floor is None else self._floor
 
     def collect(self) -> tuple[list[Recovery], RecoveryExhausted | None]:
         """The recoveries not yet taken in (waiting for one under way), and the exhaustion if recovery gave up."""
@@ -190,6 +201,8 @@ class Replayer:
     ) -> None:
         self.train = train
         self.at = self.start = start  #: the index of the step under way, or of the next one between steps
+        self.ceiling = start  #: the highest step a checkpoint may hold: one past the furthest step begun
+        self._drop = False  # kept steps below the floors wait for a recovery under way to be taken in
         self.counter, self.set_counter = counter, set_counter
         self.replay, self.retry = replay, retry_failed_step
         self.lanes: list[Lane] = []
@@ -198,13 +211,16 @@ class Replayer:
         self.on_observed: Callable[[Lane, BaseException], None] = lambda lane, exc: None
 
     # -- the loop ------------------------------------------------------------------------------------------
-    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def step(self, *args: Any, **kwargs: Any) -> Any:
         """Run training step ``self.at`` (``train(*args, **kwargs)``): recover what a poll found lost first; a
         failure on a lost run is recovered, the steps since the checkpoint replayed, and the step run again."""
-        self.settle()
+        for lane in self.lanes:  # the common case, every run healthy, costs two reads a lane
+            if not lane.handle.settled:
+                self.settle()
+                break
         if self.stopped:
             return None
-        current = Kept(self.at, self.counter(), frozen(args), frozen(kwargs))
+        current = Kept(self.at, self.counter(), frozen(args), frozen(kwargs) if kwargs else {})
         self._bound(current.index)
         output = self._attempt(self.train, args, kwargs, current)
         if self.replay:
@@ -224,7 +240,14 @@ class Replayer:
 
     def settle(self, check: bool = False) -> None:
         """Between steps: take in (and replay for) what a poll found lost; ``check``: poll every run first."""
-        lost = [lane for lane in self.lanes if (check and lane.lost()) or not lane.handle.settled]
+        lanes = self.lanes
+        if not check:  # the common case, every run healthy: two reads a lane
+            for lane in lanes:
+                if not lane.handle.settled:
+                    break
+            else:
+                return
+        lost = [lane for lane in lanes if (check and lane.lost()) or not lane.handle.settled]
         if lost and not self.stopped:
             counter = self.counter()
             self._take(lost, None, None, {})
@@ -232,8 +255,9 @@ class Replayer:
 
     # -- inside -----------------------------------------------------------------------------------------------
     def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], step: Kept | None) -> Any:
+        keep = len(self.lanes) > 1  # only then may a replay need this step's record
         for lane in self.lanes:
-            lane.tape.begin()
+            lane.tape.begin(None, keep)
         for rerun in range(MAX_RERUNS + 1):
             try:
                 return fn(*args, **kwargs)
@@ -276,18 +300,41 @@ class Replayer:
         return lost
 
     def _bound(self, index: int) -> None:
-        """At a step's start: the engine may restore only what the kept steps can replay from (a floor), and
-        nothing ahead of the steps taken (a ceiling); the kept steps older than every floor are dropped, unless
-        a recovery, possibly chosen against the previous floor, is under way."""
+        """At a step's start: the engine may restore only what the kept steps can replay from (a floor, in each
+        ledger's window, moved when a save moves it) and nothing ahead of the steps taken (:attr:`ceiling`); the
+        kept steps older than every floor are dropped, unless a recovery, possibly chosen against the previous
+        floor, is under way."""
+        if index + 1 > self.ceiling:
+            self.ceiling = index + 1
+        if not self._drop:
+            for lane in self.lanes:
+                if lane.ledger._saves is not lane._saves:  # a save or an adoption since: floors may move
+                    break
+            else:
+                return
         lowest = index
         for lane in self.lanes:
             floor = min(lane.floor(self.start), index) if self.replay else None  # no replay: the module's to do
-            lane.ledger.window(floor=floor, ceiling=index + 1)
-            lowest = min(lowest, index if floor is None else floor)
+            if floor != lane.ledger.book.floor:
+                lane.ledger.window(floor=floor)
+            if floor is not None and floor < lowest:
+                lowest = floor
         kept = self.kept
-        if kept and kept[0].index < lowest and all(lane.handle.settled for lane in self.lanes):
+        self._drop = bool(kept) and kept[0].index < lowest
+        if self._drop and all(lane.handle.settled for lane in self.lanes):
             while kept and kept[0].index < lowest:
                 kept.popleft()
+            self._drop = False
+
+    def step_of(self, ledger: Ledger) -> Callable[[Checkpoint], int | None]:
+        """The engine's ``step_of`` for a lane: the ledger's rule, and no step beyond :attr:`ceiling`. Any thread:
+        the ceiling is one int that only grows during a fit, so a stale read refuses more, never less."""
+
+        def step_of(checkpoint: Checkpoint) -> int | None:
+            step = ledger.step_of(checkpoint)
+            return None if step is None or step > self.ceiling else step
+
+        return step_of
 
     def _recover(
         self, lost: list[Lane], step: Kept | None, cause: BaseException | None, served: dict[Lane, list[Call]]
@@ -338,7 +385,7 @@ class Replayer:
         self.set_counter(kept.counter)
         for lane in self.lanes:
             resume = resumes.get(lane)
-            lane.tape.begin(None if resume is not None and resume <= kept.index else kept.tapes.get(lane))
+            lane.tape.begin(None if resume is not None and resume <= kept.index else (kept.tapes or {}).get(lane))
         kept.call(self.train)
         if len(self.lanes) > 1:
             kept.tapes = {lane: lane.tape.calls for lane in self.lanes}
