@@ -256,23 +256,32 @@ def test_automatic_optimization_keeps_the_true_step_count(
 def test_resuming_with_ckpt_path_restores_the_tinker_run_to_that_checkpoint(
     tmp_path: Path, sim: SimulatedTinker
 ) -> None:
-    # Fit 1 runs 3 epochs of 4 batches, a Lightning checkpoint at each epoch's end; the process "dies". Fit 2
-    # resumes from the checkpoint after epoch 1 (global_step 4) though the run had trained 12 batches.
-    first = Module(sim, save_every=100)
+    # Fit 1 runs 3 epochs of 4 batches, a Lightning checkpoint at each epoch's end, and loses its run once in epoch
+    # 1; the process "dies". Fit 2 resumes from the checkpoint after epoch 1 (global_step 4) though the run had
+    # trained 12 batches: the callback restores the Tinker checkpoint saved with that Lightning checkpoint.
+    first = Module(sim, save_every=2, lose={(3, "mid")})
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-    cbs = [TinkexRecovery(clock=FakeClock())]
-    first.cbs = cbs
-    make_trainer(tmp_path, None, callbacks=[*cbs, saver], max_epochs=3, enable_checkpointing=True).fit(first, loader(4))
+    first.cbs = [TinkexRecovery(clock=FakeClock())]
+    trainer = make_trainer(tmp_path, None, callbacks=[*first.cbs, saver], max_epochs=3, enable_checkpointing=True)
+    trainer.fit(first, loader(4))
     assert sim.lineage(first.training_client.model_id) == [0, 1, 2, 3] * 3
+    (lost,) = first.cbs[0].lineage
 
-    second = Module(sim, save_every=100, lose={(1, "mid")})
+    second = Module(sim, save_every=2, lose={(6, "mid")})  # and fit 2 loses its run too
+    unused = second.training_client.model_id
     second.cbs = [TinkexRecovery(clock=FakeClock())]
     again = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="again-{epoch}")
     trainer = make_trainer(tmp_path, None, callbacks=[*second.cbs, again], max_epochs=3, enable_checkpointing=True)
     trainer.fit(second, loader(4), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
     assert trainer.global_step == 12
-    assert sim.lineage(second.training_client.model_id) == [0, 1, 2, 3] * 3
-    assert second.training_client.model_id != first.training_client.model_id
+    final = second.training_client.model_id
+    assert sim.lineage(final) == [0, 1, 2, 3] * 3
+    assert unused not in {final, *[r["new_run_id"] for r in second.cbs[0].lineage]}
+    assert sim.lineage(unused) == []  # the run the module was built with was never trained
+    records = second.cbs[0].lineage
+    assert records[0] == lost and [r["number"] for r in records] == [1, 2]
+    restored = sim.restore_calls[len(sim.restore_calls) - 2][0]  # fit 2's first restore: the resume
+    assert restored.endswith("/weights/lightning-00000004") and lost["new_run_id"] in restored
 
 
 def test_resuming_from_a_checkpoint_without_a_tinker_checkpoint_is_refused(
