@@ -82,10 +82,41 @@ def recovery_overhead(samples: int) -> list[float]:
     return seconds
 
 
+def bare_save_resume_ok(steps: int = 40, every: int = 5) -> float:
+    """1.0 if a loop that saves with a bare ``guard.client.save_state(name)`` (no step, no metadata of its own),
+    lost once between forward_backward and optim_step and once by a call right after a save, is recovered with
+    every step trained exactly once, resuming each time at what the restored checkpoint holds; else 0.0."""
+    sim = SimulatedTinker()
+    client = sim.create_lora_training_client(base_model="bench/model")
+    policy = RecoveryPolicy(enabled=True, poll_interval=3600.0, backoff=0.0, max_backoff=0.0)
+    losses = {(13, "mid"), (24, "after_save")}
+    held: dict[str, int] = {}
+    with recovery_guard(client.model_id, sim, client=client, policy=policy) as guard:
+        for step in guard.steps(range(steps)):
+            with step:
+                guard.client.forward_backward([step.index]).result()
+                if (step.index, "mid") in losses:
+                    losses.discard((step.index, "mid"))
+                    sim.corrupt(guard.run_id)
+                guard.client.optim_step().result()
+                if (step.index + 1) % every == 0:
+                    run_id = guard.run_id
+                    held[guard.client.save_state(f"bare-{step.index + 1}").result().path] = len(sim.lineage(run_id))
+                    if (step.index, "after_save") in losses:
+                        losses.discard((step.index, "after_save"))
+                        sim.corrupt(run_id)
+                    guard.client.forward([step.index]).result()  # an eval after the save
+    resumed_right = all(r.resumed_at == held.get(r.checkpoint.tinker_path) for r in guard.recoveries)
+    ok = not losses and len(guard.recoveries) == 2 and resumed_right and sim.lineage(guard.run_id) == list(range(steps))
+    return 1.0 if ok else 0.0
+
+
 def bench(quick: bool) -> dict[str, float]:
     result = guard_overhead(100_000 if quick else 500_000, 5 if quick else 9)
+    result["guard_overhead_bare_steps"] = result["guard_overhead_ns_per_step"] / result["guard_bare_ns_per_step"]
     recoveries = recovery_overhead(20 if quick else 100)
     return result | {
+        "bare_save_resume_ok": bare_save_resume_ok(),
         "recovery_overhead_ms": statistics.median(recoveries) * 1e3,
         "recovery_overhead_p90_ms": percentile(recoveries, 90) * 1e3,
     }

@@ -53,6 +53,8 @@ class Target:
 TARGETS = [
     Target("poll_speedup_vs_sequential", ">= 10", lambda r: r["poll_speedup_vs_sequential"] >= 10),
     Target("guard_overhead_ns_per_step", "<= 1000", lambda r: r["guard_overhead_ns_per_step"] <= 1000),
+    Target("guard_overhead_bare_steps", "<= 15", lambda r: r["guard_overhead_bare_steps"] <= 15),
+    Target("bare_save_resume_ok", "== 1", lambda r: r["bare_save_resume_ok"] == 1),
     Target(
         "async_guard_overhead_ns_per_step",
         "<= 3 x sync guard's",
@@ -100,6 +102,8 @@ REQUIRED = [
     "detection_latency_p99_s",
     "detection_by_error_p99_s",
     "guard_overhead_ns_per_step",
+    "guard_overhead_bare_steps",
+    "bare_save_resume_ok",
     "async_guard_overhead_ns_per_step",
     "event_loop_max_lag_ms_during_recovery",
     "threads_at_1_guard",

@@ -8,7 +8,8 @@ reference to the training client. On the simulated Tinker the server marks the r
 right after a batch's requests were sent (and the first restore attempt hits a passing 503, retried after a
 backoff). The failure shows when the loop awaits those requests; the guard
 polls at once, awaits the new run (the event loop runs on: a heartbeat task keeps ticking), swaps the client
-into `guard.client` and, through `on_swap`, into the checkpoint manager, and rewinds to the checkpoint's step.
+into `guard.client` and, through `on_swap`, into the checkpoint manager, and rewinds to the checkpoint's step (the
+manager saves with a bare `save_state(name)`, as the cookbook does: the guard records the step each save holds).
 The first step after each recovery (`step.resumed`) drops the futures of the lost run. It prints each
 recovery, then checks that every batch was trained exactly once.
 """
@@ -34,10 +35,15 @@ CORRUPT_AT = {(27, 0), (44, 1)}
 
 @dataclass
 class CheckpointManager:
-    """A stand-in for tinker-cookbook's: it keeps its own reference to the training client."""
+    """A stand-in for tinker-cookbook's: it keeps its own reference to the training client and saves with a
+    plain ``save_state(name)``, no step: given ``guard.client``, the guard sees the save and records its step."""
 
     training_client: Any
     saved: int = 0
+
+    async def save(self, name: str) -> str:
+        self.saved += 1
+        return str((await (await self.training_client.save_state_async(name))).path)
 
 
 async def heartbeat(ticks: list[float]) -> None:
@@ -52,7 +58,7 @@ async def heartbeat(ticks: list[float]) -> None:
 async def main() -> int:
     service = SimulatedTinker()
     training_client = await service.create_lora_training_client_async(base_model="Qwen/Qwen3-8B")
-    manager = CheckpointManager(training_client)
+    manager = CheckpointManager(None)
     # A long poll interval on purpose: the failing calls are what make recovery immediate.
     policy = RecoveryPolicy(enabled=True, poll_interval=60, backoff=0.05, max_backoff=0.2)
     lags: list[float] = []
@@ -66,6 +72,7 @@ async def main() -> int:
     async with recovery_guard(
         training_client.model_id, service, policy=policy, client=training_client, on_swap=keep_current
     ) as guard:
+        manager.training_client = guard.client  # the guard's client, so that the manager's saves are seen
         async for step in guard.steps(range(0, NUM_BATCHES)):
             async with step:
                 if step.resumed:  # a new run: the futures still in flight belong to the lost one
@@ -81,9 +88,8 @@ async def main() -> int:
                     if not guard.recoveries:
                         service.fail_restores(1)  # and the first restore hits a passing 503: retried after backoff
                 if (step.index + 1) % SAVE_EVERY == 0:
-                    # Submitted after batch k's requests, it holds batches up to k: resume at k + 1.
-                    await guard.save_state_async(f"{step.index + 1:06d}", step=step.index + 1)
-                    manager.saved += 1
+                    # Submitted after batch k's requests, it holds batches up to k: the guard records k + 1.
+                    await manager.save(f"{step.index + 1:06d}")
                 # Finish the batch SUBMIT_AHEAD back (all of them at the end).
                 while len(in_flight) > SUBMIT_AHEAD or (step.index == NUM_BATCHES - 1 and in_flight):
                     _, done_fwd, done_opt = in_flight.popleft()

@@ -16,9 +16,12 @@ the plans below, which say what to wait for and never wait themselves; a blockin
   traceback and kept as :attr:`GuardRecovery.cause`), otherwise it propagates unchanged. Recoveries the poller
   finds are taken in before the next step. When the iterable runs out, one last poll makes sure the loop does
   not end on a run already marked corrupted.
-- Where to resume comes from the checkpoint: ``step`` in its user_metadata (written by :meth:`save_state`),
-  else the ``batch`` of its record in ``{log_path}/checkpoints.jsonl`` (tinker-cookbook's file). The engine is
-  told so (``step_of``): a checkpoint with neither is never restored for a guarded loop.
+- Where to resume is the ledger's one rule (:class:`~tinkex_recovery._ledger.Ledger`, the engine's ``step_of``):
+  ``guard.client`` is the client behind a proxy that tells the ledger of every ``optim_step`` and ``save_state``
+  sent, so each save, a bare ``save_state(name)`` too, records the step it holds in its user_metadata; a step the
+  user records wins (``step`` in the user_metadata, else the ``batch`` of its record in
+  ``{log_path}/checkpoints.jsonl``, tinker-cookbook's file). A checkpoint with no step is never restored for a
+  guarded loop.
 - Without a ``client``, the guard resumes at entry, as a restarted process needs: the engine restores a new
   run from ``run_id``'s checkpoint chosen by the policy (the same recovery, with the same rules, as for a
   corruption), and the loop starts at :attr:`RecoveryGuard.start_step`.

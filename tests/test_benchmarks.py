@@ -21,6 +21,8 @@ REQUIRED = [
     "detection_latency_p99_s",
     "detection_by_error_p99_s",
     "guard_overhead_ns_per_step",
+    "guard_overhead_bare_steps",
+    "bare_save_resume_ok",
     "async_guard_overhead_ns_per_step",
     "event_loop_max_lag_ms_during_recovery",
     "threads_at_1_guard",

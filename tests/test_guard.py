@@ -381,7 +381,9 @@ def test_a_disabled_policy_passes_through_without_a_thread(
                 guard.client.forward_backward([step.index]).result()
                 guard.client.optim_step().result()
                 if (step.index + 1) % 10 == 0:
-                    guard.save_state(f"s{step.index + 1}", step=step.index + 1)
+                    guard.client.save_state(f"s{step.index + 1}").result()
+    # the one thing it adds: the step of each bare save, for a later process that recovers
+    assert [c.user_metadata for c in sim.list_checkpoints(client.model_id).checkpoints] == [{RESUME_KEY: "10"}]
     assert [r.message for r in caplog.records if "disabled" in r.message] == [
         f"recovery_guard: recovery is disabled by the policy (enabled=False); run {client.model_id} is not "
         "watched and the guard passes everything through"
@@ -553,3 +555,19 @@ def test_best_strategy_ranks_by_the_metrics_save_state_stored(sim: SimulatedTink
     assert guard.recoveries[0].resumed_at == 20
     assert ran == [*range(36), *range(20, 40)]
     assert sim.lineage(guard.run_id) == list(range(40))
+
+
+def test_guard_save_state_records_the_ledgers_step_unless_told_and_refuses_when_none_is_known(
+    sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    client = sim.create_lora_training_client(base_model="m")
+    with recovery_guard(client.model_id, sim, policy=POLICY, client=client, clock=clock) as guard:
+        with pytest.raises(ValueError, match="pass step="):
+            guard.save_state("before-the-loop")  # a client passed in: what its run holds is not known yet
+        for step in guard.steps(range(3)):
+            with step:
+                guard.client.forward_backward([step.index]).result()
+                guard.client.optim_step().result()
+        path = guard.save_state("three", metrics={"loss": 0.25})
+    (saved,) = [c for c in sim.list_checkpoints(client.model_id).checkpoints if c.tinker_path == path]
+    assert saved.user_metadata == {RESUME_KEY: "3", "step": "3", "loss": "0.25"} and guard.ledger.step == 3

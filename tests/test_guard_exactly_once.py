@@ -66,20 +66,58 @@ POLICY = RecoveryPolicy(
 )
 
 
+class Recovered:
+    """Counts recoveries (as the policy's ``on_recovery``, on the engine's notifier thread); ``poll`` lets the poller
+    find a loss: it advances the clock one interval and waits until that loss is recovered."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.cond = threading.Condition()
+        self.count = 0
+
+    def __call__(self, _: object) -> None:
+        with self.cond:
+            self.count += 1
+            self.cond.notify_all()
+
+    def poll(self) -> None:
+        with self.cond:
+            seen = self.count
+            self.clock.advance(INTERVAL)  # the poller finds it; no training call fails first
+            assert self.cond.wait_for(lambda: self.count > seen, WAIT)
+
+
+class RecoveredAsync:
+    """:class:`Recovered` for a coroutine: the wait is awaited. Make it inside the running event loop."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.loop = asyncio.get_running_loop()
+        self.cond = asyncio.Condition()
+        self.count = 0
+
+    def __call__(self, _: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._count(), self.loop)
+
+    async def _count(self) -> None:
+        async with self.cond:
+            self.count += 1
+            self.cond.notify_all()
+
+    async def poll(self) -> None:
+        async with self.cond:
+            seen = self.count
+            self.clock.advance(INTERVAL)
+            await asyncio.wait_for(self.cond.wait_for(lambda: self.count > seen), WAIT)
+
+
 def run(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], list[int], int]:
     """The guarded loop under ``schedule`` ({execution number: phase}); returns the final run's lineage,
     the step indices in the order they ran, and the number of recoveries."""
     clock = FakeClock()
     sim = SimulatedTinker(clock=clock)
-    recovered = threading.Condition()
-    completed = [0]
-
-    def on_recovery(_: object) -> None:
-        with recovered:
-            completed[0] += 1
-            recovered.notify_all()
-
-    policy = POLICY.replace(on_recovery=on_recovery)
+    recovered = Recovered(clock)
+    policy = POLICY.replace(on_recovery=recovered)
     service = CorruptOnArrival(sim, doomed)
     client = sim.create_lora_training_client(base_model="Qwen/Qwen3-8B")
     ran: list[int] = []
@@ -101,10 +139,7 @@ def run(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], list[int
                     if phase in ("after", "poll"):
                         sim.corrupt(guard.run_id)
                     if phase == "poll":
-                        with recovered:
-                            seen = completed[0]
-                            clock.advance(INTERVAL)  # the poller finds it; no training call fails first
-                            assert recovered.wait_for(lambda seen=seen: completed[0] > seen, WAIT)
+                        recovered.poll()
         return sim.lineage(guard.run_id), ran, len(guard.recoveries)
     finally:
         sim.release()
@@ -119,19 +154,8 @@ def run_async(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], li
     ran: list[int] = []
 
     async def main() -> tuple[list[int], int]:
-        loop = asyncio.get_running_loop()
-        completed = [0]
-        recovered = asyncio.Condition()
-
-        async def count() -> None:
-            async with recovered:
-                completed[0] += 1
-                recovered.notify_all()
-
-        def on_recovery(_: object) -> None:  # on the engine's notifier thread
-            asyncio.run_coroutine_threadsafe(count(), loop)
-
-        policy = POLICY.replace(on_recovery=on_recovery)
+        recovered = RecoveredAsync(clock)
+        policy = POLICY.replace(on_recovery=recovered)
         async with recovery_guard(client.model_id, service, policy=policy, client=client, clock=clock) as guard:
             async for step in guard.steps(range(STEPS)):
                 async with step:
@@ -150,10 +174,7 @@ def run_async(schedule: dict[int, str], doomed: set[int]) -> tuple[list[int], li
                     if phase in ("after", "poll"):
                         sim.corrupt(guard.run_id)
                     if phase == "poll":
-                        async with recovered:
-                            seen = completed[0]
-                            clock.advance(INTERVAL)  # the poller finds it; no training call fails first
-                            await asyncio.wait_for(recovered.wait_for(lambda seen=seen: completed[0] > seen), WAIT)
+                        await recovered.poll()
         return sim.lineage(guard.run_id), len(guard.recoveries)
 
     try:
@@ -255,21 +276,15 @@ class Bare:
     def check(self, guard: RecoveryGuard) -> None:
         assert self.sim.lineage(guard.run_id) == list(range(BARE_STEPS))  # every step exactly once
         assert guard.ledger.step == BARE_STEPS  # the step counter is true at the end
+        assert guard.ledger.sent == BARE_STEPS - guard.recoveries[-1].resumed_at  # one optim_step a step, on this run
         assert guard.recoveries and self.ran[-1] == BARE_STEPS - 1
         for recovery in guard.recoveries:  # ... and at every resume: the step is what the checkpoint holds
             assert recovery.resumed_at == self.held[recovery.checkpoint.tinker_path]
             assert recovery.checkpoint.user_metadata == {RESUME_KEY: str(recovery.resumed_at)}
 
     def run(self) -> RecoveryGuard:
-        recovered = threading.Condition()
-        completed = [0]
-
-        def on_recovery(_: object) -> None:
-            with recovered:
-                completed[0] += 1
-                recovered.notify_all()
-
-        policy, sim, clock = POLICY.replace(on_recovery=on_recovery), self.sim, self.clock
+        recovered = Recovered(self.clock)
+        policy, sim, clock = POLICY.replace(on_recovery=recovered), self.sim, self.clock
         try:
             with recovery_guard(
                 self.client.model_id, self.service, policy=policy, client=self.client, clock=clock
@@ -286,10 +301,7 @@ class Bare:
                         self.save_sync(g, step.index, "end", phase)
                         self.corrupt_if(phase, "after", "poll", run_id=g.run_id)
                         if phase == "poll":
-                            with recovered:
-                                seen = completed[0]
-                                clock.advance(INTERVAL)
-                                assert recovered.wait_for(lambda seen=seen: completed[0] > seen, WAIT)
+                            recovered.poll()
             return g
         finally:
             sim.release()
@@ -307,16 +319,8 @@ class Bare:
         sim, clock = self.sim, self.clock
 
         async def main() -> RecoveryGuard:
-            loop = asyncio.get_running_loop()
-            completed = [0]
-            recovered = asyncio.Condition()
-
-            async def count() -> None:
-                async with recovered:
-                    completed[0] += 1
-                    recovered.notify_all()
-
-            policy = POLICY.replace(on_recovery=lambda _: asyncio.run_coroutine_threadsafe(count(), loop))
+            recovered = RecoveredAsync(clock)
+            policy = POLICY.replace(on_recovery=recovered)
             async with recovery_guard(
                 self.client.model_id, self.service, policy=policy, client=self.client, clock=clock
             ) as g:
@@ -332,10 +336,7 @@ class Bare:
                         await self.save_async(g, step.index, "end", phase)
                         self.corrupt_if(phase, "after", "poll", run_id=g.run_id)
                         if phase == "poll":
-                            async with recovered:
-                                seen = completed[0]
-                                clock.advance(INTERVAL)
-                                await asyncio.wait_for(recovered.wait_for(lambda seen=seen: completed[0] > seen), WAIT)
+                            await recovered.poll()
             return g
 
         try:

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from tinkex_recovery import RESUME_KEY, Checkpoint, ObservedClient
+from tinkex_recovery import RESUME_KEY, Checkpoint, ObservedClient, RecoveryEngine
 from tinkex_recovery._ledger import REMEMBERED, Ledger
 from tinkex_recovery.simulated import SimulatedTinker
 from tinkex_recovery.simulated._tinker import SimulatedTrainingClient
+
+from .helpers import WAIT
 
 
 class Loop:
@@ -25,11 +29,6 @@ class Loop:
 
     def __call__(self) -> int | None:
         return self.at
-
-
-@pytest.fixture
-def sim() -> SimulatedTinker:
-    return SimulatedTinker()
 
 
 def checkpoint_of(sim: SimulatedTinker, run_id: str, name: str) -> Checkpoint:
@@ -79,12 +78,19 @@ def test_the_futures_need_not_be_read_the_order_of_sending_decides(sim: Simulate
     assert ledger.step_of(checkpoint_of(sim, client.model_id, "one")) == 1 and saved.result().path
 
 
-def test_the_step_the_user_records_wins_over_the_ledgers_own(sim: SimulatedTinker) -> None:
+def test_the_step_the_user_records_wins_over_the_ledgers_own_and_a_mismatch_is_logged(
+    sim: SimulatedTinker, caplog: pytest.LogCaptureFixture
+) -> None:
     loop = Loop()
     ledger = Ledger(position=loop, recorded=lambda path: 7 if path.endswith("/logged") else None)
     client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
     train(client, loop, 0)
-    client.save_state("mine", user_metadata={"step": "40", "loss": "0.5"}).result()
+    with caplog.at_level(logging.WARNING, "tinkex_recovery"):
+        client.save_state("agrees", user_metadata={"step": "1"}).result()
+        assert not caplog.records
+        client.save_state("mine", user_metadata={"step": "40", "loss": "0.5"}).result()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "checkpoint mine records step 40, but the steps sent before it make it 1" in line
     client.save_state("logged").result()
     mine = checkpoint_of(sim, client.model_id, "mine")
     assert mine.user_metadata == {RESUME_KEY: "1", "step": "40", "loss": "0.5"}
@@ -220,6 +226,11 @@ def test_a_client_without_metadata_is_remembered_by_name_for_its_own_run_only(si
     assert ledger.step_of(checkpoint_of(sim, client.model_id, f"s{REMEMBERED + 2}")) == REMEMBERED + 2
     assert ledger.step_of(checkpoint_of(sim, client.model_id, "s1")) is None  # beyond the newest REMEMBERED
     assert len(ledger.book.saved) == REMEMBERED
+    for i in range(REMEMBERED + 2, 20 * REMEMBERED):  # a long run's book does not grow
+        loop.at = i
+        client.optim_step()
+        client.save_state(f"s{i + 1}")
+    assert len(ledger.book.saved) == REMEMBERED and len(ledger._saves) == REMEMBERED
     elsewhere = Checkpoint(
         checkpoint_id="weights/s3",
         checkpoint_type="training",
@@ -239,6 +250,9 @@ def test_the_proxy_passes_everything_else_through_and_passes_for_the_client(sim:
     client.tag = "x"
     assert raw.tag == "x"  # type: ignore[attr-defined]
     assert "forward_backward" in dir(client)
+    bare = Ledger().adopt(NoMetadata(raw))
+    assert hasattr(bare, "optim_step") and not hasattr(bare, "optim_step_async")  # exactly the client's attributes
+    assert not hasattr(bare, "save_state_async") and not hasattr(bare, "load_state")
     assert Ledger().adopt(client).__wrapped__ is raw  # a proxy is never wrapped twice
 
 
@@ -316,3 +330,87 @@ def test_a_split_checkpoint_stays_refused_once_its_run_is_lost(sim: SimulatedTin
     ledger.adopt(sim.create_training_client_from_state(whole).result(), step=2)
     inherited = checkpoint_of(sim, half.split("/")[2], "half")
     assert ledger.step_of(inherited) is None and ledger.keep_from(1) == 2  # never the split one
+
+
+class Deferred:
+    """A client whose saves are answered later, by the test (a slow server)."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.pending: list[Future[Any]] = []
+
+    def optim_step(self) -> Future[Any]:
+        done: Future[Any] = Future()
+        done.set_result(None)
+        return done
+
+    def save_state(self, name: str, ttl_seconds: int | None = None, user_metadata: Any = None) -> Future[Any]:
+        self.pending.append(Future())
+        return self.pending[-1]
+
+
+def test_keep_from_counts_only_saves_that_succeeded(sim: SimulatedTinker) -> None:
+    """A save sent to a run that is already lost fails: it holds nothing, so it never raises the floor a replaying
+    front-end keeps batches from (the engine would then refuse every checkpoint that does exist)."""
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    for i in range(4):
+        train(client, loop, i)
+        if i in (1, 3):
+            if i == 3:
+                sim.corrupt(client.model_id)
+            client.save_state(f"s{i + 1}")
+    assert ledger.keep_from() == 2
+    deferred = Deferred("run-x")
+    slow = ledger.adopt(deferred, step=2)
+    loop.at = 2
+    slow.optim_step()
+    slow.save_state("s3")
+    assert ledger.keep_from() == 2  # not answered yet: not counted
+    deferred.pending[-1].set_result(None)
+    assert ledger.keep_from() == 3
+    slow.save_state("s3-again")
+    deferred.pending[-1].set_exception(RuntimeError("lost"))
+    assert ledger.keep_from() == 3 and ledger.keep_from(1) == 2
+
+
+def test_a_recovery_reports_the_step_its_checkpoint_was_chosen_on_though_the_book_changes_meanwhile(
+    sim: SimulatedTinker, make_engine: Callable[..., RecoveryEngine]
+) -> None:
+    """step_of runs on the engine's threads while the loop's thread goes on: the window moves during the restore
+    (the loop pruned its buffer). The recovery keeps the answer it chose by; it never reports a step of None."""
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    for i in range(3):
+        train(client, loop, i)
+    client.save_state("three").result()
+    sim.on_restore(lambda path: ledger.window(floor=10))
+    handle = make_engine(status=sim).watch(client.model_id, sim, step_of=ledger.step_of)
+    sim.corrupt(client.model_id)
+    assert handle.check_now()
+    recovery = handle.wait_for_recovery(timeout=WAIT)
+    assert recovery.step == 3 and recovery.checkpoint.tinker_path.endswith("/three")
+    assert ledger.step_of(recovery.checkpoint) is None  # what the book says now
+
+
+def test_a_save_whose_call_raises_or_is_cancelled_is_not_counted_as_saved(sim: SimulatedTinker) -> None:
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    train(client, loop, 0)
+    client.save_state("one").result()
+    train(client, loop, 1)
+    with pytest.raises(TypeError):
+        client.save_state("two", user_metadata={"k": 3})  # refused by the client before sending
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(client.save_state_async("three"))
+        await asyncio.sleep(0)  # the save is stamped and its call started
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    assert ledger.keep_from() == 1  # neither two nor three holds anything the ledger can count on

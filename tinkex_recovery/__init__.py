@@ -34,7 +34,7 @@ from ._exceptions import (
     TinkerStatusError,
     TinkexRecoveryError,
 )
-from ._ledger import RESUME_KEY, ObservedClient
+from ._ledger import RESUME_KEY, Ledger, ObservedClient
 from ._models import Checkpoint, CheckpointList, Cursor, TinkerPath, TrainingRun, TrainingRunList
 from ._policy import RecoveryPolicy
 from ._recovery import BUDGET_KEYS, LINEAGE_KEYS, Recovery
@@ -64,6 +64,7 @@ __all__ = [
     "ExhaustedReason",
     "FakeClock",
     "InvalidTinkerPath",
+    "Ledger",
     "MalformedResponse",
     "MissingAPIKey",
     "NoRestorableCheckpoint",

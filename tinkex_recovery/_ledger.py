@@ -17,9 +17,11 @@ saves); for a run no ``optim_step`` was sent to yet, the step it was restored at
 Order, not results. The SDK sends a client's requests in the order they were made, so a save made after an
 ``optim_step`` holds it, whether or not anything was read from either future; the ledger counts at submission.
 
-Threads. The observing methods run on the loop's thread (or event loop). :meth:`Ledger.step_of` runs on the
-engine's threads: it reads only the checkpoint and a :class:`Book`, a frozen snapshot the loop's thread
-replaces whole (at each save, each adopted run, each change of the replay window), never fields being changed.
+Threads. The front-end calls :meth:`Ledger.adopt`, :meth:`Ledger.window` and :meth:`Ledger.keep_from` on the
+loop's thread (or event loop); the proxy's calls may come from any thread, and each is counted under the ledger's
+lock together with the client call that sends it, so the ledger's order is the client's. :meth:`Ledger.step_of`
+runs on the engine's threads: it reads only the checkpoint and a :class:`Book`, a frozen snapshot replaced whole
+(at each save, each adopted run, each change of the window), never fields being changed.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from ._models import Checkpoint
+from ._models import STEP_KEY, Checkpoint, parse_step
 
-__all__ = ["RESUME_KEY", "Book", "Ledger", "ObservedClient"]
+__all__ = ["OBSERVED", "RESUME_KEY", "Book", "Ledger", "ObservedClient"]
 
 logger = logging.getLogger("tinkex_recovery")
 
@@ -49,16 +53,6 @@ REMEMBERED = 64
 _NO_NAMES: Mapping[str, int] = MappingProxyType({})
 
 
-def _parse_step(raw: object) -> int | None:
-    if not isinstance(raw, str):
-        return None
-    try:
-        step = int(raw)
-    except ValueError:
-        return None
-    return step if step >= 0 else None
-
-
 @dataclass(frozen=True, slots=True)
 class Book:
     """What :meth:`Ledger.step_of` decides against: a frozen snapshot, replaced whole by the loop's thread."""
@@ -70,6 +64,37 @@ class Book:
     split: frozenset[str] = frozenset()
     floor: int | None = None  #: the lowest step the front-end can train again (None: any)
     ceiling: int | None = None  #: the highest step a resume may start at (None: any)
+
+
+_SENDING = object()  # a save's future before its call returned
+_FAILED = object()  # the call raised (or its coroutine was cancelled): nothing is known to be saved
+
+
+class _Save:
+    """A checkpoint saved (or restored) through the ledger: its path, its step, and what the save's call returned
+    (None: a checkpoint known to exist, the one a run was restored from). Only a save that succeeded counts for
+    :meth:`Ledger.keep_from`."""
+
+    __slots__ = ("future", "path", "step")
+
+    def __init__(self, path: str | None, step: int, future: Any = _SENDING) -> None:
+        self.path, self.step, self.future = path, step, future
+
+    def state(self) -> bool | None:
+        """True: saved; False: the save failed (or its call did); None: not answered yet."""
+        future = self.future
+        if future is None:
+            return True
+        if future is _FAILED:
+            return False
+        if future is _SENDING:
+            return None
+        inner = future.future() if callable(getattr(type(future), "future", None)) else future  # the SDK's APIFuture
+        if not isinstance(inner, Future):
+            return True  # a value, or a future of unknown make: taken as saved
+        if not inner.done():
+            return None
+        return not inner.cancelled() and inner.exception() is None
 
 
 class Ledger:
@@ -99,8 +124,7 @@ class Ledger:
         self._last_tag: int | None = None  # the step under way when the last optim_step was sent
         self._cut: list[str] = []  # paths of saves made during step _last_tag after one of its optim_steps
         self._run_id: str | None = None  # the current run (its saves' paths are tinker://{run_id}/weights/{name})
-        #: (tinker path or None, step) of the lineage's checkpoints a recovery may restore, oldest first
-        self._saves: list[tuple[str | None, int]] = []
+        self._saves: list[_Save] = []  # the lineage's checkpoints a recovery may restore, oldest first
         self._known = True  # False after a load_state: what the run holds is no longer the ledger's to say
         self.book = Book()
 
@@ -123,9 +147,9 @@ class Ledger:
             run_id = getattr(client, "model_id", None)
             self._run_id = run_id if isinstance(run_id, str) else None
             if step is not None:  # restored: saves of the lost run after that checkpoint are never restored
-                self._saves = [(p, s) for p, s in self._saves if s <= step]
-                if all(s != step for _, s in self._saves):
-                    self._saves.append((None, step))
+                self._saves = [save for save in self._saves if save.step <= step]
+                if all(save.step != step for save in self._saves):
+                    self._saves.append(_Save(None, step, None))
             return ObservedClient(client, self, self._generation)
 
     def window(self, floor: int | None = None, ceiling: int | None = None) -> None:
@@ -137,9 +161,8 @@ class Ledger:
                 raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
         if floor is not None and ceiling is not None and floor > ceiling:
             raise ValueError(f"floor {floor} is above ceiling {ceiling}")
-        book = self.book  # a front-end sets it at every step: built directly, not through replace()
-        if book.floor != floor or book.ceiling != ceiling:
-            self.book = Book(book.saved, book.split, floor, ceiling)
+        with self._lock:
+            self.book = replace(self.book, floor=floor, ceiling=ceiling)
 
     # -- what it says ---------------------------------------------------------------------------------------
     @property
@@ -165,7 +188,9 @@ class Ledger:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         split = self.book.split
-        steps = sorted({s for p, s in self._saves if p not in split}, reverse=True)
+        with self._lock:
+            self._saves = [save for save in self._saves if save.state() is not False]  # a failed save holds nothing
+            steps = sorted({v.step for v in self._saves if v.path not in split and v.state()}, reverse=True)
         if not steps:
             return None
         return steps[min(depth, len(steps) - 1)]
@@ -192,7 +217,7 @@ class Ledger:
         if step is None:
             if path in book.split:
                 return None
-            step = _parse_step((checkpoint.user_metadata or {}).get(RESUME_KEY))
+            step = parse_step((checkpoint.user_metadata or {}).get(RESUME_KEY))
             if step is None:
                 step = book.saved.get(path)
         if step is None:
@@ -225,25 +250,26 @@ class Ledger:
         elif self._step is not None:
             self._step += 1
 
-    def _save(self, generation: int, name: str, *, remember: bool) -> int | None:
-        """A save of ``name`` is being sent: the step it holds (None if not known). ``remember``: the save cannot
-        carry its step in its user_metadata, so the book keeps it by path."""
+    def _save(self, generation: int, name: str, *, remember: bool) -> _Save | None:
+        """A save of ``name`` is being sent: what it holds (None if not known); the proxy gives it the save's
+        future. ``remember``: the save cannot carry its step in its user_metadata, so the book keeps it by path."""
         if generation != self._generation:
             return None
         step = self.step
         if step is None:
             return None
         path = f"tinker://{self._run_id}/weights/{name}" if self._run_id is not None else None
-        self._saves = [*self._saves[-REMEMBERED + 1 :], (path, step)]
+        save = _Save(path, step)
+        self._saves = [*self._saves[-REMEMBERED + 1 :], save]
         if path is None:
-            return step
+            return save
         if self._last_tag is not None and self._last_tag == self._position():
             self._cut.append(path)
         if remember:
             saved = {k: v for k, v in self.book.saved.items() if k != path}
             saved[path] = step
             self.book = replace(self.book, saved=MappingProxyType(dict(list(saved.items())[-REMEMBERED:])))
-        return step
+        return save
 
     def _loaded(self, generation: int) -> None:
         if generation == self._generation and self._known:
@@ -262,13 +288,132 @@ def _accepts_metadata(method: Callable[..., Any]) -> bool:
     return "user_metadata" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _like(method: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """``wrapper`` dressed as the client's ``method``: its name and doc, and its signature (``__wrapped__``)."""
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    wrapper.__name__ = getattr(method, "__name__", wrapper.__name__)
+    wrapper.__qualname__ = getattr(method, "__qualname__", wrapper.__qualname__)
+    wrapper.__doc__ = getattr(method, "__doc__", None)
+    return wrapper
+
+
+def _observe_optim(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger, generation = proxy._ledger, proxy._generation
+
+    def optim_step(*args: Any, **kwargs: Any) -> Any:
+        with ledger._lock:  # the count follows the order the client sends in, whatever thread calls
+            future = method(*args, **kwargs)  # one that raises before sending is not counted
+            ledger._optim(generation)
+        return future
+
+    return _like(method, optim_step)
+
+
+def _observe_optim_async(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger, generation = proxy._ledger, proxy._generation
+
+    async def optim_step_async(*args: Any, **kwargs: Any) -> Any:
+        # Counted before the await: a coroutine that yields to the event loop before it sends must not let
+        # another task's save be stamped without this step. (One that fails before sending fails the step.)
+        with ledger._lock:
+            ledger._optim(generation)
+        return await method(*args, **kwargs)
+
+    return _like(method, optim_step_async)
+
+
+@contextmanager
+def _sending(save: _Save | None) -> Iterator[None]:
+    """Around a save's call: one that raises (or a coroutine cancelled) leaves nothing known to be saved."""
+    try:
+        yield
+    except BaseException:
+        if save is not None:
+            save.future = _FAILED
+        raise
+
+
+def _sent(save: _Save | None, future: Any) -> None:
+    if save is not None:
+        save.future = future
+
+
+def _observe_save(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger = proxy._ledger
+
+    def save_state(name: str, *args: Any, **kwargs: Any) -> Any:
+        with ledger._lock:
+            save, args = proxy._stamp(name, args, kwargs)
+            with _sending(save):
+                future = method(name, *args, **kwargs)
+            _sent(save, future)
+        return future
+
+    return _like(method, save_state)
+
+
+def _observe_save_async(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger = proxy._ledger
+
+    async def save_state_async(name: str, *args: Any, **kwargs: Any) -> Any:
+        with ledger._lock:
+            save, args = proxy._stamp(name, args, kwargs)
+        with _sending(save):
+            future = await method(name, *args, **kwargs)
+        _sent(save, future)
+        return future
+
+    return _like(method, save_state_async)
+
+
+def _observe_load(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger, generation = proxy._ledger, proxy._generation
+
+    def load_state(*args: Any, **kwargs: Any) -> Any:
+        with ledger._lock:
+            future = method(*args, **kwargs)
+            ledger._loaded(generation)  # what the run holds is no longer counted
+        return future
+
+    return _like(method, load_state)
+
+
+def _observe_load_async(proxy: ObservedClient, method: Any) -> Callable[..., Any]:
+    ledger, generation = proxy._ledger, proxy._generation
+
+    async def load_state_async(*args: Any, **kwargs: Any) -> Any:
+        future = await method(*args, **kwargs)
+        with ledger._lock:
+            ledger._loaded(generation)
+        return future
+
+    return _like(method, load_state_async)
+
+
+#: The client's methods the proxy observes, and how; every other attribute is the client's own, untouched.
+OBSERVED: Mapping[str, Callable[[ObservedClient, Any], Callable[..., Any]]] = MappingProxyType(
+    {
+        "optim_step": _observe_optim,
+        "optim_step_async": _observe_optim_async,
+        "save_state": _observe_save,
+        "save_state_async": _observe_save_async,
+        "load_state": _observe_load,
+        "load_state_with_optimizer": _observe_load,
+        "load_state_async": _observe_load_async,
+        "load_state_with_optimizer_async": _observe_load_async,
+    }
+)
+
+
 class ObservedClient:
     """The training client, observed: ``optim_step`` and ``save_state`` (and their ``*_async`` forms) are
     counted by the :class:`Ledger` as they are sent, and each save carries its step in its user_metadata
-    (:data:`RESUME_KEY`, under the user's own keys); every other attribute is the client's own, untouched.
+    (:data:`RESUME_KEY`, under the user's own keys); ``load_state*`` makes the ledger stop claiming steps. Every
+    other attribute is the client's own, untouched (the very same bound methods).
 
-    ``isinstance(proxy, type(client))`` holds (``__class__`` is the client's); ``type(proxy)`` is this class;
-    ``proxy.__wrapped__`` is the client itself.
+    It passes for the client: ``isinstance(proxy, type(client))`` holds (``__class__`` is the client's), an
+    attribute exists on it exactly when it does on the client, and the observed methods carry the client's
+    signature and docstring. ``type(proxy)`` is this class; ``proxy.__wrapped__`` is the client itself.
     """
 
     __slots__ = ("__wrapped__", "_generation", "_ledger", "_meta")
@@ -285,7 +430,9 @@ class ObservedClient:
         return type(self.__wrapped__)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__wrapped__, name)
+        attr = getattr(self.__wrapped__, name)
+        observe = OBSERVED.get(name)
+        return attr if observe is None or not callable(attr) else observe(self, attr)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.__wrapped__, name, value)
@@ -302,63 +449,29 @@ class ObservedClient:
     def __reduce_ex__(self, protocol: Any) -> Any:
         return self.__wrapped__.__reduce_ex__(protocol)
 
-    # -- optimizer steps ------------------------------------------------------------------------------------
-    def optim_step(self, *args: Any, **kwargs: Any) -> Any:
-        ledger = self._ledger
-        with ledger._lock:  # the count follows the order the client sends in, whatever thread calls
-            future = self.__wrapped__.optim_step(*args, **kwargs)  # raises before sending: nothing counted
-            ledger._optim(self._generation)
-        return future
-
-    async def optim_step_async(self, *args: Any, **kwargs: Any) -> Any:
-        # Counted before the await: a coroutine that yields to the event loop before it sends must not let
-        # another task's save be stamped without this step. (One that fails before sending fails the step.)
-        self._ledger._optim(self._generation)
-        return await self.__wrapped__.optim_step_async(*args, **kwargs)
-
-    # -- checkpoints ----------------------------------------------------------------------------------------
-    def save_state(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        ledger = self._ledger
-        with ledger._lock:
-            args = self._stamp(name, args, kwargs)
-            return self.__wrapped__.save_state(name, *args, **kwargs)
-
-    async def save_state_async(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        args = self._stamp(name, args, kwargs)
-        return await self.__wrapped__.save_state_async(name, *args, **kwargs)
-
-    def _stamp(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def _stamp(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Save | None, tuple[Any, ...]]:
+        """Tell the ledger a save of ``name`` is being sent; put its step into the call's user_metadata (keyword
+        or the SDK's positional place), under the user's own keys."""
         meta = self._meta
-        step = self._ledger._save(self._generation, name, remember=not meta) if isinstance(name, str) else None
-        if step is None or not meta:
-            return args
-        if len(args) >= 3 and "user_metadata" not in kwargs:  # SDK order: ttl_seconds, overwrite, user_metadata
-            given = args[2]
-            if given is None or isinstance(given, Mapping):
-                return (*args[:2], {RESUME_KEY: str(step), **(given or {})}, *args[3:])
-            return args
-        given = kwargs.get("user_metadata")
-        if given is None or isinstance(given, Mapping):
-            kwargs["user_metadata"] = {RESUME_KEY: str(step), **(given or {})}
-        return args
-
-    # -- state loaded into the run: what it holds is no longer counted ----------------------------------------
-    def load_state(self, *args: Any, **kwargs: Any) -> Any:
-        future = self.__wrapped__.load_state(*args, **kwargs)
-        self._ledger._loaded(self._generation)
-        return future
-
-    def load_state_with_optimizer(self, *args: Any, **kwargs: Any) -> Any:
-        future = self.__wrapped__.load_state_with_optimizer(*args, **kwargs)
-        self._ledger._loaded(self._generation)
-        return future
-
-    async def load_state_async(self, *args: Any, **kwargs: Any) -> Any:
-        future = await self.__wrapped__.load_state_async(*args, **kwargs)
-        self._ledger._loaded(self._generation)
-        return future
-
-    async def load_state_with_optimizer_async(self, *args: Any, **kwargs: Any) -> Any:
-        future = await self.__wrapped__.load_state_with_optimizer_async(*args, **kwargs)
-        self._ledger._loaded(self._generation)
-        return future
+        save = self._ledger._save(self._generation, name, remember=not meta) if isinstance(name, str) else None
+        if save is None or not meta:
+            return save, args
+        positional = len(args) >= 3 and "user_metadata" not in kwargs  # SDK order: ttl_seconds, overwrite, metadata
+        given = args[2] if positional else kwargs.get("user_metadata")
+        if given is not None and not isinstance(given, Mapping):
+            return save, args  # the client's own error says what is wrong with it
+        recorded = parse_step((given or {}).get(STEP_KEY))
+        if recorded is not None and recorded != save.step:
+            logger.warning(
+                "checkpoint %s records step %d, but the steps sent before it make it %d; a loop restored from it "
+                "resumes at %d (the step you record wins): check that the step you record is the next one to train",
+                name,
+                recorded,
+                save.step,
+                recorded,
+            )
+        stamped = {RESUME_KEY: str(save.step), **(given or {})}
+        if positional:
+            return save, (*args[:2], stamped, *args[3:])
+        kwargs["user_metadata"] = stamped
+        return save, args

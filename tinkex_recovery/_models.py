@@ -88,6 +88,17 @@ class _Wire(BaseModel):
         return cls.model_validate(value, from_attributes=not isinstance(value, dict))
 
 
+def parse_step(raw: object) -> int | None:
+    """A step as user_metadata (str to str) holds it: the non-negative int ``raw`` spells, else None."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        step = int(raw)
+    except ValueError:
+        return None
+    return step if step >= 0 else None
+
+
 class Checkpoint(_Wire):
     """A saved checkpoint of a training run (Tinker's ``Checkpoint``)."""
 
@@ -123,14 +134,7 @@ class Checkpoint(_Wire):
     def step(self) -> int | None:
         """The non-negative int under ``"step"`` in the user_metadata (optimizer steps this checkpoint holds),
         or None when it records none or an unparsable one."""
-        raw = (self.user_metadata or {}).get(STEP_KEY)
-        if raw is None:
-            return None
-        try:
-            step = int(raw)
-        except ValueError:
-            return None
-        return step if step >= 0 else None
+        return parse_step((self.user_metadata or {}).get(STEP_KEY))
 
     def expired(self, now: datetime) -> bool:
         """Whether the checkpoint's TTL has run out at ``now``."""

@@ -124,6 +124,7 @@ class AttemptAbandoned(Exception):
 @dataclass
 class _Report:
     checkpoint: Checkpoint | None = None
+    step: int | None = None  # the chosen checkpoint's step, as step_of said when it was chosen
     unusable: set[str] = field(default_factory=set)
     rejected_by_server: bool = False
     selected: RecoveryEvent | None = None
@@ -298,16 +299,25 @@ class RecoveryJob:
             self._emit(EventKind.CHECKPOINT_SKIPPED, cancelled, checkpoint=c.tinker_path, error=reason)
 
         rejected = set(self.rejected)
+        step_of = self._step_of
+        if step_of is not None:  # asked once per checkpoint: the step the choice was made on is the one reported
+            steps: dict[str, int | None] = {}
+            asked = step_of
+
+            def step_of(c: Checkpoint) -> int | None:
+                if c.tinker_path not in steps:
+                    steps[c.tinker_path] = asked(c)
+                return steps[c.tinker_path]
+
         try:
             candidates = self._candidates(cancelled)
-            chosen = next(
-                walk(candidates, rejected=rejected, now=self._clock.now(), skip=skip, step_of=self._step_of), None
-            )
+            chosen = next(walk(candidates, rejected=rejected, now=self._clock.now(), skip=skip, step_of=step_of), None)
             if chosen is None:
                 raise NoRestorableCheckpoint(f"no restorable checkpoint left for run {self.run_id}")
         except Exception as exc:
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         report.checkpoint = chosen
+        report.step = step_of(chosen) if step_of is not None else None
         report.selected = self._emit(EventKind.CHECKPOINT_SELECTED, cancelled, checkpoint=chosen.tinker_path)
         if self._observe:
             return Outcome(OutcomeKind.DONE, value=(report, None))
@@ -475,7 +485,7 @@ class RecoveryJob:
                     attempts=self.attempts,
                     seconds=self._clock.monotonic() - self.detected_at,
                     number=self._number,
-                    step=self._step_of(report.checkpoint) if self._step_of is not None else None,
+                    step=report.step,
                     client=client,
                 )
                 self._on_done(self, recovery)

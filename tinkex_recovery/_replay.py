@@ -156,16 +156,22 @@ class Lane:
         self.ledger, self.handle = ledger, handle
         self.install, self.on_recovery, self.on_exhausted = install, on_recovery, on_exhausted
         self.depth, self.wait_limit = fallback_depth, wait_limit
-        self._saves: object = None
+        self._last: object = None  # the ledger's newest save when the floor was computed
+        self._pending = False  # one of its newest saves was not answered yet then
         self._floor: int | None = None
         self.tape = Tape(ledger.adopt(client))
         install(self.tape)
 
     def floor(self, default: int) -> int:
         """The oldest step this lane may have to train again (the engine restores nothing older)."""
-        saves = self.ledger._saves  # replaced whole at each save and adoption: recomputed only then
-        if saves is not self._saves:
-            self._saves, self._floor = saves, self.ledger.keep_from(self.depth)
+        # Recomputed only when it can have moved: a save (or adoption) since, or a save not answered yet then.
+        saves = self.ledger._saves
+        last = saves[-1] if saves else None
+        if last is not self._last or self._pending:
+            self._floor = self.ledger.keep_from(self.depth)
+            saves = self.ledger._saves
+            self._last = saves[-1] if saves else None
+            self._pending = any(save.state() is None for save in saves[-2:])
         return default if self._floor is None else self._floor
 
     def collect(self) -> tuple[list[Recovery], RecoveryExhausted | None]:
@@ -308,7 +314,8 @@ class Replayer:
             self.ceiling = index + 1
         if not self._drop:
             for lane in self.lanes:
-                if lane.ledger._saves is not lane._saves:  # a save or an adoption since: floors may move
+                saves = lane.ledger._saves
+                if lane._pending or (saves[-1] if saves else None) is not lane._last:  # floors may have moved
                     break
             else:
                 return
