@@ -2,12 +2,13 @@
 
 A module with no parameters trains each batch on the simulated Tinker (manual optimization, as a remote
 client needs) and saves a checkpoint every 10 steps, so the callback's replay buffer fills and is released as
-in real use. ``ledger_bytes_per_buffered_batch`` is what the callback holds per kept batch (batches of 8
-items): the containers of its record, never the items. Each fit is timed from ``on_train_start`` to ``on_train_end`` in CPU time of the training thread;
+in real use. Each fit is timed from ``on_train_start`` to ``on_train_end`` in CPU time of the training thread;
 fits with and without the callback alternate, and the best of each is kept. Beside the difference of fits, the
 callback's own per-batch cost is timed inside a fit (``_TimedRecovery``): the CPU time of its wrapper around
 ``training_step`` minus that of the module's own step. The replay figure is the wall time of replaying 10
 buffered batches after a loss found by a poll (``_TimedReplay``), median over several recoveries.
+``ledger_bytes_per_buffered_batch`` is what the callback holds per kept batch (batches of 8 items): the
+containers of its record (references), never the items.
 """
 
 from __future__ import annotations

@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ._engine import RunHandle, RunState
+from ._clock import Clock
+from ._engine import RecoveryEngine, RunHandle, RunState
 from ._exceptions import CannotReplay, RecoveryExhausted
 from ._futures import resolve
 from ._ledger import Ledger
 from ._models import Checkpoint
+from ._policy import RecoveryPolicy
 from ._recovery import Recovery
 
 __all__ = ["Kept", "Lane", "Replayer", "Tape"]
@@ -115,7 +117,7 @@ class Tape:
         for call in self.calls:
             try:
                 resolve(call[1], timeout=0)
-            except Exception:  # noqa: BLE001 (a failed or pending call ends what the run is known to have served)
+            except Exception:
                 break
             good.append(call)
         return good
@@ -159,8 +161,47 @@ class Lane:
         self._last: object = None  # the ledger's newest save when the floor was computed
         self._pending = False  # one of its newest saves was not answered yet then
         self._floor: int | None = None
+        self.engine: RecoveryEngine | None = None
         self.tape = Tape(ledger.adopt(client))
         install(self.tape)
+
+    @classmethod
+    def watch(
+        cls,
+        replayer: Replayer,
+        client: Any,
+        service: Any,
+        *,
+        policy: RecoveryPolicy,
+        status: Any = None,
+        clock: Clock | None = None,
+        install: Callable[[Tape], None],
+        on_recovery: Callable[[Recovery, range], None],
+        on_exhausted: Callable[[RecoveryExhausted, BaseException | None], None],
+    ) -> Lane:
+        """A lane for ``client``'s run, trained by ``replayer``'s loop: its ledger, and an engine of its own (one
+        poll worker) watching the run with the replayer's ``step_of``; closed with :meth:`close`."""
+        from ._frontend import wait_limit
+
+        ledger = Ledger(position=lambda: replayer.at)
+        engine = RecoveryEngine(policy, status=status, poll_concurrency=1, clock=clock)
+        try:
+            handle = engine.watch(client.model_id, service, step_of=replayer.step_of(ledger))
+            engine.start()
+        except BaseException:
+            engine.close()
+            raise
+        lane = cls(ledger, handle, client, install=install, on_recovery=on_recovery, on_exhausted=on_exhausted,
+                   fallback_depth=policy.fallback_depth, wait_limit=wait_limit(policy))  # fmt: skip
+        lane.engine = engine
+        replayer.lanes.append(lane)
+        return lane
+
+    def close(self) -> Any:
+        """Stop the lane's engine (its threads) and return the raw client it ended on."""
+        if self.engine is not None:
+            self.engine.close()
+        return self.tape.__wrapped__.__wrapped__
 
     def floor(self, default: int) -> int:
         """The oldest step this lane may have to train again (the engine restores nothing older)."""
@@ -214,7 +255,6 @@ class Replayer:
         self.lanes: list[Lane] = []
         self.kept: deque[Kept] = deque()
         self.stopped = False  #: recovery gave up and the loop stops: no step calls a lost run again
-        self.on_observed: Callable[[Lane, BaseException], None] = lambda lane, exc: None
 
     # -- the loop ------------------------------------------------------------------------------------------
     def step(self, *args: Any, **kwargs: Any) -> Any:
@@ -281,7 +321,9 @@ class Replayer:
                     args, kwargs = frozen(step.args), frozen(step.kwargs)
         raise AssertionError("unreachable")
 
-    def _take(self, lost: list[Lane], step: Kept | None, cause: BaseException | None, served: dict[Lane, list[Call]]) -> None:
+    def _take(
+        self, lost: list[Lane], step: Kept | None, cause: BaseException | None, served: dict[Lane, list[Call]]
+    ) -> None:
         """:meth:`_recover`, again for a run lost during its replay."""
         for _ in range(MAX_RERUNS):
             try:
@@ -301,8 +343,16 @@ class Replayer:
         for lane in self.lanes:
             if lane.lost():
                 lost.append(lane)
-            elif lane.handle.observed is not None:
-                self.on_observed(lane, exc)
+            elif lane.handle.observed is not None:  # observe mode: say what recover mode would do, change nothing
+                from ._integration import would_do
+                from ._retry import describe
+
+                logger.warning(
+                    "(observe mode) a step failed on run %s, which is corrupted (%s); %s; the error is let through",
+                    lane.handle.observed,
+                    describe(exc),
+                    would_do(lane.handle, 60.0),
+                )
         return lost
 
     def _bound(self, index: int) -> None:
@@ -310,8 +360,7 @@ class Replayer:
         ledger's window, moved when a save moves it) and nothing ahead of the steps taken (:attr:`ceiling`); the
         kept steps older than every floor are dropped, unless a recovery, possibly chosen against the previous
         floor, is under way."""
-        if index + 1 > self.ceiling:
-            self.ceiling = index + 1
+        self.ceiling = max(self.ceiling, index + 1)
         if not self._drop:
             for lane in self.lanes:
                 saves = lane.ledger._saves
@@ -383,8 +432,8 @@ class Replayer:
         # What runs next (the failed step or call, once more) starts afresh on a run that lacks it, and from what
         # it had served on a run that holds it (a healthy run; a new run restored from a save made in the step).
         for lane in self.lanes:
-            resume = resumes.get(lane)
-            fresh = resume is not None and (step is None or resume <= step.index)
+            again = resumes.get(lane)
+            fresh = again is not None and (step is None or again <= step.index)
             lane.tape.begin(None if fresh else served.get(lane))
 
     def _replay_one(self, kept: Kept, resumes: dict[Lane, int]) -> None:

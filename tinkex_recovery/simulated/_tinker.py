@@ -552,7 +552,9 @@ class SimulatedTrainingClient:
             run.checkpoints.append(_Checkpoint(name, path, now, tuple(run.trained), metadata, expires))
         return _done(SaveStateResult(path=path))
 
-    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None) -> SimulatedAPIFuture[SaveStateResult]:
+    def save_weights_for_sampler(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> SimulatedAPIFuture[SaveStateResult]:
         """Save the weights trained so far for sampling, as ``tinker://{model_id}/sampler_weights/{name}`` (not a
         training checkpoint: never restorable, not listed with them)."""
         with self._sim._lock:
