@@ -515,20 +515,19 @@ def break_the_newest_and_lose(module: RemoteModule) -> None:
     corrupt_and_poll(module)
 
 
+def lose_the_newest(tmp_path: Path, sim: SimulatedTinker, clock: FakeClock, fallback_depth: int) -> None:
+    """An 8-batch fit whose run is lost after batch 4 while the server rejects its newest checkpoint (step 4)."""
+    policy = RecoveryPolicy(enabled=True, fallback_depth=fallback_depth)
+    fit_with(tmp_path, sim, clock, policy=policy, n=8, after={4: break_the_newest_and_lose})
+
+
 def test_a_checkpoint_older_than_the_buffer_is_never_restored(
     tmp_path: Path, sim: SimulatedTinker, clock: FakeClock
 ) -> None:
     # The server rejects the checkpoint at step 4; with fallback_depth=0 the buffer holds only the batches since
     # it, and the engine tries no older one: the recovery is exhausted, no run created.
     with pytest.raises(RecoveryExhausted, match="exhausted"):
-        fit_with(
-            tmp_path,
-            sim,
-            clock,
-            policy=RecoveryPolicy(enabled=True, fallback_depth=0),
-            n=8,
-            after={4: break_the_newest_and_lose},
-        )
+        lose_the_newest(tmp_path, sim, clock, fallback_depth=0)
     assert restored_names(sim) == ["step-0004"] and len(sim.run_ids) == 1
 
 
@@ -550,14 +549,7 @@ def test_a_checkpoint_restored_past_the_buffer_ends_the_fit_with_cannot_replay(
     monkeypatch.setattr(Ledger, "window", lambda self, floor=None, ceiling=None: None)
     monkeypatch.setattr(Ledger, "keep_from", lambda self, depth=0: Ledger.step.fget(self))  # type: ignore[attr-defined]
     with pytest.raises(CannotReplay, match=r"step 2\), older than the steps kept \(from step 4\)"):
-        fit_with(
-            tmp_path,
-            sim,
-            clock,
-            policy=RecoveryPolicy(enabled=True, fallback_depth=1),
-            n=8,
-            after={4: break_the_newest_and_lose},
-        )
+        lose_the_newest(tmp_path, sim, clock, fallback_depth=1)
     assert restored_names(sim) == ["step-0004", "step-0002"]
 
 
