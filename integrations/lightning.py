@@ -28,6 +28,7 @@ from tinkex_recovery._integration import (
     Replayer,
     as_record,
     call_hook,
+    checked_options,
     lineage_record,
     resolve,
     restore_exactly,
@@ -55,10 +56,9 @@ _INSTALL_HINT = "TinkexRecovery needs Lightning: pip install 'tinkex-recovery[li
 _REPLAYER = "_tinkex_recovery_replayer"  # the module's Replayer, an instance attribute for the length of the fit
 _PROGRESS = "_tinkex_recovery_progress"  # (fit loop, the tracker behind global_step), cached on the trainer
 _DDP_REFUSED = (
-    "TinkexRecovery does not support distributed training (world_size={n}): Tinker gives a run one training "
-    "client and the SDK (0.38) cannot attach a second process to an existing run, so the ranks can neither "
-    "share one run nor move together to one recovered run. Train with one process (devices=1, num_nodes=1); "
-    "the model lives on Tinker, so more local processes add no training capacity."
+    "TinkexRecovery does not support distributed training (world_size={n}): Tinker gives a run one training client "
+    "and the SDK (0.38) cannot attach a second process to an existing run, so the ranks can neither share one run "
+    "nor move together to a recovered one. Train with one process (devices=1, num_nodes=1): the model is on Tinker."
 )
 
 
@@ -90,14 +90,7 @@ class TinkexRecovery(Callback):
     ) -> None:
         if _LIGHTNING_MISSING is not None:
             raise ImportError(_INSTALL_HINT) from _LIGHTNING_MISSING
-        policy = RecoveryPolicy(enabled=True) if policy is None else policy
-        if not isinstance(policy, RecoveryPolicy):
-            raise TypeError(f"policy must be a RecoveryPolicy, got {type(policy).__name__}")
-        for name, value in (("client_attr", client_attr), ("service_attr", service_attr)):
-            if not isinstance(value, str) or not value.isidentifier():
-                raise ValueError(f"{name} must name an attribute of the LightningModule, got {value!r}")
-        if on_exhausted not in ("raise", "stop"):
-            raise ValueError(f"on_exhausted must be 'raise' or 'stop', got {on_exhausted!r}")
+        policy = checked_options(policy, client_attr=client_attr, service_attr=service_attr, on_exhausted=on_exhausted)
         self.policy, self.client_attr, self.service_attr = policy, client_attr, service_attr
         self.on_exhausted, self.retry_failed_step, self.replay = on_exhausted, retry_failed_step, replay
         self._status, self._clock = status, clock
@@ -191,19 +184,15 @@ class TinkexRecovery(Callback):
         if not self.policy.enabled:
             logger.info("TinkexRecovery: the policy has enabled=False; the run is not watched")
             return
-        module = type(pl_module).__name__
-        service = getattr(pl_module, self.service_attr, None)
+        module, service = type(pl_module).__name__, getattr(pl_module, self.service_attr, None)
         if service is None:
             raise AttributeError(f"TinkexRecovery: {module}.{self.service_attr} must hold the Tinker service client")
         start, client = 0, getattr(pl_module, self.client_attr, None)
         if trainer.ckpt_path is not None:
             start, client = self._resumed(str(trainer.ckpt_path), service, client)
-        run_id = getattr(client, "model_id", None)
-        if not isinstance(run_id, str) or not run_id:
-            raise AttributeError(
-                f"TinkexRecovery: {module}.{self.client_attr} must be a Tinker training client with a model_id "
-                f"(got {type(client).__name__})"
-            )
+        if not isinstance(run_id := getattr(client, "model_id", None), str) or not run_id:
+            raise AttributeError(f"TinkexRecovery: {module}.{self.client_attr} must be a Tinker training client with a "
+                                 f"model_id (got {type(client).__name__})")  # fmt: skip
         if self._run_id is not None and self._run_id != run_id:
             logger.info("TinkexRecovery: the lineage of run %s continues with run %s", self._run_id, run_id)
         self._run_id, self._exhausted = run_id, None
@@ -239,7 +228,7 @@ class TinkexRecovery(Callback):
 
     # -- what the core reports -------------------------------------------------------------------------
     def _recovered(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recovery: Recovery, steps: range) -> None:
-        record = lineage_record(len(self._lineage) + 1, recovery, steps, "TinkexRecovery")
+        record = lineage_record(len(self._lineage) + 1, recovery, steps, "lightning", "TinkexRecovery")
         self._run_id = recovery.new_run_id
         self._lineage.append(record)
         metrics = {"tinker/recoveries": float(record["number"]), "tinker/seconds_to_recover": recovery.seconds}

@@ -14,7 +14,15 @@ from ._observers import report_steps_lost
 from ._policy import RecoveryPolicy
 from ._recovery import Recovery, lineage_metadata, restore_from
 
-__all__ = ["LineageRecord", "as_record", "call_hook", "lineage_record", "restore_exactly", "wait_limit"]
+__all__ = [
+    "LineageRecord",
+    "as_record",
+    "call_hook",
+    "checked_options",
+    "lineage_record",
+    "restore_exactly",
+    "wait_limit",
+]
 
 logger = logging.getLogger("tinkex_recovery")
 
@@ -33,18 +41,19 @@ class LineageRecord(TypedDict):
     steps_lost: int | None  #: global_step - resume_step: the steps trained again
 
 
-def lineage_record(number: int, recovery: Recovery, steps: range, integration: str) -> LineageRecord:
-    """The record of ``recovery`` (``steps``: the step indices trained again), logged and counted as steps lost."""
+def lineage_record(number: int, recovery: Recovery, steps: range, integration: str, who: str) -> LineageRecord:
+    """The record of ``recovery`` (``steps``: the step indices trained again), logged (as ``who``) and counted as
+    steps lost (``integration``: the metric's label)."""
     logger.info(
         "%s: run %s recovered as %s from %s (step %s); %d step(s) to train again",
-        integration,
+        who,
         recovery.old_run_id,
         recovery.new_run_id,
         recovery.checkpoint.tinker_path,
         recovery.step,
         len(steps),
     )
-    report_steps_lost(len(steps), integration.lower())
+    report_steps_lost(len(steps), integration)
     return LineageRecord(
         number=number,
         old_run_id=recovery.old_run_id,
@@ -94,3 +103,16 @@ def restore_exactly(service: Any, path: str, policy: RecoveryPolicy, from_run: s
     meta = lineage_metadata(from_run or "", path)
     future = restore_from(service, path, with_optimizer=policy.restore_optimizer, metadata=meta)
     return resolve(future, policy.attempt_timeout)
+
+
+def checked_options(policy: Any, *, client_attr: str, service_attr: str, on_exhausted: str) -> RecoveryPolicy:
+    """A front-end's options, refused at construction when wrong; the policy (default: recovery enabled)."""
+    policy = RecoveryPolicy(enabled=True) if policy is None else policy
+    if not isinstance(policy, RecoveryPolicy):
+        raise TypeError(f"policy must be a RecoveryPolicy, got {type(policy).__name__}")
+    for name, value in (("client_attr", client_attr), ("service_attr", service_attr)):
+        if not isinstance(value, str) or not value.isidentifier():
+            raise ValueError(f"{name} must name an attribute of the module, got {value!r}")
+    if on_exhausted not in ("raise", "stop"):
+        raise ValueError(f"on_exhausted must be 'raise' or 'stop', got {on_exhausted!r}")
+    return policy

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from ._engine import SERVICE_METHODS, STATUS_METHODS, RunHandle, require_methods, rest_client_of
 from ._events import EventKind
-from ._frontend import LineageRecord, as_record, call_hook, lineage_record, restore_exactly, wait_limit
+from ._frontend import (
+    LineageRecord,
+    as_record,
+    call_hook,
+    checked_options,
+    lineage_record,
+    restore_exactly,
+    wait_limit,
+)
 from ._futures import resolve
 from ._ledger import RESUME_KEY, Book, Ledger, ObservedClient
 from ._models import STEP_KEY, validate_run_id
@@ -32,6 +40,7 @@ __all__ = [
     "add_observer",
     "as_record",
     "call_hook",
+    "checked_options",
     "describe",
     "lineage_record",
     "report_steps_lost",
