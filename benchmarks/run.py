@@ -75,6 +75,8 @@ TARGETS = [
     ),
     Target("lightning_overhead_us_per_batch", "<= 20", lambda r: r["lightning_overhead_us_per_batch"] <= 20),
     Target("lightning_hook_us_per_batch", "<= 20", lambda r: r["lightning_hook_us_per_batch"] <= 20),
+    # references only: a Kept record and copies of the batch's containers, never its items (8 per batch here)
+    Target("ledger_bytes_per_buffered_batch", "<= 1024", lambda r: r["ledger_bytes_per_buffered_batch"] <= 1024),
     Target("recovery_overhead_ms", "<= 5", lambda r: r["recovery_overhead_ms"] <= 5),
     Target("detection_by_error_p99_s", "<= 0.1", lambda r: r["detection_by_error_p99_s"] <= 0.1),
     Target(
@@ -130,6 +132,7 @@ REQUIRED = [
     "lightning_overhead_us_per_batch",
     "lightning_hook_us_per_batch",
     "lightning_replay_seconds_per_recovery",
+    "ledger_bytes_per_buffered_batch",
     "recovery_overhead_ms",
     "rss_mb_per_1000_runs",
     "threads_at_10_runs",

@@ -30,6 +30,7 @@ REQUIRED = [
     "lightning_overhead_us_per_batch",
     "lightning_hook_us_per_batch",
     "lightning_replay_seconds_per_recovery",
+    "ledger_bytes_per_buffered_batch",
     "recovery_overhead_ms",
     "rss_mb_per_1000_runs",
     "threads_at_10_runs",

@@ -132,7 +132,8 @@ def test_a_lightning_fit_records_its_recoveries_with_no_metrics_code(
         ("tinkex_recovery.recoveries", (("outcome", "completed"),)): 2,
         ("tinkex_recovery.recovery.duration", ()): (2, 0.0),  # the engine's FakeClock never moved
         ("tinkex_recovery.restore.attempts", (("result", "ok"),)): 2,
-        ("tinkex_recovery.polls", (("result", "ok"),)): 2,  # the two checks that found the run corrupted
+        # the two checks that found the run corrupted, and the callback's check of the run when the training ends
+        ("tinkex_recovery.polls", (("result", "ok"),)): 3,
         ("tinkex_recovery.steps_lost", (("integration", "lightning"),)): (2, 2),
         ("tinkex_recovery.watched_runs", ()): 0,
     }
