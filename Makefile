@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch that lies on these machines' disk; without the pin pip would fetch a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: venv venv-test demo test lint typecheck unit clean
+.PHONY: venv venv-test demo test lint typecheck unit mutate mutate-full clean
 
 venv: $(VENV)/.core-installed
 
@@ -41,5 +41,21 @@ unit: venv-test
 
 test: lint typecheck unit
 
+# Mutation testing, for contributors (docs/mutation.md); too slow for `make test` and CI. `make mutate` tests only
+# the mutants of functions changed since the last run (and re-tests the survivors); `make mutate-full` all of them.
+# MUTANTS='tinkex_recovery._retry.*' narrows a run to some mutants (each one re-tested); MUTATE_JOBS: at once.
+MUTATE_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+MUTANTS ?=
+
+$(VENV)/.mutate-installed: pyproject.toml $(VENV)/.test-installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[mutate]"
+	touch $@
+
+mutate: venv-test $(VENV)/.mutate-installed
+	$(BIN)/python tools/mutate.py --jobs $(MUTATE_JOBS) $(MUTANTS)
+
+mutate-full: venv-test $(VENV)/.mutate-installed
+	$(BIN)/python tools/mutate.py --full --jobs $(MUTATE_JOBS) $(MUTANTS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info .mutate
