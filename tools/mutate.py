@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / ".mutate"
 MUTANTS = STAGE / "mutants"
 EQUIVALENTS = ROOT / "docs" / "mutation.md"
+ORDER_PLUGIN = ROOT / "tools" / "mutate_conftest.py"
 
 #: Source tree -> staged tree, as the wheel lays the package out (see [tool.setuptools.package-dir]).
 PACKAGE_DIRS = {"tinkex_recovery": "tinkex_recovery", "integrations": "tinkex_recovery/integrations"}
@@ -111,6 +112,11 @@ def stage() -> int:
                     stale.unlink(missing_ok=True)
     # mutmut copies the tests into mutants/ on every run but never deletes one: start them afresh.
     shutil.rmtree(MUTANTS / "tests", ignore_errors=True)
+    # The root conftest of mutmut's copy: the quickest tests first while a mutant is tested (see that file).
+    MUTANTS.mkdir(parents=True, exist_ok=True)
+    conftest = MUTANTS / "conftest.py"
+    if not conftest.exists() or not filecmp.cmp(ORDER_PLUGIN, conftest, shallow=False):
+        shutil.copyfile(ORDER_PLUGIN, conftest)
     return changed
 
 
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         if args.full and not args.patterns:  # with patterns, mutmut re-tests every matching mutant anyway
             shutil.rmtree(MUTANTS, ignore_errors=True)
-        fresh = not MUTANTS.exists()
+        fresh = not (MUTANTS / "mutmut-stats.json").exists()
         print(f"staged {stage()} changed file(s) in {STAGE.relative_to(ROOT)}/")
         before = set() if fresh or args.patterns else set(survivors())
         started = time.monotonic()
