@@ -1,6 +1,7 @@
 """Retry decisions at their edges: a failure the SDK files under the ``user`` category blames the checkpoint
 whatever kind of enum carries the category, a retry after any number of attempts waits the cap (never an
-overflow), and a 0-based attempt number is refused with a message that says so."""
+overflow), a 0-based attempt number is refused with a message that says so, and an error is described in one
+line of at most 500 characters: its type, then its message's first line when it has one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import enum
 
 import pytest
 
-from tinkex_recovery._retry import FailureKind, backoff_delay, classify
+from tinkex_recovery._retry import FailureKind, backoff_delay, classify, describe
 
 
 class MixedCategory(str, enum.Enum):  # noqa: UP042  # an older SDK's spelling: str() is "MixedCategory.USER"
@@ -43,3 +44,14 @@ def test_a_retry_after_any_number_of_attempts_waits_the_cap(attempt: int) -> Non
 def test_a_zero_based_attempt_number_is_refused_saying_attempts_count_from_one() -> None:
     with pytest.raises(ValueError, match=r"^attempt is 1-based$"):
         backoff_delay(0, base=5.0, cap=60.0, jitter=0.0, u=0.0)
+
+
+def test_an_error_without_a_message_is_described_by_its_type_alone() -> None:
+    assert describe(RuntimeError()) == "RuntimeError"
+    assert describe(RuntimeError("   ")) == "RuntimeError"
+
+
+def test_an_error_is_described_by_the_first_line_of_its_message_cut_at_500_characters() -> None:
+    assert describe(RuntimeError("first line\nsecond line")) == "RuntimeError: first line"
+    long = describe(RuntimeError("x" * 1000))
+    assert len(long) == 500 and long.startswith("RuntimeError: xxx")
