@@ -230,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-diffs", action="store_true", help="list the survivors without their diffs")
     parser.add_argument("--show", metavar="NAME", help="print one mutant's diff")
     parser.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="with patterns: only their mutants not yet checked or surviving (finish an interrupted run)",
+    )
+    parser.add_argument(
         "patterns", nargs="*", help="mutant names or globs, e.g. 'tinkex_recovery._policy.*' (default: all)"
     )
     args = parser.parse_args(argv)
@@ -244,7 +249,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"staged {stage()} changed file(s) in {STAGE.relative_to(ROOT)}/")
         before = set() if fresh or args.patterns else set(survivors())
         started = time.monotonic()
-        rc = mutmut("run", "--max-children", str(args.jobs), *args.patterns)
+        chosen = args.patterns
+        if args.unchecked and args.patterns:
+            chosen = [
+                name
+                for module in load_results().values()
+                for name, (code, _) in module.items()
+                if (code is None or code in SURVIVED | NO_TESTS)
+                and any(fnmatch.fnmatch(name, p) for p in args.patterns)
+            ]
+            if not chosen:
+                print("every matching mutant is killed")
+                report(args.patterns, show_diffs=not args.no_diffs)
+                return 0
+        rc = mutmut("run", "--max-children", str(args.jobs), *chosen)
         if rc != 0:
             print(f"mutmut run failed (exit {rc})", file=sys.stderr)
             return rc

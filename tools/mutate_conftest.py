@@ -4,7 +4,11 @@ loaded by `make test`.
 While mutmut tests a mutant it runs, with ``-x``, every test that executed the mutated function; it names them in
 no useful order. This runs the quickest first (by the durations mutmut recorded), so a mutant that a 10 ms unit
 test kills is not first put through a 10 s property test. The order of the suite is otherwise irrelevant: every
-test is independent (the suite's conftest enforces that no thread or state outlives a test)."""
+test is independent (the suite's conftest enforces that no thread or state outlives a test).
+
+A mutant that makes a wait block forever (a lost wake-up) uses no CPU, so mutmut's CPU-time limit never ends it;
+pytest-timeout does, after 120 s per test in the suite's settings. Here the bound is 60 s: the slowest test takes
+under 10 s on a quiet machine, so 60 still leaves a loaded one room, and halves what each such mutant costs."""
 
 from __future__ import annotations
 
@@ -22,5 +26,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     try:
         durations: dict[str, float] = json.loads(stats.read_text("utf-8"))["duration_by_test"]
     except (OSError, ValueError, KeyError):
-        return
+        durations = {}
     items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
+    for item in items:
+        item.add_marker(pytest.mark.timeout(60))
