@@ -10,28 +10,37 @@ from typing import Any
 
 import pytest
 
-from tinkex_recovery import EventKind, RunState
+from tinkex_recovery import EventKind, RecoveryEngine, RunHandle, RunState
 from tinkex_recovery.simulated import SimulatedTinker
 
 from .helpers import WAIT, EventLog, run_with_checkpoints
+
+
+def corrupted(
+    sim: SimulatedTinker, make_engine: Any, events: EventLog, until: EventKind, **policy: Any
+) -> tuple[RecoveryEngine, RunHandle]:
+    """A watched run with checkpoints, corrupted and polled; returns once ``until`` was emitted."""
+    client = run_with_checkpoints(sim)
+    engine = make_engine(**policy)
+    handle = engine.watch(client.model_id, sim)
+    sim.corrupt(client.model_id)
+    engine.poll_once()
+    events.wait_for(until)
+    return engine, handle
 
 
 def test_asking_for_a_recovery_while_one_is_under_way_is_refused_and_starts_no_second_one(
     sim: SimulatedTinker, make_engine: Any, events: EventLog
 ) -> None:
     """``request_recovery()`` on a run being recovered raises, and the one recovery goes on alone."""
-    client = run_with_checkpoints(sim)
     sim.hang_restores(1, then="succeed")
-    engine = make_engine(attempt_timeout=30.0)
-    handle = engine.watch(client.model_id, sim)
-    sim.corrupt(client.model_id)
-    engine.poll_once()
-    events.wait_for(EventKind.CHECKPOINT_SELECTED)
+    _, handle = corrupted(sim, make_engine, events, EventKind.CHECKPOINT_SELECTED, attempt_timeout=30.0)
+    lost = handle.run_id
     with pytest.raises(RuntimeError, match="recovering"):
         handle.request_recovery()
     sim.release()
     recovery = handle.wait_for_recovery(WAIT)
-    assert recovery.old_run_id == client.model_id and len(handle.recoveries) == 1
+    assert recovery.old_run_id == lost and len(handle.recoveries) == 1
     assert len(sim.restore_calls) == 1 and events.kinds().count("completed") == 1
 
 
@@ -39,13 +48,8 @@ def test_asking_for_a_recovery_of_an_exhausted_run_is_refused_and_does_not_reviv
     sim: SimulatedTinker, make_engine: Any, events: EventLog
 ) -> None:
     """An exhausted lineage stays exhausted: ``request_recovery()`` raises and calls no restore."""
-    client = run_with_checkpoints(sim)
     sim.fail_restores(5)
-    engine = make_engine(max_attempts=1)
-    handle = engine.watch(client.model_id, sim)
-    sim.corrupt(client.model_id)
-    engine.poll_once()
-    events.wait_for(EventKind.EXHAUSTED)
+    engine, handle = corrupted(sim, make_engine, events, EventKind.EXHAUSTED, max_attempts=1)
     with pytest.raises(RuntimeError, match="exhausted"):
         handle.request_recovery()
     engine.poll_once()
