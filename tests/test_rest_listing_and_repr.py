@@ -1,0 +1,83 @@
+"""``TinkerRest.list_training_runs`` asks for the page the way the SDK does (20 runs by default, the caller's own
+runs), refuses a bad page argument by name, and names the page in every error; the client and its auth show the
+base URL and only a masked key in their reprs. And ``steps()`` refuses a repeated index, saying which follows
+which."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tinkex_recovery import AuthenticationError, MalformedResponse, TinkerRest
+from tinkex_recovery._redact import mask
+from tinkex_recovery._rest import _APIKeyAuth
+from tinkex_recovery.integrations._steps import StepCursor
+
+from .http_support import KEY
+
+RUNS_PAGE = {"training_runs": [], "cursor": {"offset": 0, "limit": 20, "total_count": 0}}
+
+
+def rest_answering(answer: httpx.Response, seen: list[httpx.Request]) -> TinkerRest:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer
+
+    return TinkerRest(api_key=KEY, base_url="http://tinker.test", transport=httpx.MockTransport(handler), jitter=0.0)
+
+
+def test_a_page_of_runs_is_asked_for_as_the_sdk_asks_twenty_of_the_callers_own_by_default() -> None:
+    seen: list[httpx.Request] = []
+    with rest_answering(httpx.Response(200, json=RUNS_PAGE), seen) as rest:
+        rest.list_training_runs()
+        rest.list_training_runs(limit=5, offset=40)
+    assert [dict(r.url.params) for r in seen] == [
+        {"limit": "20", "offset": "0", "access_scope": "owned"},
+        {"limit": "5", "offset": "40", "access_scope": "owned"},
+    ]
+    assert {r.url.path for r in seen} == {"/api/v1/training_runs"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"limit": 0}, "limit must be an integer >= 1, got 0"),
+        ({"offset": -1}, "offset must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_bad_page_argument_is_refused_by_name_before_any_request(kwargs: dict[str, int], message: str) -> None:
+    seen: list[httpx.Request] = []
+    with rest_answering(httpx.Response(200, json=RUNS_PAGE), seen) as rest, pytest.raises(ValueError) as info:
+        rest.list_training_runs(**kwargs)
+    assert str(info.value) == message and seen == []
+
+
+def test_an_error_listing_runs_names_the_page_it_was_asking_for() -> None:
+    with (
+        rest_answering(httpx.Response(401, json={"detail": "bad key"}), []) as rest,
+        pytest.raises(AuthenticationError) as refused,
+    ):
+        rest.list_training_runs(limit=20, offset=40)
+    assert "GET training runs (offset 40, limit 20)" in str(refused.value)
+    with (
+        rest_answering(httpx.Response(200, json={"training_runs": "no"}), []) as rest,
+        pytest.raises(MalformedResponse) as malformed,
+    ):
+        rest.list_training_runs(limit=20, offset=40)
+    assert "GET training runs (offset 40, limit 20)" in str(malformed.value)
+
+
+def test_the_client_and_its_auth_show_the_base_url_and_only_a_masked_key() -> None:
+    with TinkerRest(api_key=KEY, base_url="http://tinker.test") as rest:
+        assert repr(rest) == f"<TinkerRest base_url='http://tinker.test/' api_key={mask(KEY)!r}>"
+    assert repr(_APIKeyAuth(KEY)) == f"<APIKeyAuth {mask(KEY)}>"
+    assert KEY not in repr(rest) + repr(_APIKeyAuth(KEY)) and mask(KEY) != "***"
+
+
+@pytest.mark.parametrize(("indices", "message"), [([1, 1], "1 follows 1"), ([1, 5, 3], "3 follows 5")])
+def test_steps_refuse_an_index_that_does_not_rise_saying_which_follows_which(indices: list[int], message: str) -> None:
+    cursor = StepCursor(indices)
+    for _ in indices[:-1]:
+        next(cursor)
+    with pytest.raises(ValueError, match=f"^step indices must be strictly increasing; {message}$"):
+        next(cursor)
