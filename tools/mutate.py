@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         help="with patterns: only their mutants not yet checked or surviving (finish an interrupted run)",
     )
     parser.add_argument(
+        "--survivors", action="store_true", help="with patterns: only their surviving mutants (after adding tests)"
+    )
+    parser.add_argument(
         "patterns", nargs="*", help="mutant names or globs, e.g. 'tinkex_recovery._policy.*' (default: all)"
     )
     args = parser.parse_args(argv)
@@ -250,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         before = set() if fresh or args.patterns else set(survivors())
         started = time.monotonic()
         chosen = args.patterns
-        if args.unchecked and args.patterns:
+        if (args.unchecked or args.survivors) and args.patterns:
+            open_codes = SURVIVED | NO_TESTS | ({None} if args.unchecked else set())
             chosen = [
                 name
                 for module in load_results().values()
                 for name, (code, _) in module.items()
-                if (code is None or code in SURVIVED | NO_TESTS)
-                and any(fnmatch.fnmatch(name, p) for p in args.patterns)
+                if code in open_codes and any(fnmatch.fnmatch(name, p) for p in args.patterns)
             ]
             if not chosen:
                 print("every matching mutant is killed")
