@@ -1,7 +1,8 @@
 """``TinkerRest.list_training_runs`` asks for the page the way the SDK does (20 runs by default, the caller's own
-runs), refuses a bad page argument by name, and names the page in every error; the client and its auth show the
-base URL and only a masked key in their reprs. And ``steps()`` refuses a repeated index, saying which follows
-which."""
+runs), refuses a bad page argument by name, and names the page in every error; every error of
+``list_checkpoints`` names the run and the call, and a listing that never ends is malformed after 1000 pages;
+the client and its auth show the base URL and only a masked key in their reprs. And ``steps()`` refuses a
+repeated index, saying which follows which."""
 
 from __future__ import annotations
 
@@ -81,3 +82,55 @@ def test_steps_refuse_an_index_that_does_not_rise_saying_which_follows_which(ind
         next(cursor)
     with pytest.raises(ValueError, match=f"^step indices must be strictly increasing; {message}$"):
         next(cursor)
+
+
+def checkpoint_page(request: httpx.Request, total: int) -> httpx.Response:
+    """One checkpoint per page, at the offset asked for, of ``total``."""
+    offset = int(request.url.params.get("offset", 0))
+    checkpoint = {
+        "checkpoint_id": f"weights/{offset:06d}",
+        "checkpoint_type": "training",
+        "time": "2026-01-01T00:00:00Z",
+        "tinker_path": f"tinker://run-a/weights/{offset:06d}",
+    }
+    cursor = {"offset": offset, "limit": 1, "total_count": total}
+    return httpx.Response(200, json={"checkpoints": [checkpoint], "cursor": cursor})
+
+
+def test_every_error_listing_checkpoints_names_the_run_and_the_call() -> None:
+    what = "GET checkpoints of run run-a"
+    with (
+        rest_answering(httpx.Response(401, json={"detail": "bad key"}), []) as rest,
+        pytest.raises(AuthenticationError) as refused,
+    ):
+        rest.list_checkpoints("run-a")
+    assert what in str(refused.value) and refused.value.run_id == "run-a"
+    assert "after 1 attempt)" in str(refused.value)  # one attempt, said in the singular
+    with (
+        rest_answering(httpx.Response(200, json={"checkpoints": "no"}), []) as rest,
+        pytest.raises(MalformedResponse) as malformed,
+    ):
+        rest.list_checkpoints("run-a")
+    assert what in str(malformed.value) and malformed.value.run_id == "run-a"
+    stuck = {"checkpoints": [], "cursor": {"offset": 0, "limit": 0, "total_count": 5}}
+    with rest_answering(httpx.Response(200, json=stuck), []) as rest, pytest.raises(MalformedResponse) as loop:
+        rest.list_checkpoints("run-a")
+    assert str(loop.value).startswith(f"{what}: the pagination cursor does not advance")
+    assert loop.value.run_id == "run-a"
+
+
+def test_a_listing_of_more_than_a_thousand_pages_is_malformed_not_followed_forever() -> None:
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return checkpoint_page(request, total=10**9)
+
+    transport = httpx.MockTransport(handler)
+    with (
+        TinkerRest(api_key=KEY, base_url="http://tinker.test", transport=transport, timeout=600.0) as rest,
+        pytest.raises(MalformedResponse) as info,
+    ):
+        rest.list_checkpoints("run-a")
+    assert str(info.value) == "GET checkpoints of run run-a: more than 1000 pages"
+    assert info.value.run_id == "run-a" and len(requests) == 1000
