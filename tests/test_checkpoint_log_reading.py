@@ -71,5 +71,5 @@ def test_a_steps_repr_says_its_index_and_whether_it_was_resumed() -> None:
     def judge(*_: object) -> None:
         return None
 
-    assert repr(Step(judge, 3)) == "<Step index=3>"  # type: ignore[arg-type]
-    assert repr(Step(judge, 10, resumed=True)) == "<Step index=10 resumed>"  # type: ignore[arg-type]
+    assert repr(Step(judge, 3)) == "<Step index=3>"
+    assert repr(Step(judge, 10, resumed=True)) == "<Step index=10 resumed>"
