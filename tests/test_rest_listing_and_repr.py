@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tinkex_recovery import AuthenticationError, MalformedResponse, TinkerRest
+from tinkex_recovery import AuthenticationError, MalformedResponse, TinkerAPIError, TinkerRest
 from tinkex_recovery._redact import mask
 from tinkex_recovery._rest import _APIKeyAuth
 from tinkex_recovery.integrations._steps import StepCursor
@@ -134,3 +134,15 @@ def test_a_listing_of_more_than_a_thousand_pages_is_malformed_not_followed_forev
         rest.list_checkpoints("run-a")
     assert str(info.value) == "GET checkpoints of run run-a: more than 1000 pages"
     assert info.value.run_id == "run-a" and len(requests) == 1000
+
+
+def test_a_rejected_key_and_a_status_http_does_not_name_are_both_said_plainly() -> None:
+    with (
+        rest_answering(httpx.Response(401, json={"detail": "no"}), []) as rest,
+        pytest.raises(AuthenticationError) as refused,
+    ):
+        rest.get_training_run("run-a")
+    assert "HTTP 401 Unauthorized (the API key was rejected)" in str(refused.value)
+    with rest_answering(httpx.Response(499, json={"detail": "odd"}), []) as rest, pytest.raises(TinkerAPIError) as odd:
+        rest.get_training_run("run-a")
+    assert "HTTP 499" in str(odd.value) and odd.value.run_id == "run-a"
