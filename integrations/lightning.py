@@ -186,7 +186,10 @@ class TinkexRecovery(Callback):
             return
         module, service = type(pl_module).__name__, getattr(pl_module, self.service_attr, None)
         if service is None:
-            raise AttributeError(f"TinkexRecovery: {module}.{self.service_attr} must hold the Tinker service client")
+            raise AttributeError(
+                f"TinkexRecovery: {module}.{self.service_attr} must hold the Tinker service client; if the module "
+                'keeps it under another attribute, name it: TinkexRecovery(service_attr="...")'
+            )
         start, client = 0, getattr(pl_module, self.client_attr, None)
         if trainer.ckpt_path is not None:
             start, client = self._resumed(str(trainer.ckpt_path), service, client)

@@ -75,6 +75,7 @@ def test_the_guards_step_failed_warning_masks_the_key_its_traceback_carries(
 ) -> None:
     """The SDK's error for a lost run may echo the key (a careless server): the guard logs that error, with its
     traceback, as it recovers."""
+    caplog.set_level(logging.DEBUG, logger="tinkex_recovery")  # the step's traceback is logged at DEBUG
     sim = SimulatedTinker()
     client = sim.create_lora_training_client(base_model="m")
     client.save_state("one", user_metadata={"step": "1"}).result()
@@ -85,7 +86,9 @@ def test_the_guards_step_failed_warning_masks_the_key_its_traceback_carries(
                     sim.corrupt(client.model_id)
                     raise RuntimeError(f"request failed: 400 {{'detail': 'bad key', 'api_key': '{secret}'}}")
     assert len(guard.recoveries) == 1
-    (warning,) = [r for r in caplog.records if "which was lost; recovering" in r.getMessage()]
+    (lost,) = [r for r in caplog.records if "recovering" in r.getMessage() and "which was lost" in r.getMessage()]
+    assert "'api_key': '***'" in log_lines([lost])[0]  # the one-line INFO names the error, masked
+    (warning,) = [r for r in caplog.records if "the error of step" in r.getMessage()]
     (line,) = log_lines([warning])
     assert "Traceback" in line and "'api_key': '***'" in line
     assert not leaks(secret, log_lines(caplog.records))

@@ -384,6 +384,9 @@ class RecoveryEngine:
         # Recoveries that abandoned a call (timeout, close): the listing is read for the runs they made. Own lock:
         # the executor reports an abandonment while it holds its own lock.
         self._abandon_lock = threading.Lock()
+        # Recoveries that finished for a lineage no longer watched (its guard left): the run each made is this
+        # process's, unwatched and closed by its leaver, so a later recovery of the same run is no fork of it.
+        self._forsaken_ids: set[str] = set()
         self._unreconciled: set[RecoveryJob] = set()
         self._reconciling: dict[RecoveryJob, tuple[threading.Thread, Cancellation]] = {}
         self._checks: set[Future[bool]] = set()  # check_soon() futures not yet answered
@@ -486,6 +489,11 @@ class RecoveryEngine:
     def _abandoned(self, job: RecoveryJob) -> None:
         with self._abandon_lock:
             self._unreconciled.add(job)
+
+    def _forsaken(self, recovery_id: str) -> bool:
+        """Whether ``recovery_id`` is a recovery of this engine that finished for a lineage no longer watched."""
+        with self._cond:
+            return recovery_id in self._forsaken_ids
 
     def _finished(self, job: RecoveryJob) -> None:
         """A recovery ended: if it abandoned a call, read the listing for runs it made (on a thread of its own)."""
@@ -774,6 +782,7 @@ class RecoveryEngine:
                 on_exhausted=lambda job, error: self._exhausted(lineage, job, error),
                 on_observed=lambda job, event: self._observed(lineage, event),
                 on_abandoned=self._abandoned,
+                forsaken=self._forsaken,
             )
         if run is not None:
             self._bus.emit(RecoveryEvent(EventKind.DETECTED, run.training_run_id, since_detected=0.0))
@@ -798,6 +807,8 @@ class RecoveryEngine:
                 return
             if self._watched.get(lineage.run_id) is lineage:  # not a lineage watched anew meanwhile
                 del self._watched[lineage.run_id]
+            if lineage.state is RunState.UNWATCHED:  # nobody watches the run it made: not a rival of a re-watch
+                self._forsaken_ids.add(job.recovery_id)
             lineage.run_id = recovery.new_run_id
             lineage.client = recovery.client
             lineage.recoveries = (*lineage.recoveries, recovery)
