@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch's CPU build, pinned: the tests need no GPU, and without the pin pip may fetch a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: venv venv-test demo test lint typecheck unit docs clean
+.PHONY: venv venv-test demo test lint typecheck unit docs lightning-lower-bound mutate mutate-full clean
 
 venv: $(VENV)/.core-installed
 
@@ -47,5 +47,29 @@ docs: venv-test
 
 test: lint typecheck unit docs
 
+# The Lightning tests on the lowest Lightning pyproject.toml allows (the venv has the highest): it lies beside the
+# venv's packages (--no-deps: the venv provides torch and the rest) and comes first on PYTHONPATH.
+LIGHTNING_LOW := 2.4.0
+lightning-lower-bound: venv-test
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target .lightning-$(LIGHTNING_LOW) \
+		"lightning==$(LIGHTNING_LOW)"
+	PYTHONPATH=.lightning-$(LIGHTNING_LOW) $(BIN)/pytest tests/test_lightning.py tests/test_lightning_edges.py -q
+
+# Mutation testing, for contributors (docs/mutation.md); too slow for `make test` and CI. `make mutate` tests only
+# the mutants of functions changed since the last run (and re-tests the survivors); `make mutate-full` all of them.
+# MUTANTS='tinkex_recovery._retry.*' narrows a run to some mutants (each one re-tested); MUTATE_JOBS: at once.
+MUTATE_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+MUTANTS ?=
+
+$(VENV)/.mutate-installed: pyproject.toml $(VENV)/.test-installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[mutate]"
+	touch $@
+
+mutate: venv-test $(VENV)/.mutate-installed
+	$(BIN)/python tools/mutate.py --jobs $(MUTATE_JOBS) $(MUTANTS)
+
+mutate-full: venv-test $(VENV)/.mutate-installed
+	$(BIN)/python tools/mutate.py --full --jobs $(MUTATE_JOBS) $(MUTANTS)
+
 clean:
-	rm -rf $(VENV) build dist site *.egg-info
+	rm -rf $(VENV) .lightning-* build dist site *.egg-info .mutate

@@ -7,12 +7,15 @@ fits with and without the callback alternate, and the best of each is kept. Besi
 callback's own per-batch cost is timed inside a fit (``_TimedRecovery``): the CPU time of its wrapper around
 ``training_step`` minus that of the module's own step. The replay figure is the wall time of replaying 10
 buffered batches after a loss found by a poll (``_TimedReplay``), median over several recoveries.
+``ledger_bytes_per_buffered_batch`` is what the callback holds per kept batch (batches of 8 items): the
+containers of its record (references), never the items.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 import warnings
 from typing import Any
@@ -93,16 +96,72 @@ class _TimedRecovery(TinkexRecovery):
 
 
 class _TimedReplay(TinkexRecovery):
-    """TinkexRecovery with the wall time of each replay recorded."""
+    """TinkexRecovery with the wall time of each recovery's replay recorded (the Replayer's ``_recover``: swap,
+    replay of the kept batches)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.replays: list[tuple[float, int]] = []  # (seconds, batches replayed)
 
-    def _replay(self, original: Any) -> None:
-        start, batches = time.perf_counter(), self.buffered
-        super()._replay(original)
-        self.replays.append((time.perf_counter() - start, batches))
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        replayer = self._replayer
+        assert replayer is not None
+        recover = replayer._recover
+
+        def timed(*args: Any, **kwargs: Any) -> None:
+            start, before = time.perf_counter(), [k.index for k in replayer.kept]
+            recover(*args, **kwargs)
+            resume = self._lineage[-1]["resume_step"] if self._lineage else None
+            replayed = sum(1 for i in before if resume is not None and i >= resume)
+            self.replays.append((time.perf_counter() - start, replayed))
+
+        replayer._recover = timed  # type: ignore[method-assign]
+
+
+class _Measured(TinkexRecovery):
+    """TinkexRecovery that measures, at the end of the training, what its kept batches cost: the bytes of the
+    containers the Replayer holds per kept batch (the Kept record, the argument tuple, dict and list copies),
+    the batches' items themselves (the DataLoader's) excluded: the buffer holds references, never copies."""
+
+    bytes_per_batch = 0.0
+    batches = 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        replayer = self._replayer
+        assert replayer is not None
+        kept = list(replayer.kept)
+        self.batches = len(kept)
+        self.bytes_per_batch = sum(_container_bytes(k) for k in kept) / max(len(kept), 1)
+        super().on_train_end(trainer, pl_module)
+
+
+def _container_bytes(kept: Any) -> int:
+    """sys.getsizeof of ``kept`` and every list, tuple and dict it holds, recursively (not of their other items)."""
+    seen: set[int] = set()
+
+    def size(obj: Any) -> int:
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        total = sys.getsizeof(obj)
+        if isinstance(obj, list | tuple):
+            total += sum(size(v) for v in obj if isinstance(v, list | tuple | dict))
+        elif isinstance(obj, dict):
+            total += sum(size(v) for v in obj.values() if isinstance(v, list | tuple | dict))
+        return total
+
+    return size(kept) + size(kept.args) + size(kept.kwargs) + size(kept.tapes)
+
+
+def _ledger_bytes(policy: RecoveryPolicy) -> tuple[float, int]:
+    """Bytes per kept batch in a fit of batches of 8 items that saves no checkpoint (every batch stays kept)."""
+    sim = SimulatedTinker()
+    module = RemoteModule(sim, save_every=10**9)
+    cb = module.cb = _Measured(policy)
+    loader = DataLoader(list(range(8 * 200)), batch_size=8, collate_fn=list)
+    _trainer([cb]).fit(module, loader)
+    return cb.bytes_per_batch, cb.batches
 
 
 class _Noop(pl.Callback):
@@ -187,7 +246,10 @@ def bench(quick: bool) -> dict[str, float]:
                 hooks.append((callback.outer_ns - module.own_ns - pair * batches) / batches / 1e3)
     best = {name: min(values) for name, values in times.items()}
     replays = _replay_seconds(policy, 3 if quick else 8)
+    ledger_bytes, kept = _ledger_bytes(policy)
+    assert kept == 200, kept
     return {
+        "ledger_bytes_per_buffered_batch": ledger_bytes,
         "lightning_bare_us_per_batch": best["bare"],
         "lightning_noop_callback_us_per_batch": best["noop"] - best["bare"],
         "lightning_overhead_us_per_batch": best["recovery"] - best["bare"],

@@ -38,6 +38,8 @@ BENCHMARKS = [
     Benchmark("lightning", "_lightning", 600),
     Benchmark("scale", "_scale", 300),
     Benchmark("startup", "_startup", 300),
+    Benchmark("logging", "_logging", 120),
+    Benchmark("watch", "_watch", 120),
     Benchmark("resume", "_resume", 300),  # no figure when tinker is not installed
     Benchmark("rl", "_rl", 300),  # no figure when tinker is not installed
     Benchmark("sdk", "_sdk", 300),  # last; no figure at all when tinker is not installed
@@ -73,6 +75,8 @@ TARGETS = [
     ),
     Target("lightning_overhead_us_per_batch", "<= 20", lambda r: r["lightning_overhead_us_per_batch"] <= 20),
     Target("lightning_hook_us_per_batch", "<= 20", lambda r: r["lightning_hook_us_per_batch"] <= 20),
+    # references only: a Kept record and copies of the batch's containers, never its items (8 per batch here)
+    Target("ledger_bytes_per_buffered_batch", "<= 1024", lambda r: r["ledger_bytes_per_buffered_batch"] <= 1024),
     Target("recovery_overhead_ms", "<= 5", lambda r: r["recovery_overhead_ms"] <= 5),
     Target("detection_by_error_p99_s", "<= 0.1", lambda r: r["detection_by_error_p99_s"] <= 0.1),
     Target(
@@ -81,6 +85,12 @@ TARGETS = [
         lambda r: r["threads_at_10000_runs"] <= r["threads_at_10_runs"],
     ),
     Target("import_time_ms", "<= 150", lambda r: r["import_time_ms"] <= 150),
+    Target("watch_first_event_s_200_runs", "<= 1", lambda r: r["watch_first_event_s_200_runs"] <= 1),
+    Target(
+        "log_record_overhead_ns",
+        "<= 3% of a record",
+        lambda r: r["log_record_overhead_ns"] <= 0.03 * r["log_record_ns"],
+    ),
     Target(
         "cli_help_ms",
         "<= 250 and <= 4 x interpreter start",
@@ -122,6 +132,7 @@ REQUIRED = [
     "lightning_overhead_us_per_batch",
     "lightning_hook_us_per_batch",
     "lightning_replay_seconds_per_recovery",
+    "ledger_bytes_per_buffered_batch",
     "recovery_overhead_ms",
     "rss_mb_per_1000_runs",
     "threads_at_10_runs",
@@ -129,6 +140,8 @@ REQUIRED = [
     "import_time_ms",
     "cli_help_ms",
     "interpreter_startup_ms",
+    "log_record_overhead_ns",
+    "watch_first_event_s_200_runs",
     "time_to_resume_p50_s",
     "time_to_resume_p99_s",
     "round_trips_per_recovery",

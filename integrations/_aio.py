@@ -4,9 +4,10 @@
 - Waiting for a recovery awaits ``RunHandle.when_ready()``, a future the engine completes from its own thread;
   the recovery is then collected with ``wait_for_recovery(timeout=0)``, which never waits. No thread is held.
 - The few blocking calls of a guard's entry and exit (making the service's REST client, which costs the SDK two
-  round trips; closing the engine, which joins its threads) run on the offload thread, awaited: one thread for
-  every guard of the process, started when there is such a call to make and gone when there is none left, so
-  16 loops entering at once add one thread, not 16.
+  round trips; closing the engine, which joins its threads) run in the *lane* of the guard's service, awaited:
+  one thread per lane while it has calls to make, gone when it has none. Calls of one service run one after the
+  other (16 loops on one ServiceClient entering at once add one thread, not 16); a slow service never delays a
+  guard of another one, nor an ``asyncio.timeout`` around its leaving (one queue for every guard did both).
 - A training client's future (the SDK's ``APIFuture``, a ``concurrent.futures.Future``, any awaitable) is awaited.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -33,37 +35,48 @@ def on_event_loop() -> bool:
     return asyncio._get_running_loop() is not None
 
 
-class _Offloader:
-    """Runs blocking calls one after the other on one thread, which exits as soon as none is left."""
+class _Lanes:
+    """Blocking calls by lane: each lane with calls to make has one thread, which runs them in order and ends
+    when none is left. Lanes never wait for one another."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._calls: deque[Callable[[], None]] = deque()
-        self._thread: threading.Thread | None = None
+        self._lanes: dict[int, tuple[object, deque[Callable[[], None]]]] = {}  # id(lane) -> (lane, its calls)
 
-    def submit(self, call: Callable[[], None]) -> None:
+    def submit(self, lane: object, call: Callable[[], None]) -> None:
+        key = id(lane)  # the entry holds the lane: its id is not reused while the entry lives
         with self._lock:
-            self._calls.append(call)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="tinkex-recovery-offload", daemon=True)
-                self._thread.start()
+            entry = self._lanes.get(key)
+            if entry is not None:
+                entry[1].append(call)
+                return
+            calls = deque([call])
+            self._lanes[key] = (lane, calls)
+        threading.Thread(target=self._run, args=(key, calls), name="tinkex-recovery-offload", daemon=True).start()
 
-    def _run(self) -> None:
+    def _run(self, key: int, calls: deque[Callable[[], None]]) -> None:
         while True:
             with self._lock:
-                if not self._calls:
-                    self._thread = None
+                if not calls:
+                    del self._lanes[key]
                     return
-                call = self._calls.popleft()
+                call = calls.popleft()
             call()  # never raises: off_loop's call catches everything
 
+    def forget(self) -> None:
+        """In a forked child: the parent's lane threads do not exist there."""
+        self._lock = threading.Lock()
+        self._lanes = {}
 
-_offloader = _Offloader()
+
+_lanes = _Lanes()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_lanes.forget)
 
 
-async def off_loop(fn: Callable[[], T]) -> T:
-    """``fn()`` on the offload thread, awaited. Not interruptible: a cancelled caller still waits for ``fn`` to
-    return (what it opened must be known, to be closed), then the cancellation goes on."""
+async def off_loop(fn: Callable[[], T], *, lane: object = None) -> T:
+    """``fn()`` in ``lane`` (None: a lane of its own), awaited. Not interruptible: a cancelled caller still waits
+    for ``fn`` to return (what it opened must be known, to be closed), then the cancellation goes on."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -85,7 +98,7 @@ async def off_loop(fn: Callable[[], T]) -> T:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
             loop.call_soon_threadsafe(settle_done, result, error)
 
-    _offloader.submit(call)
+    _lanes.submit(object() if lane is None else lane, call)
     try:
         return await asyncio.shield(done)
     except asyncio.CancelledError:

@@ -41,6 +41,7 @@ from typing import Any, Self, TypeVar
 from tinkex_recovery import (
     Checkpoint,
     Clock,
+    EngineClosed,
     Recovery,
     RecoveryEngine,
     RecoveryPolicy,
@@ -111,12 +112,13 @@ class _Wait:
 
 
 class _Call:
-    """A call that may block (it makes a REST client, or joins threads): never on an event loop's thread."""
+    """A call that may block (it makes a REST client, or joins threads): never on an event loop's thread. Calls
+    of one ``lane`` (the guard's service) run one after the other; other lanes never wait for them."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "lane")
 
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self.fn = fn
+    def __init__(self, fn: Callable[[], object], lane: object = None) -> None:
+        self.fn, self.lane = fn, lane
 
 
 _Request = _Poll | _Wait | _Call
@@ -159,7 +161,7 @@ async def _drive_async(plan: _Plan[T]) -> T:
             elif isinstance(request, _Wait):
                 answer, error = await _aio.next_recovery(request.handle, request.bound), None
             else:
-                answer, error = await _aio.off_loop(request.fn), None
+                answer, error = await _aio.off_loop(request.fn, lane=request.lane), None
         except BaseException as exc:
             answer, error = None, exc
 
@@ -396,7 +398,7 @@ class RecoveryGuard:
                 return
             if self._handle is None:
                 policy = self.policy
-                yield _Call(lambda: self._watch(policy))
+                yield _Call(lambda: self._watch(policy), self._service)
         except BaseException:
             yield from self._close_plan()
             raise
@@ -430,7 +432,7 @@ class RecoveryGuard:
     def _close_plan(self) -> _Plan[None]:
         self._state = _State.CLOSED
         if self._handle is not None or self._leased is not None:
-            yield _Call(self._release)
+            yield _Call(self._release, self._service)
 
     def _require_open(self, what: str) -> None:
         if self._state is not _State.OPEN:
@@ -506,7 +508,16 @@ class RecoveryGuard:
         if not isinstance(exc, Exception) or handle is None or self._state is not _State.OPEN:
             return False
         since = self._clock.monotonic()
-        lost = yield _Poll(handle)
+        try:
+            lost = yield _Poll(handle)
+        except EngineClosed:
+            if self._given_engine is None:
+                raise
+            raise EngineClosed(
+                f"recovery_guard: step {step.index} of run {self._run_id} failed, and the engine passed as engine= "
+                f"({self._given_engine!r}) is closed, so the run could not be checked; the step's own error is the "
+                "cause of this one"
+            ) from exc
         if not lost and handle.state is not RunState.EXHAUSTED:
             if handle.observed is not None:  # observe mode: report what recover mode would do, change nothing
                 wait = self._wait_bound()
@@ -666,13 +677,13 @@ class RecoveryGuard:
         at its step. A disabled policy still resumes (there is no client otherwise), then watches nothing."""
         require_methods(self._service, SERVICE_METHODS, "service")
         policy = self.policy if self.policy.enabled else self.policy.replace(enabled=True)
-        yield _Call(lambda: self._watch(policy))
+        yield _Call(lambda: self._watch(policy), self._service)
         handle = self._handle
         assert handle is not None
         handle.request_recovery()
         recovery = yield _Wait(handle, self._wait_bound())
         if not self.policy.enabled:
-            yield _Call(self._release)  # the resume is all a disabled guard does
+            yield _Call(self._release, self._service)  # the resume is all a disabled guard does
             self._engine = None
         assert recovery.step is not None, "the engine resumes a guarded loop only from checkpoints with a step"
         self._client, self._run_id = self._ledger.adopt(recovery.client, recovery.step), recovery.new_run_id

@@ -13,7 +13,9 @@ Metric                                 Instrument      Unit   Attributes, meanin
 ``tinkex_recovery.recoveries``         Counter                ``outcome``: ``completed`` / ``exhausted``; an
                                                               exhausted one has ``reason`` (``attempts``, ...)
 ``tinkex_recovery.recovery.duration``  Histogram       s      from detection to the new run's client in hand
-``tinkex_recovery.restore.attempts``   Counter                ``result``: ``ok`` / ``error`` (one per attempt)
+``tinkex_recovery.restore.attempts``   Counter                ``result``: ``ok`` / ``error``: restore calls made
+                                                              (not an attempt that ended before its restore
+                                                              call, nor observe mode, nor a budget refusal)
 ``tinkex_recovery.polls``              Counter                ``result``: ``ok`` (answered) / ``error``
 ``tinkex_recovery.steps_lost``         Histogram              ``integration``: ``guard`` / ``lightning``;
                                                               steps trained again after a recovery
@@ -64,6 +66,7 @@ class _Recorder(RecoveryObserver):
 
     def __init__(self, meter: metrics.Meter) -> None:
         self.active = True
+        self._restoring: set[str] = set()  # runs whose attempt selected a checkpoint: a restore call follows
         self._recoveries = meter.create_counter(
             "tinkex_recovery.recoveries", unit="{recovery}", description="Recoveries that ended, by outcome."
         )
@@ -100,10 +103,17 @@ class _Recorder(RecoveryObserver):
                 self._duration.record(event.since_detected)
         elif kind is EventKind.EXHAUSTED:
             self._recoveries.add(1, {**_EXHAUSTED, "reason": event.reason} if event.reason else _EXHAUSTED)
+        elif kind is EventKind.CHECKPOINT_SELECTED:
+            if event.attempt:  # observe mode reports a selection with no attempt: it restores nothing
+                self._restoring.add(event.run_id)
         elif kind is EventKind.CLIENT_CREATED:
+            self._restoring.discard(event.run_id)
             self._attempts.add(1, _OK)
-        elif kind is EventKind.FAILED:
+        elif kind is EventKind.FAILED and event.run_id in self._restoring:  # the restore call itself failed
+            self._restoring.discard(event.run_id)
             self._attempts.add(1, _ERROR)
+        if kind is EventKind.EXHAUSTED or kind is EventKind.COMPLETED:
+            self._restoring.discard(event.run_id)
 
     def on_poll(self, ok: bool) -> None:
         self._polls.add(1, _OK if ok else _ERROR)
@@ -112,7 +122,8 @@ class _Recorder(RecoveryObserver):
         self._steps_lost.record(steps, {"integration": integration})
 
     def _observe_watched(self, options: CallbackOptions) -> Iterable[Observation]:
-        # OpenTelemetry cannot unregister a callback: after uninstrument() it reports nothing.
+        # OpenTelemetry cannot unregister a callback: after uninstrument() it reports nothing (until the same
+        # meter is instrumented again, which reuses this recorder and its instruments).
         return [Observation(watched_run_count())] if self.active else []
 
 
@@ -129,6 +140,9 @@ class RecoveryInstrumentor:
     _lock: threading.Lock
     _recorder: _Recorder | None
     _remove: Callable[[], None]
+    #: One recorder per meter, kept: a meter's instruments are made once (OpenTelemetry keeps the first of a
+    #: name, and an observable's callback for good), so instrumenting again reuses them, and every metric reports.
+    _recorders: dict[int, tuple[metrics.Meter, _Recorder]]
 
     def __new__(cls) -> Self:
         with cls._instance_lock:
@@ -137,6 +151,7 @@ class RecoveryInstrumentor:
                 instance._lock = threading.Lock()
                 instance._recorder = None
                 instance._remove = lambda: None
+                instance._recorders = {}
                 cls._instance = instance
             return cls._instance  # type: ignore[return-value]
 
@@ -152,7 +167,10 @@ class RecoveryInstrumentor:
                 logger.warning("RecoveryInstrumentor: already instrumented; call uninstrument() first")
                 return
             meter = metrics.get_meter(METER_NAME, __version__, meter_provider=meter_provider)
-            recorder = _Recorder(meter)
+            kept = self._recorders.get(id(meter))
+            recorder = kept[1] if kept is not None and kept[0] is meter else _Recorder(meter)
+            self._recorders[id(meter)] = (meter, recorder)  # holds the meter: its id is not reused meanwhile
+            recorder.active = True
             self._remove = add_observer(recorder)
             self._recorder = recorder
 

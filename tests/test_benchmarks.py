@@ -30,6 +30,7 @@ REQUIRED = [
     "lightning_overhead_us_per_batch",
     "lightning_hook_us_per_batch",
     "lightning_replay_seconds_per_recovery",
+    "ledger_bytes_per_buffered_batch",
     "recovery_overhead_ms",
     "rss_mb_per_1000_runs",
     "threads_at_10_runs",
@@ -37,6 +38,8 @@ REQUIRED = [
     "import_time_ms",
     "cli_help_ms",
     "interpreter_startup_ms",
+    "log_record_overhead_ns",
+    "watch_first_event_s_200_runs",
 ]
 #: Measured through the tinker SDK: reported only when it is installed.
 SDK_REQUIRED = [

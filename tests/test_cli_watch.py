@@ -20,7 +20,7 @@ from typing import IO
 
 import pytest
 
-from tinkex_recovery import EventKind, RecoveryEvent
+from tinkex_recovery import EventKind, FakeClock, RecoveryEngine, RecoveryEvent, RecoveryPolicy
 from tinkex_recovery._cli_watch import EventPrinter
 from tinkex_recovery.simulated import SimulatedServer, SimulatedTinker, serve
 
@@ -175,3 +175,42 @@ def test_json_lines_carry_every_field_an_event_has() -> None:
         {"time": "2026-01-01T00:00:00.000+00:00", "kind": "checkpoint_selected", "run_id": "r:train:0", "attempt": 1,
          "checkpoint": "tinker://r:train:0/weights/a", "resumable": True},
     ]  # fmt: skip
+
+
+def test_watch_follows_the_lineage_to_the_recovered_run_and_reports_its_loss_too(
+    sim: SimulatedTinker, server: SimulatedServer, clock: FakeClock
+) -> None:
+    first = run_with_checkpoints(sim)
+    with start(first.model_id, "--interval", "0.05", "--json", server=server) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = Lines(proc.stdout), Lines(proc.stderr)
+        assert err.next().startswith("watching 1 run(s)")
+        sim.corrupt(first.model_id)
+        out.until(lambda line: json.loads(line)["kind"] == "detected")
+        # The training process recovers the run (its engine stamps the new run's lineage metadata).
+        trainer = RecoveryEngine(RecoveryPolicy(enabled=True, poll_interval=3600), clock=clock)
+        with trainer:
+            handle = trainer.watch(first.model_id, sim)
+            handle.check_now()
+            recovery = handle.wait_for_recovery(timeout=WAIT)
+        completed = json.loads(out.until(lambda line: json.loads(line)["kind"] == "completed"))
+        assert completed["run_id"] == first.model_id and completed["new_run_id"] == recovery.new_run_id
+        assert completed["checkpoint"] == recovery.checkpoint.tinker_path
+        sim.corrupt(recovery.new_run_id)  # the next loss of the same job is reported too
+        detected = json.loads(out.until(lambda line: json.loads(line)["kind"] == "detected"))
+        assert detected["run_id"] == recovery.new_run_id
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) == 0
+    assert sim.restore_calls == [(recovery.checkpoint.tinker_path, True, sim.restore_calls[0][2])]  # the trainer's
+
+
+def test_watch_reads_its_runs_concurrently_before_watching(sim: SimulatedTinker, server: SimulatedServer) -> None:
+    runs = [sim.create_lora_training_client(base_model="m").model_id for _ in range(200)]
+    server.latency = 0.02
+    with start(*runs, "--interval", "3600", server=server) as proc:
+        assert proc.stderr is not None
+        err = Lines(proc.stderr)
+        assert err.next().startswith("watching 200 run(s)")  # printed once every run has been read
+        assert server.peak_in_flight >= 8  # the reads overlapped (one by one they took 200 round trips)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) == 0

@@ -106,15 +106,19 @@ def test_at_most_max_concurrent_run_and_they_start_in_fifo_order(executor: Execu
     assert tracker.peak == 2 and executor.peak_running == 2
 
 
-def test_a_duplicate_request_is_refused_until_the_first_finishes(executor: Executor, tracker: Tracker) -> None:
+def test_a_job_whose_key_is_busy_waits_for_the_first_then_runs(executor: Executor, tracker: Tracker) -> None:
     first = ScriptedJob("run-a", tracker, gated=True)
+    second = ScriptedJob("run-a", tracker, gated=True)
     assert executor.submit(first)
-    assert not executor.submit(ScriptedJob("run-a", tracker))
-    assert executor.pending("run-a")
+    assert executor.submit(second)  # parked: never beside the first, never refused for good
+    tracker.wait(lambda: tracker.started == ["run-a"], "the first starts")
+    assert executor.queued == 0 and executor.running == 1
     first.gate.set()
-    tracker.wait(lambda: tracker.outcomes == [("run-a", OutcomeKind.DONE)], "first finishes")
-    tracker.wait(lambda: not executor.pending("run-a"), "key released")
-    assert executor.submit(ScriptedJob("run-a", tracker))
+    tracker.wait(lambda: tracker.started == ["run-a", "run-a"], "the second starts once the first has ended")
+    assert tracker.outcomes == [("run-a", OutcomeKind.DONE)] and executor.pending("run-a")
+    second.gate.set()
+    tracker.wait(lambda: not executor.pending("run-a"), "key released after the second")
+    assert tracker.outcomes == [("run-a", OutcomeKind.DONE)] * 2
 
 
 def test_a_finished_attempt_leaves_no_thread_once_its_outcome_is_handled(
@@ -184,9 +188,13 @@ def test_close_cancels_what_running_attempts_wait_for(clock: FakeClock, tracker:
     job = WaitsForCancel("run-a", tracker, gated=True)
     job.gate = woken  # the attempt blocks until it is cancelled: nothing else releases it
     ex.submit(job)
+    ex.submit(ScriptedJob("run-a", tracker))  # parked behind the first: close drops it
     tracker.wait(lambda: tracker.started == ["run-a"], "attempt starts")
     ex.close(timeout=WAIT)
     assert not [t for t in threading.enumerate() if t.name.startswith("tinkex-recovery-attempt")]
+    # What the cancelled attempt returned is released (on_late), never adopted, and the parked job never ran.
+    assert tracker.late == [("run-a", OutcomeKind.DONE)] and tracker.outcomes == []
+    assert tracker.started == ["run-a"]
 
 
 def test_a_failing_outcome_handler_ends_that_job_and_the_others_go_on(executor: Executor, tracker: Tracker) -> None:

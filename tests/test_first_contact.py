@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -200,10 +201,21 @@ def test_a_recovery_logs_one_warning_and_its_steps_at_info(
 def test_lightning_without_a_client_names_client_attr() -> None:
     class Module:
         client = object()  # the module keeps its client under another name
+        service_client = object()
 
     callback = TinkexRecovery(POLICY)
     with pytest.raises(AttributeError, match="client_attr="):
-        callback.on_fit_start(None, Module())  # type: ignore[arg-type]
+        callback.on_fit_start(SimpleNamespace(ckpt_path=None), Module())  # type: ignore[arg-type]
+
+
+def test_lightning_without_a_service_names_service_attr() -> None:
+    class Module:
+        training_client = object()
+        service = object()  # the module keeps its service client under another name
+
+    callback = TinkexRecovery(POLICY)
+    with pytest.raises(AttributeError, match="service_attr="):
+        callback.on_fit_start(SimpleNamespace(ckpt_path=None), Module())  # type: ignore[arg-type]
 
 
 _ = tinker  # the SDK is a test dependency: imported so its absence fails here, not in a skip

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 import tinkex_recovery
 import tinkex_recovery.integrations
 from tinkex_recovery import CannotReplay, FakeClock, Recovery, RecoveryExhausted, RecoveryPolicy
+from tinkex_recovery._ledger import Ledger
 from tinkex_recovery.integrations.lightning import TinkexRecovery
 from tinkex_recovery.simulated import SimulatedAPIError, SimulatedRequestFailedError, SimulatedTinker
 
@@ -429,12 +430,15 @@ def test_replay_false_leaves_the_replay_to_the_module(tmp_path: Path, sim: Simul
     assert len(sim.run_ids) == 3
 
 
-def test_the_buffer_holds_no_more_than_the_save_interval(
-    tmp_path: Path, sim: SimulatedTinker, clock: FakeClock
+@pytest.mark.parametrize(("depth", "most"), [(0, 4), (2, 14)])
+def test_the_buffer_holds_the_batches_a_fallback_may_need(
+    tmp_path: Path, sim: SimulatedTinker, clock: FakeClock, depth: int, most: int
 ) -> None:
-    module, cb, _ = fit_with(tmp_path, sim, clock, n=30, save_every=5, after={12: corrupt_and_poll})
-    # At each batch start the buffer holds the batches since the newest checkpoint: 0 to 4 of them.
-    assert max(module.buffered) == 4 and module.buffered[:6] == [0, 1, 2, 3, 4, 0]
+    # At each batch start the buffer holds the batches since the (fallback_depth + 1)-th newest checkpoint, so a
+    # recovery falling back past rejected checkpoints can still replay; references only, nothing after the fit.
+    policy = RecoveryPolicy(enabled=True, fallback_depth=depth)
+    module, cb, _ = fit_with(tmp_path, sim, clock, policy=policy, n=30, save_every=5, after={12: corrupt_and_poll})
+    assert max(module.buffered) == most and module.buffered[:6] == [0, 1, 2, 3, 4, 0]
     assert sim.lineage(cb.run_id) == list(range(30)) and cb.buffered == 0
 
 
@@ -474,17 +478,21 @@ def restored_names(sim: SimulatedTinker) -> list[str]:
     return [path.rsplit("/", 1)[-1] for path, _, _ in sim.restore_calls]
 
 
-def test_a_checkpoint_without_a_step_is_never_restored(tmp_path: Path, sim: SimulatedTinker, clock: FakeClock) -> None:
-    def save_an_eval_snapshot(module: RemoteModule) -> None:  # newer than the checkpoint at step 4, no step
+def test_a_bare_save_is_a_checkpoint_that_holds_its_step(
+    tmp_path: Path, sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    def save_an_eval_snapshot(module: RemoteModule) -> None:  # newer than the checkpoint at step 4, no step given
         module.training_client.save_state("eval").result()
 
     _, cb, trainer = fit_with(
         tmp_path, sim, clock, n=8, stepped={4: save_an_eval_snapshot}, after={4: corrupt_and_poll}
     )
-    # The engine skipped the snapshot before any restore call and restored the checkpoint at step 4; the
-    # callback replayed batch 4, and the fit went on, every batch once.
-    assert restored_names(sim) == ["step-0004"]
-    assert cb.lineage[0]["resume_step"] == 4
+    # The ledger saw the save after batch 4's optim_step: it holds 5 batches and says so in its user_metadata;
+    # the engine restored it, nothing was replayed, and the fit went on, every batch once.
+    (snapshot,) = [c for c in sim.list_checkpoints(sim.run_ids[0]).checkpoints if c.tinker_path.endswith("/eval")]
+    assert (snapshot.user_metadata or {})["tinkex_recovery.step"] == "5"
+    assert restored_names(sim) == ["eval"]
+    assert cb.lineage[0]["resume_step"] == 5 and cb.lineage[0]["steps_lost"] == 0
     assert sim.lineage(cb.run_id or "") == list(range(8)) and trainer.global_step == 8
 
 
@@ -507,25 +515,41 @@ def break_the_newest_and_lose(module: RemoteModule) -> None:
     corrupt_and_poll(module)
 
 
+def lose_the_newest(tmp_path: Path, sim: SimulatedTinker, clock: FakeClock, fallback_depth: int) -> None:
+    """An 8-batch fit whose run is lost after batch 4 while the server rejects its newest checkpoint (step 4)."""
+    policy = RecoveryPolicy(enabled=True, fallback_depth=fallback_depth)
+    fit_with(tmp_path, sim, clock, policy=policy, n=8, after={4: break_the_newest_and_lose})
+
+
 def test_a_checkpoint_older_than_the_buffer_is_never_restored(
     tmp_path: Path, sim: SimulatedTinker, clock: FakeClock
 ) -> None:
-    # The server rejects the checkpoint at step 4; the one at step 2 holds fewer steps than the buffer reaches
-    # back to (batches 2 and 3 were dropped once the checkpoint at 4 was saved): it is skipped, and the recovery
-    # is exhausted without creating a run the callback could not replay on.
-    with pytest.raises(RecoveryExhausted, match="no restorable checkpoint"):
-        fit_with(tmp_path, sim, clock, n=8, after={4: break_the_newest_and_lose})
+    # The server rejects the checkpoint at step 4; with fallback_depth=0 the buffer holds only the batches since
+    # it, and the engine tries no older one: the recovery is exhausted, no run created.
+    with pytest.raises(RecoveryExhausted, match="exhausted"):
+        lose_the_newest(tmp_path, sim, clock, fallback_depth=0)
     assert restored_names(sim) == ["step-0004"] and len(sim.run_ids) == 1
+
+
+def test_a_fallback_to_an_older_checkpoint_replays_from_it(
+    tmp_path: Path, sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    # With the default fallback_depth the buffer reaches back to the older checkpoint: batches 2 to 4 replayed.
+    _, cb, trainer = fit_with(tmp_path, sim, clock, n=8, after={4: break_the_newest_and_lose})
+    assert restored_names(sim) == ["step-0004", "step-0002"]
+    assert [(r["resume_step"], r["steps_lost"]) for r in cb.lineage] == [(2, 3)]
+    assert sim.lineage(cb.run_id or "") == list(range(8)) and trainer.global_step == 8
 
 
 def test_a_checkpoint_restored_past_the_buffer_ends_the_fit_with_cannot_replay(
     tmp_path: Path, sim: SimulatedTinker, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Staged: the engine chooses as if the buffer still reached back to step 2 (as when a checkpoint's save
-    # completes while a recovery chooses). The callback refuses to train on rather than train batches twice.
-    monkeypatch.setattr(TinkexRecovery, "_step_of", lambda self, checkpoint: checkpoint.step)
-    with pytest.raises(CannotReplay, match=r"step 2\), older than the replay buffer reaches \(step 4\)"):
-        fit_with(tmp_path, sim, clock, n=8, after={4: break_the_newest_and_lose})
+    # Staged: the buffer keeps only the batches since the newest checkpoint while the engine, its window ignored,
+    # falls back to the older one. The callback refuses to train on rather than train batches twice or never.
+    monkeypatch.setattr(Ledger, "window", lambda self, floor=None, ceiling=None: None)
+    monkeypatch.setattr(Ledger, "keep_from", lambda self, depth=0: Ledger.step.fget(self))  # type: ignore[attr-defined]
+    with pytest.raises(CannotReplay, match=r"step 2\), older than the steps kept \(from step 4\)"):
+        lose_the_newest(tmp_path, sim, clock, fallback_depth=1)
     assert restored_names(sim) == ["step-0004", "step-0002"]
 
 
@@ -557,13 +581,6 @@ def test_ddp_is_refused_at_fit_start(
 
     # A disabled policy is a no-op and refuses nothing (checked on the hook itself: no second process group).
     TinkexRecovery(RecoveryPolicy(enabled=False)).setup(trainer, module, "fit")
-
-
-def test_replay_needs_manual_optimization(tmp_path: Path, sim: SimulatedTinker, clock: FakeClock) -> None:
-    module = RemoteModule(sim)
-    module.automatic_optimization = True
-    with pytest.raises(MisconfigurationException, match="manual optimization"):
-        make_trainer(tmp_path, TinkexRecovery(clock=clock)).fit(module, loader(2))
 
 
 @pytest.mark.parametrize("route", ["poll", "failed-step"])
@@ -650,33 +667,6 @@ def test_a_disabled_policy_makes_the_callback_a_no_op(tmp_path: Path, sim: Simul
     assert trainer.state.finished and trainer.global_step == 3
     assert sim.poll_count == 0 and cb.handle is None
     assert not any(name.startswith("tinkex-recovery") for name in module.threads_seen)
-
-
-def test_a_restarted_trainer_continues_the_lineage(tmp_path: Path, sim: SimulatedTinker, clock: FakeClock) -> None:
-    _, cb, trainer = fit_with(tmp_path, sim, clock, n=4, after={1: corrupt_and_poll})
-    assert len(cb.lineage) == 1
-    ckpt = tmp_path / "fit.ckpt"
-    trainer.save_checkpoint(ckpt)
-    # Plain values only, so the checkpoint loads with torch's weights_only safety on.
-    saved = torch.load(ckpt, weights_only=True)["callbacks"][cb.state_key]
-    assert saved == cb.state_dict()
-
-    # A new process: the loop restores its last Tinker checkpoint into a new run and resumes the fit.
-    last_path = sim.list_checkpoints(cb.run_id).checkpoints[0].tinker_path
-    module2 = RemoteModule(sim, after={1: corrupt_and_poll})
-    module2.training_client = sim.create_training_client_from_state_with_optimizer(last_path).result()
-    cb2 = TinkexRecovery(clock=clock)
-    module2.cb = cb2
-    logger = RecordingLogger()
-    trainer2 = make_trainer(tmp_path, cb2, max_epochs=2, logger=logger)
-    trainer2.fit(module2, loader(4), ckpt_path=ckpt)
-
-    assert trainer2.global_step == 8
-    lineage = cb2.lineage
-    assert lineage[0] == cb.lineage[0]
-    assert [r["number"] for r in lineage] == [1, 2]
-    assert lineage[1]["old_run_id"] == module2.used[0][1] and lineage[1]["new_run_id"] == cb2.run_id
-    assert [m["tinker/recoveries"] for _, m in logger.tinker()] == [2.0]
 
 
 def test_state_key_is_distinct_per_watched_client(tmp_path: Path) -> None:

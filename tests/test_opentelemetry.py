@@ -132,7 +132,8 @@ def test_a_lightning_fit_records_its_recoveries_with_no_metrics_code(
         ("tinkex_recovery.recoveries", (("outcome", "completed"),)): 2,
         ("tinkex_recovery.recovery.duration", ()): (2, 0.0),  # the engine's FakeClock never moved
         ("tinkex_recovery.restore.attempts", (("result", "ok"),)): 2,
-        ("tinkex_recovery.polls", (("result", "ok"),)): 2,  # the two checks that found the run corrupted
+        # the two checks that found the run corrupted, and the callback's check of the run when the training ends
+        ("tinkex_recovery.polls", (("result", "ok"),)): 3,
         ("tinkex_recovery.steps_lost", (("integration", "lightning"),)): (2, 2),
         ("tinkex_recovery.watched_runs", ()): 0,
     }
@@ -204,3 +205,49 @@ def test_without_opentelemetry_the_module_names_the_extra_to_install(tmp_path: P
     )
     assert out.returncode == 0, out.stderr
     assert "pip install 'tinkex-recovery[otel]'" in out.stdout
+
+
+def test_restore_attempts_count_restore_calls_only(
+    sim: SimulatedTinker, clock: FakeClock, reader: InMemoryMetricReader
+) -> None:
+    observed = run_with_checkpoints(sim)
+    with RecoveryEngine(POLICY.replace(mode="observe"), clock=clock) as engine:  # selects, never restores
+        handle = engine.watch(observed.model_id, sim)
+        sim.corrupt(observed.model_id)
+        engine.poll_once()
+        assert handle.observation(timeout=10) is not None
+    bare = sim.create_lora_training_client(base_model="m")  # no checkpoint: failed, exhausted, no restore call
+    with RecoveryEngine(POLICY, clock=clock) as engine:
+        handle = engine.watch(bare.model_id, sim)
+        sim.corrupt(bare.model_id)
+        engine.poll_once()
+        with pytest.raises(Exception, match="checkpoint"):
+            handle.wait_for_recovery(timeout=10)
+    found = figures(reader)
+    assert sim.restore_calls == []
+    assert not [key for key in found if key[0] == "tinkex_recovery.restore.attempts"], found
+    assert found[("tinkex_recovery.recoveries", (("outcome", "exhausted"), ("reason", "checkpoints")))] == 1
+
+
+def test_instrument_after_uninstrument_reports_every_metric(sim: SimulatedTinker, clock: FakeClock) -> None:
+    instrumentor = RecoveryInstrumentor()
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    client = run_with_checkpoints(sim)
+    try:
+        instrumentor.instrument(meter_provider=provider)
+        instrumentor.uninstrument()
+        instrumentor.instrument(meter_provider=provider)
+        with RecoveryEngine(POLICY, clock=clock) as engine:
+            handle = engine.watch(client.model_id, sim)
+            sim.corrupt(client.model_id)
+            engine.poll_once()
+            handle.wait_for_recovery(timeout=10)
+            found = figures(reader)
+        assert found[("tinkex_recovery.watched_runs", ())] == 1
+        assert found[("tinkex_recovery.polls", (("result", "ok"),))] == 1
+        assert found[("tinkex_recovery.restore.attempts", (("result", "ok"),))] == 1
+        assert found[("tinkex_recovery.recoveries", (("outcome", "completed"),))] == 1
+    finally:
+        instrumentor.uninstrument()
+        provider.shutdown()

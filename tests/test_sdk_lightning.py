@@ -91,6 +91,6 @@ def test_a_lightning_fit_on_the_sdk_trains_every_batch_once(net: SdkNet, tmp_pat
     assert [(r["resume_step"], r["steps_lost"]) for r in cb.lineage] == [(4, 2), (8, 3)]
     runs = net.sim.run_ids
     assert runs[runs.index(first) :] == [first, cb.lineage[0]["new_run_id"], final]  # one new run per loss
-    # The SDK client's saves were followed: the buffer never held more than a save interval.
-    assert max(module.buffered) < SAVE_EVERY
+    # The SDK client's saves were followed: the buffer never held more than the save intervals a fallback may need.
+    assert max(module.buffered) < SAVE_EVERY * (POLICY.fallback_depth + 1)
     assert "save_state" not in vars(module.training_client)

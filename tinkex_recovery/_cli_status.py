@@ -157,9 +157,28 @@ def _metrics(checkpoint: Checkpoint) -> dict[str, float]:
     return out
 
 
+def continuing_successor(successors: list[TrainingRun]) -> TrainingRun:
+    """Of the runs recovered from one run, the one the lineage goes on with: the engines' own rule
+    (:func:`._lineage.continuing`, the earliest created), so ``status`` and ``watch`` follow the run that trains on."""
+    from ._lineage import continuing
+
+    return continuing(successors)
+
+
+def successors_by_parent(rest: TinkerRest) -> dict[str, list[TrainingRun]]:
+    """Every run of the account that was recovered from another, by the run it was recovered from."""
+    from ._lineage import all_runs
+
+    children: dict[str, list[TrainingRun]] = defaultdict(list)
+    for run in all_runs(rest):
+        if (parent := (run.user_metadata or {}).get(_FROM_RUN)) is not None:
+            children[parent].append(run)
+    return children
+
+
 def lineage_report(rest: TinkerRest, run_id: str, *, now: datetime | None = None) -> LineageReport:
     """Follow ``run_id``'s lineage back and forward, and list its newest run's restorable checkpoints."""
-    from ._lineage import all_runs, continuing, metadata_of
+    from ._lineage import metadata_of
 
     start = rest.get_training_run(validate_run_id(run_id))
     runs = [LineageRun(start.training_run_id, start)]
@@ -171,10 +190,7 @@ def lineage_report(rest: TinkerRest, run_id: str, *, now: datetime | None = None
         except (RunNotFound, ValueError):
             runs.insert(0, LineageRun(parent, None))  # named by its successor, but gone (or never a run id)
             break
-    children: dict[str, list[TrainingRun]] = defaultdict(list)
-    for run in all_runs(rest):
-        if (parent := (run.user_metadata or {}).get(_FROM_RUN)) is not None:
-            children[parent].append(run)
+    children = successors_by_parent(rest)
     side: list[SideRun] = []
     index = 0
     while index < len(runs) < _MAX_RUNS:
@@ -184,7 +200,7 @@ def lineage_report(rest: TinkerRest, run_id: str, *, now: datetime | None = None
         kids = [k for k in children.get(here, []) if k.training_run_id not in seen or k.training_run_id == after]
         if not kids:
             continue
-        successor = continuing(kids)  # the engine's rule: the run the engines let continue
+        successor = continuing_successor(kids)  # the engine's rule: the run the engines let continue
         for other in kids:
             if other is not successor:
                 same = metadata_of(other, RECOVERY_ID_KEY) == metadata_of(successor, RECOVERY_ID_KEY) is not None

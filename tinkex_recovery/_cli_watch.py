@@ -3,9 +3,14 @@ one line per event as it happens (JSON lines with ``--json``), until Ctrl-C or S
 stdout's reader leaves (``| head -1``: exit 141, silently).
 
 The engine runs with ``RecoveryPolicy(mode="observe")``: it polls, detects and selects the checkpoint it would
-restore, and restores nothing. The runs are read once before watching starts, so a wrong key or an unknown
-run is a one-line error (exit 2), not a stream of poll errors. Status lines go to stderr; stdout holds only
-events.
+restore, and restores nothing. The runs are read once before watching starts (concurrently, as the engine
+polls them), so a wrong key or an unknown run is a one-line error (exit 2), not a stream of poll errors.
+Status lines go to stderr; stdout holds only events.
+
+Each lineage is followed: while a watched run is corrupted, the account's training-runs listing is read every
+interval for the run recovered from it (by the training process's guard or callback, which stamps
+``tinkex_recovery.recovered_from_run``); once there, a ``completed`` event names it, and it is watched in turn,
+so the next loss of the same job is reported too.
 """
 
 from __future__ import annotations
@@ -16,19 +21,24 @@ import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ._cli_common import EXIT_OK, STEPLESS, add_connection_arguments, closed_pipe, connect, fail, step_of
-from ._names import validate_run_id
+from ._cli_status import continuing_successor, successors_by_parent
+from ._names import LINEAGE_KEYS, validate_run_id
 from ._redact import redact
 
 if TYPE_CHECKING:  # imported where used: `watch --help` loads neither pydantic nor httpx
+    from ._engine import RecoveryEngine, RunHandle
     from ._events import RecoveryEvent
     from ._models import Checkpoint
+    from ._rest import TinkerRest
 
 __all__ = ["add_watch_arguments", "run_watch"]
 
@@ -120,6 +130,50 @@ def reader_gone(out: TextIO) -> bool:
     return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll(0))
 
 
+class _Lineages:
+    """The newest run of each watched lineage; moves a lineage on to the run recovered from its corrupted one."""
+
+    def __init__(self, engine: RecoveryEngine, rest: TinkerRest, printer: EventPrinter) -> None:
+        self._engine = engine
+        self._rest = rest
+        self._printer = printer
+        self._service = _NoRestore()
+        self._handles: list[RunHandle] = []
+
+    def watch(self, run_id: str) -> RunHandle:
+        handle = self._engine.watch(run_id, self._service, step_of=self._printer.step_of)
+        self._handles.append(handle)
+        return handle
+
+    def follow(self) -> None:
+        """For each lineage whose newest run was found corrupted: its successor, if the listing has one now."""
+        lost = [h for h in self._handles if h.observed is not None]
+        if not lost:
+            return  # no listing while every run is healthy
+        from ._events import EventKind, RecoveryEvent
+
+        children = successors_by_parent(self._rest)
+        for handle in lost:
+            run_id, seen = handle.run_id, {handle.run_id}
+            while successors := [r for r in children.get(run_id, []) if r.training_run_id not in seen]:
+                successor = continuing_successor(successors)  # a lineage recovered more than once meanwhile: walk on
+                self._printer(
+                    RecoveryEvent(
+                        EventKind.COMPLETED,
+                        run_id,
+                        checkpoint=(successor.user_metadata or {}).get(LINEAGE_KEYS[1]),
+                        new_run_id=successor.training_run_id,
+                    )
+                )
+                run_id = successor.training_run_id
+                seen.add(run_id)
+            if run_id == handle.run_id:
+                continue
+            handle.unwatch()
+            self._handles.remove(handle)
+            self.watch(run_id).check_now()  # a successor already corrupted is reported now
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -141,23 +195,34 @@ def run_watch(
     printer = EventPrinter(out, as_json=args.json)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        workers = min(len(runs), _MAX_POLL_WORKERS)
         with connect(args) as rest:
-            for run_id in runs:  # a wrong key or an unknown run: one line now, not a poll error forever
-                rest.get_training_run(run_id)
-            with RecoveryEngine(policy, status=rest, poll_concurrency=min(len(runs), _MAX_POLL_WORKERS)) as engine:
+            # A wrong key or an unknown run: one line now, not a poll error forever. Read as the engine polls.
+            with ThreadPoolExecutor(workers, thread_name_prefix="tinkex-recovery-watch-read") as reads:
+                list(reads.map(rest.get_training_run, runs))
+            with RecoveryEngine(policy, status=rest, poll_concurrency=workers) as engine:
                 engine.subscribe(printer)
-                service = _NoRestore()
+                lineages = _Lineages(engine, rest, printer)
                 for run_id in runs:
-                    engine.watch(run_id, service, step_of=printer.step_of)
+                    lineages.watch(run_id)
                 print(
                     f"watching {len(runs)} run(s), polling every {args.interval:g}s; Ctrl-C stops",
                     file=err,
                     flush=True,
                 )
                 engine.poll_once()  # a run already corrupted is reported now, not an interval from now
-                while not printer.closed.wait(_READER_CHECK):
+                follow_at = time.monotonic() + args.interval
+                while not printer.closed.wait(min(_READER_CHECK, max(follow_at - time.monotonic(), 0.0))):
                     if reader_gone(out):
                         break
+                    if time.monotonic() < follow_at:
+                        continue
+                    follow_at = time.monotonic() + args.interval
+                    try:
+                        lineages.follow()
+                    except Exception as exc:  # the listing failed this time: the runs are still watched
+                        message = " ".join(redact(str(exc) or type(exc).__name__).split())
+                        print(f"tinkex-recovery watch: the lineages were not followed: {message}", file=err, flush=True)
     except KeyboardInterrupt:
         pass
     except Exception as exc:

@@ -38,7 +38,7 @@ from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._observers import report_poll, track_engine
 from ._policy import RecoveryPolicy
 from ._recovery import History, Recovery, RecoveryJob, run_not_found
-from ._redact import redact, without_secrets
+from ._redact import redact, redact_loggers, without_secrets
 from ._retry import describe, status_code_of
 from ._selection import StepOf
 
@@ -129,6 +129,10 @@ def _make_rest_client(service: Any) -> Any:
     return status
 
 
+#: when_ready() futures a lineage keeps before dropping the cancelled ones (then twice the live ones).
+_PRUNE_AT = 16
+
+
 @dataclass(eq=False)
 class _Lineage:
     """One watched run and every run recovered from it. Guarded by the engine's lock."""
@@ -152,6 +156,17 @@ class _Lineage:
     announced: int = 0  # recoveries whose events and callbacks have run: wait_for_recovery() may return them
     consumed: int = 0  # recoveries already returned by wait_for_recovery()
     ready: list[Future[None]] = field(default_factory=list)  # when_ready() futures not yet woken
+    prune_at: int = _PRUNE_AT  # len(ready) at which the done (cancelled) ones are dropped
+    uses_rest_client: bool = False  # its status is a REST client the engine made (released at unwatch)
+
+
+def _settle(future: Future[Any], result: object = None, error: BaseException | None = None) -> None:
+    """Complete ``future`` unless it is already done (answered, or cancelled by its waiter)."""
+    if future.set_running_or_notify_cancel():  # False: the waiter cancelled it
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 def _wake(ready: list[Future[None]]) -> None:
@@ -274,6 +289,9 @@ class RunHandle:
                 or lineage.exhausted is not None
                 or engine.state is EngineState.CLOSED
             ):
+                if len(lineage.ready) >= lineage.prune_at:  # a waiter that timed out cancels its future
+                    lineage.ready = [f for f in lineage.ready if not f.done()]
+                    lineage.prune_at = max(_PRUNE_AT, 2 * len(lineage.ready))
                 lineage.ready.append(ready)
                 engine._waited.add(lineage)
                 return ready
@@ -288,23 +306,19 @@ class RunHandle:
         lineage = self._lineage
         checked: Future[bool] = Future()
 
-        def finish() -> None:
-            engine._bus.flush()
-            try:
-                with engine._cond:
-                    engine._require_opened()
-                    result = lineage.state is RunState.RECOVERING or len(lineage.recoveries) > lineage.consumed
-            except BaseException as exc:
-                if checked.set_running_or_notify_cancel():
-                    checked.set_exception(exc)
-                return
-            if checked.set_running_or_notify_cancel():
-                checked.set_result(result)
+        def answer() -> None:  # on the notifier, after the poll's events: a poll worker never waits for them
+            with engine._cond:
+                if checked not in engine._checks:  # close() answered it
+                    return
+                engine._checks.discard(checked)
+                result = lineage.state is RunState.RECOVERING or len(lineage.recoveries) > lineage.consumed
+            _settle(checked, result)
 
         with engine._cond:
             engine._require_opened()
+            engine._checks.add(checked)
             # Under the lock, as in _poll_cycle: close() queues its stop markers after this, so it is run.
-            engine._poll_queue.put((lineage, finish))
+            engine._poll_queue.put((lineage, lambda: engine._bus.call(answer)))
         return checked
 
     def request_recovery(self) -> None:
@@ -317,7 +331,9 @@ class RunHandle:
         self._engine._recover(self._lineage, None)
 
     def unwatch(self) -> None:
-        """Stop polling this lineage (a recovery already under way still finishes)."""
+        """Stop polling this lineage (a recovery already under way still finishes). The REST client the engine
+        made for its service is closed once no watched lineage (nor that recovery) reads through it. Watching
+        the run again is allowed: a recovery it needs runs once the old one has ended."""
         self._engine._unwatch(self._lineage)
 
     def __repr__(self) -> str:
@@ -368,8 +384,13 @@ class RecoveryEngine:
         # Recoveries that abandoned a call (timeout, close): the listing is read for the runs they made. Own lock:
         # the executor reports an abandonment while it holds its own lock.
         self._abandon_lock = threading.Lock()
+        # Recoveries that finished for a lineage no longer watched (its guard left): the run each made is this
+        # process's, unwatched and closed by its leaver, so a later recovery of the same run is no fork of it.
+        self._forsaken_ids: set[str] = set()
         self._unreconciled: set[RecoveryJob] = set()
         self._reconciling: dict[RecoveryJob, tuple[threading.Thread, Cancellation]] = {}
+        self._checks: set[Future[bool]] = set()  # check_soon() futures not yet answered
+        self._rest_users: dict[int, int] = {}  # id(service) -> lineages whose status is its REST client
         track_engine(self)
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -380,6 +401,7 @@ class RecoveryEngine:
 
     def start(self) -> Self:
         """Start the poller, the poll workers and the executor. A closed engine cannot restart."""
+        redact_loggers()  # loggers the HTTP stack made since the last look get the redacting filter too
         with self._cond:
             if self._state is EngineState.CLOSED:
                 raise EngineClosed("a closed RecoveryEngine cannot be started again")
@@ -408,11 +430,15 @@ class RecoveryEngine:
             for _ in self._threads[1:]:
                 self._poll_queue.put(None)
             made, self._rest_clients = list(self._rest_clients.values()), {}
+            self._rest_users.clear()
             waiting = [f for lineage in self._waited for f in lineage.ready]
             for lineage in self._waited:
                 lineage.ready = []
             self._waited.clear()
+            checks, self._checks = list(self._checks), set()
         _wake(waiting)
+        for check in checks:  # their answers, queued on the notifier, will never be delivered
+            _settle(check, error=EngineClosed("the engine closed before the poll's answer"))
         deadline = time.monotonic() + timeout
         self._executor.close(timeout)
         self._reconcile_at_close(deadline, timeout)
@@ -463,6 +489,11 @@ class RecoveryEngine:
     def _abandoned(self, job: RecoveryJob) -> None:
         with self._abandon_lock:
             self._unreconciled.add(job)
+
+    def _forsaken(self, recovery_id: str) -> bool:
+        """Whether ``recovery_id`` is a recovery of this engine that finished for a lineage no longer watched."""
+        with self._cond:
+            return recovery_id in self._forsaken_ids
 
     def _finished(self, job: RecoveryJob) -> None:
         """A recovery ended: if it abandoned a call, read the listing for runs it made (on a thread of its own)."""
@@ -549,17 +580,28 @@ class RecoveryEngine:
         fallback = [Checkpoint.coerce(c) for c in inherited]
         if status is not None:
             require_methods(status, STATUS_METHODS, "status")
-        else:
-            status = self._status_for(service)
+        made = status is None and self._status is None
+        status = self._status_for(service) if made else (status or self._status)
+        lineage = _Lineage(
+            run_id=run_id,
+            service=service,
+            status=status,
+            metadata=meta,
+            inherited=fallback,
+            step_of=step_of,
+            uses_rest_client=made,
+        )
         with self._cond:
+            refused: Exception | None = None
             if self._state is EngineState.CLOSED:
-                raise EngineClosed("the engine is closed")
-            if run_id in self._watched:
-                raise ValueError(f"run {run_id} is already watched by this engine")
-            lineage = _Lineage(
-                run_id=run_id, service=service, status=status, metadata=meta, inherited=fallback, step_of=step_of
-            )
-            self._watched[run_id] = lineage
+                refused = EngineClosed("the engine is closed")
+            elif run_id in self._watched:
+                refused = ValueError(f"run {run_id} is already watched by this engine")
+            else:
+                self._watched[run_id] = lineage
+        if refused is not None:
+            self._release_status(lineage)
+            raise refused
         return RunHandle(self, lineage)
 
     def poll_once(self) -> None:
@@ -597,20 +639,46 @@ class RecoveryEngine:
 
     # -- polling --------------------------------------------------------------------------------------
     def _status_for(self, service: Any) -> Any:
-        if self._status is not None:
-            return self._status
+        """The REST client the engine made for ``service`` (one per service), one more lineage counted as its
+        user: the last one to be unwatched closes it (:meth:`_release_status`), so a long-lived engine keeps
+        the clients of the services it watches now, not of every service it ever watched."""
+        key = id(service)  # the entry holds the service: its id is not reused while the entry lives
         with self._cond:
-            cached = self._rest_clients.get(id(service))
-        if cached is not None:
-            return cached[1]
+            cached = self._rest_clients.get(key)
+            if cached is not None:
+                self._rest_users[key] += 1
+                return cached[1]
         status = rest_client_of(service, timeout=self.policy.setup_timeout)
         with self._cond:
-            cached = self._rest_clients.setdefault(id(service), (service, status))
-        if cached[1] is not status:  # another thread made one first: keep one client per service
+            closed = self._state is EngineState.CLOSED  # close() has closed the clients it knew: not this one
+            kept = None if closed else self._rest_clients.setdefault(key, (service, status))[1]
+            if not closed:
+                self._rest_users[key] = self._rest_users.get(key, 0) + 1
+        if kept is not status:  # closed, or another thread made one first: one client per service
             close = getattr(status, "close", None)
             if callable(close):
-                call_safely(close, what="closing a duplicate REST client")
-        return cached[1]
+                call_safely(close, what="closing a REST client not kept")
+        if kept is None:
+            raise EngineClosed("the engine is closed")
+        return kept
+
+    def _release_status(self, lineage: _Lineage) -> None:
+        """``lineage`` no longer reads its run: one user fewer of its REST client, closed by the last one."""
+        with self._cond:
+            if not lineage.uses_rest_client:
+                return
+            lineage.uses_rest_client = False
+            key = id(lineage.service)
+            users = self._rest_users.get(key, 0) - 1
+            if users > 0:
+                self._rest_users[key] = users
+                return
+            self._rest_users.pop(key, None)
+            made = self._rest_clients.pop(key, None)
+        rest = made[1] if made is not None else None
+        close = getattr(rest, "close", None)
+        if callable(close):
+            call_safely(close, what=f"closing the REST client {type(rest).__name__}")
 
     def _poller(self) -> None:
         next_at = self._clock.monotonic() + self.policy.poll_interval  # the first poll one interval after start
@@ -663,7 +731,7 @@ class RecoveryEngine:
 
     def _poll_failed(self, lineage: _Lineage, run_id: str, exc: Exception) -> None:
         with self._cond:
-            if lineage.run_id != run_id:
+            if lineage.run_id != run_id or lineage.state is RunState.UNWATCHED:  # unwatched during the poll
                 return
             lineage.failed_polls += 1
             failures = lineage.failed_polls
@@ -714,11 +782,14 @@ class RecoveryEngine:
                 on_exhausted=lambda job, error: self._exhausted(lineage, job, error),
                 on_observed=lambda job, event: self._observed(lineage, event),
                 on_abandoned=self._abandoned,
+                forsaken=self._forsaken,
             )
         if run is not None:
             self._bus.emit(RecoveryEvent(EventKind.DETECTED, run.training_run_id, since_detected=0.0))
-        if not self._executor.submit(job):
-            logger.warning("run %s: a recovery is already pending; duplicate request refused", job.run_id)
+        if not self._executor.submit(job):  # closed meanwhile: nothing runs, so nothing is left RECOVERING
+            with self._cond:
+                if lineage.state is RunState.RECOVERING:
+                    lineage.state = RunState.WATCHING
 
     def _completed(self, lineage: _Lineage, job: RecoveryJob, recovery: Recovery) -> None:
         restored = recovery.checkpoint
@@ -736,6 +807,8 @@ class RecoveryEngine:
                 return
             if self._watched.get(lineage.run_id) is lineage:  # not a lineage watched anew meanwhile
                 del self._watched[lineage.run_id]
+            if lineage.state is RunState.UNWATCHED:  # nobody watches the run it made: not a rival of a re-watch
+                self._forsaken_ids.add(job.recovery_id)
             lineage.run_id = recovery.new_run_id
             lineage.client = recovery.client
             lineage.recoveries = (*lineage.recoveries, recovery)
@@ -747,6 +820,9 @@ class RecoveryEngine:
             if lineage.state is RunState.RECOVERING:
                 lineage.state = RunState.WATCHING
                 self._watched.setdefault(recovery.new_run_id, lineage)
+            unwatched = lineage.state is RunState.UNWATCHED
+        if unwatched:
+            self._release_status(lineage)
         self._bus.emit(
             RecoveryEvent(
                 EventKind.COMPLETED,
@@ -790,9 +866,12 @@ class RecoveryEngine:
         with self._cond:
             if self._state is EngineState.CLOSED or (job is None and lineage.state is not RunState.WATCHING):
                 return
+            unwatched = lineage.state is RunState.UNWATCHED
             lineage.state = RunState.EXHAUSTED
             if job is not None:
                 lineage.rejected = job.rejected
+        if unwatched:
+            self._release_status(lineage)
         self._bus.emit(
             RecoveryEvent(
                 EventKind.EXHAUSTED,
@@ -821,5 +900,8 @@ class RecoveryEngine:
         with self._cond:
             if self._watched.get(lineage.run_id) is lineage:
                 del self._watched[lineage.run_id]
+            recovering = lineage.state is RunState.RECOVERING
             if lineage.state is not RunState.EXHAUSTED:
                 lineage.state = RunState.UNWATCHED  # a recovery under way still finishes, unwatched
+        if not recovering:  # else released when that recovery ends: it reads the run through the client
+            self._release_status(lineage)

@@ -2,7 +2,8 @@
 
 The executor knows nothing of Tinker. A :class:`Job` runs one attempt at a time on a short-lived thread and
 decides, from each :class:`Outcome`, whether and when to try again; the executor only keeps the slots, the
-FIFO queue, the retries waiting out their backoff (they hold no slot) and the per-attempt deadline.
+FIFO queue, the retries waiting out their backoff (they hold no slot) and the per-attempt deadline. Jobs of
+one key never run side by side: one submitted while its key is busy is parked until the earlier one ends.
 
 An attempt still running at its deadline is *abandoned*: its ``cancelled`` event is set (the job cancels what
 it waits for), its slot is freed, and its outcome, if it ever comes, goes to :meth:`Job.on_late` instead of
@@ -133,6 +134,7 @@ class Executor:
         self._running: list[_Running] = []
         self._abandoned: list[threading.Thread] = []
         self._keys: set[str] = set()
+        self._parked: dict[str, deque[Job]] = {}  # jobs whose key was busy when submitted, in order
         self._seq = itertools.count()
         self._closed = False
         self._dispatcher: threading.Thread | None = None
@@ -147,10 +149,15 @@ class Executor:
             self._dispatcher.start()
 
     def submit(self, job: Job) -> bool:
-        """Queue ``job``; False (refused) if a job with the same key is already queued or running."""
+        """Queue ``job``; False (refused) once the executor is closed. Jobs of one key run one after the other: a
+        job whose key is queued or running waits, parked, until the earlier one ends (a lineage watched anew
+        while the recovery of its old watch still runs recovers after it, never beside it, never not at all)."""
         with self._cond:
-            if self._closed or job.key in self._keys:
+            if self._closed:
                 return False
+            if job.key in self._keys:
+                self._parked.setdefault(job.key, deque()).append(job)
+                return True
             self._keys.add(job.key)
             self._ready.append(job)
             self._cond.notify_all()
@@ -179,6 +186,7 @@ class Executor:
             self._closed = True
             self._ready.clear()
             self._delayed.clear()
+            self._parked.clear()
             for slot in self._running:
                 slot.abandoned = True
                 slot.cancelled.set()
@@ -219,12 +227,23 @@ class Executor:
                         logger.exception("ending recovery %s failed too", job.key)
                 with self._cond:
                     if delay is None or self._closed:
-                        self._keys.discard(job.key)
+                        self._end(job.key)
                     elif delay <= 0:
                         self._ready.appendleft(job)  # a retry keeps its place at the head of the queue
                     else:
                         due = self._clock.monotonic() + delay
                         heapq.heappush(self._delayed, (due, next(self._seq), job))
+
+    def _end(self, key: str) -> None:
+        """The job of ``key`` ended: start the next one parked under it, if any, else free the key."""
+        parked = self._parked.get(key)
+        if parked and not self._closed:
+            self._ready.append(parked.popleft())
+            if not parked:
+                del self._parked[key]
+        else:
+            self._parked.pop(key, None)
+            self._keys.discard(key)
 
     def _take_finished(self, now: float) -> list[tuple[Job, Outcome]]:
         finished: list[tuple[Job, Outcome]] = []

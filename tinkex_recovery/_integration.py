@@ -8,10 +8,20 @@ from __future__ import annotations
 
 from ._engine import SERVICE_METHODS, STATUS_METHODS, RunHandle, require_methods, rest_client_of
 from ._events import EventKind
+from ._frontend import (
+    LineageRecord,
+    as_record,
+    call_hook,
+    checked_options,
+    lineage_record,
+    restore_exactly,
+    wait_limit,
+)
 from ._futures import resolve
 from ._ledger import RESUME_KEY, Book, Ledger, ObservedClient
 from ._models import STEP_KEY, validate_run_id
 from ._observers import RecoveryObserver, add_observer, report_steps_lost, watched_run_count
+from ._replay import Lane, Replayer, Tape
 from ._retry import describe
 
 __all__ = [
@@ -20,16 +30,26 @@ __all__ = [
     "STATUS_METHODS",
     "STEP_KEY",
     "Book",
+    "Lane",
     "Ledger",
+    "LineageRecord",
     "ObservedClient",
     "RecoveryObserver",
+    "Replayer",
+    "Tape",
     "add_observer",
+    "as_record",
+    "call_hook",
+    "checked_options",
     "describe",
+    "lineage_record",
     "report_steps_lost",
     "require_methods",
     "resolve",
     "rest_client_of",
+    "restore_exactly",
     "validate_run_id",
+    "wait_limit",
     "watched_run_count",
     "would_do",
 ]

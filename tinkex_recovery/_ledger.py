@@ -188,9 +188,15 @@ class Ledger:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         split = self.book.split
+        steps: list[int] = []  # distinct, newest first: a run's saves hold ever more steps (adopt drops the rest)
         with self._lock:
-            self._saves = [save for save in self._saves if save.state() is not False]  # a failed save holds nothing
-            steps = sorted({v.step for v in self._saves if v.path not in split and v.state()}, reverse=True)
+            for save in reversed(self._saves):  # newest first, and only as far as depth reaches: a front-end
+                if save.path in split or not save.state():  # calls this whenever a save may have moved its floor
+                    continue  # a failed save holds nothing; one not answered yet may still fail
+                if not steps or save.step < steps[-1]:
+                    steps.append(save.step)
+                    if len(steps) > depth:
+                        break
         if not steps:
             return None
         return steps[min(depth, len(steps) - 1)]

@@ -9,7 +9,7 @@ import re
 __all__ = ["CREATED_AT_KEY", "DEFAULT_BASE_URL", "FROM_RUN_KEY", "LINEAGE_KEYS", "RECOVERY_ID_KEY", "validate_run_id"]
 
 DEFAULT_BASE_URL = "https://tinker.thinkingmachines.dev/services/tinker-prod"
-"""Tinker's production URL: the base URL used when neither ``base_url=`` nor ``TINKER_BASE_URL`` names one."""
+"""The production Tinker service: the base URL when neither ``base_url=`` nor ``TINKER_BASE_URL`` is given."""
 
 FROM_RUN_KEY = "tinkex_recovery.recovered_from_run"
 RECOVERY_ID_KEY = "tinkex_recovery.recovery_id"

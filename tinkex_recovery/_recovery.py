@@ -292,6 +292,7 @@ class RecoveryJob:
         on_exhausted: Callable[[RecoveryJob, RecoveryExhausted], None],
         on_observed: Callable[[RecoveryJob, RecoveryEvent], None] | None = None,
         on_abandoned: Callable[[RecoveryJob], None] | None = None,
+        forsaken: Callable[[str], bool] | None = None,
     ) -> None:
         self.run = run
         #: stamped on every run this recovery's attempts make: the listing tells them from any other run
@@ -318,6 +319,8 @@ class RecoveryJob:
         self._on_exhausted = on_exhausted
         self._on_observed = on_observed
         self._on_abandoned = on_abandoned
+        #: whether a recovery id is one of this process's whose run nobody watches (never a rival: see _check_fork)
+        self._forsaken = forsaken or (lambda _: False)
         self._lock = threading.Condition()
         self.attempts = 0
         self._tries = 0  # attempts digested (restore call or not): what backoff and max_attempts count
@@ -458,7 +461,11 @@ class RecoveryJob:
         if cancelled.is_set():
             raise AttemptAbandoned
         runs = all_runs(self._status, wait=lambda pending: self._wait(pending, cancelled))
-        rivals = [r for r in children(runs, self.run_id) if metadata_of(r, RECOVERY_ID_KEY) != self.recovery_id]
+        rivals = [
+            r
+            for r in children(runs, self.run_id)
+            if (rid := metadata_of(r, RECOVERY_ID_KEY)) != self.recovery_id and not (rid and self._forsaken(rid))
+        ]
         if not rivals:
             return
         if made is None:

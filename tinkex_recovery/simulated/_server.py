@@ -239,6 +239,8 @@ class SimulatedServer:
         self._faults: deque[_Fault] = deque()
         self._requests: list[ServedRequest] = []
         self._latency = 0.0
+        self._in_flight = 0
+        self._peak_in_flight = 0
         self.page_size: int | None = None
         self.keep_alive = True
         self._stopping = threading.Event()
@@ -397,10 +399,23 @@ class SimulatedServer:
             self._requests.append(request)
             self._cond.notify_all()
 
+    @property
+    def peak_in_flight(self) -> int:
+        """The most responses held back (by :attr:`latency` or a delay) at once: how concurrent a client is."""
+        with self._cond:
+            return self._peak_in_flight
+
     def _pause(self, fault: _Fault | None) -> None:
         delay = self._latency + (fault.delay if fault is not None and fault.kind == "delay" else 0.0)
         if delay > 0:
-            self._stopping.wait(delay)  # cut short when the server stops
+            with self._cond:
+                self._in_flight += 1
+                self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+            try:
+                self._stopping.wait(delay)  # cut short when the server stops
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
 
 
 def _json_reply(reply: Reply) -> Reply:

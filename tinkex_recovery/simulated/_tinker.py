@@ -307,6 +307,12 @@ class SimulatedTinker(SamplingService):
         with self._lock:
             return list(self._run(run_id).trained)
 
+    def sampler_weights(self, run_id: str) -> dict[str, list[Any]]:
+        """The run's ``save_weights_for_sampler`` saves: name -> the data items those weights were trained on."""
+        with self._lock:
+            run = self._run(run_id)
+            return {c.name: list(c.trained) for c in run.checkpoints if c.kind == "sampler_weights"}
+
     def get_training_run(self, run_id: str) -> TrainingRun:
         hook = self._read_hook
         if hook is not None:
