@@ -78,6 +78,7 @@ def test_a_run_whose_answer_was_lost_is_named_from_the_listing_when_the_recovery
             if n < 3:
                 events.wait_until(lambda: engine._executor.delayed == 1)
                 clock.advance(5.0 * 2 ** (n - 1))
+                events.wait_for(EventKind.STARTED, count=n + 1)  # its deadline is set: attempt_timeout from now
         with pytest.raises(RecoveryExhausted, match="has not answered"):
             handle.wait_for_recovery(WAIT)
         (orphaned,) = events.wait_for(EventKind.RUN_ORPHANED)
