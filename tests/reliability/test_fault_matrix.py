@@ -219,7 +219,8 @@ def restore_never_answers(h: Harness) -> None:
     assert "has not answered" in str(raised.value) and "will be closed and named" in str(raised.value)
     h.sim.release()  # it answers at last: its run is closed and named, never adopted
     (discarded,) = h.events.wait_for(EventKind.CLIENT_DISCARDED)
-    assert created_runs(h) == [discarded.new_run_id]
+    assert created_runs(h) == [discarded.new_run_id] and len(h.sim.restore_calls) == 1
+    assert h.events.kinds().count("started") == 3 and not h.events.of(EventKind.CLIENT_CREATED)
 
 
 def restored_client_fails_its_first_call(h: Harness) -> None:
