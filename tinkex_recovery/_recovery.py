@@ -6,7 +6,9 @@ fails, a guard resuming at entry and the Lightning callback all end up here, und
 A :class:`RecoveryJob` is what the executor runs. Each attempt happens on a worker thread and reports what it
 learned (which checkpoints turned out unusable) in its outcome; all decisions and all state changes happen in
 :meth:`RecoveryJob.on_outcome`, on the executor's dispatcher thread. An abandoned attempt (past
-``attempt_timeout``) stops waiting at once; a client it still gets is closed and reported, never adopted.
+``attempt_timeout``) stops waiting at once. A restore call it sent stays the recovery's one run in the making:
+the next attempt waits for its answer rather than send another (see :meth:`RecoveryJob._make_run`); once the
+recovery ended, a client that call still gets is closed and reported, never adopted.
 """
 
 from __future__ import annotations
