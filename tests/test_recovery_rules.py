@@ -276,7 +276,7 @@ def test_a_blocked_subscriber_stalls_no_restore_and_no_deadline(
     sim: SimulatedTinker, clock: FakeClock, events: EventLog
 ) -> None:
     client = run_with_checkpoints(sim)
-    sim.hang_restores(1, future=True)
+    sim.hang_restores(1, then="succeed", future=True)
     gate = threading.Event()
     engine = RecoveryEngine(POLICY.replace(attempt_timeout=20.0), clock=clock).start()
     try:
@@ -290,12 +290,17 @@ def test_a_blocked_subscriber_stalls_no_restore_and_no_deadline(
                 break
             threading.Event().wait(0.01)
         clock.advance(20.0)  # its deadline passes: abandoned
-        advance_when_waited(clock, 5.0).join(WAIT)  # the backoff: the retry runs
+        advance_when_waited(clock, 5.0).join(WAIT)  # the backoff: the retry runs, and waits for the call sent
         for _ in range(int(WAIT / 0.01)):
-            if len(sim.restore_calls) == 2:
+            if engine._executor.running == 1:
                 break
             threading.Event().wait(0.01)
-        assert len(sim.restore_calls) == 2 and events.events == []  # nothing delivered yet: all done meanwhile
+        sim.release()  # the outstanding call answers: the waiting attempt adopts its run
+        for _ in range(int(WAIT / 0.01)):
+            if not engine._executor.pending(client.model_id):
+                break
+            threading.Event().wait(0.01)
+        assert len(sim.restore_calls) == 1 and events.events == []  # nothing delivered yet: all done meanwhile
         gate.set()
         assert handle.wait_for_recovery(WAIT).attempts == 2
     finally:

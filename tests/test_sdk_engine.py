@@ -118,19 +118,19 @@ def test_the_engine_asks_the_service_client_for_its_rest_client_without_the_depr
     assert deprecated.call_count == 0
 
 
-def test_an_sdk_restore_abandoned_at_attempt_timeout_still_makes_its_run_and_the_engine_names_it(
+def test_an_sdk_restore_outstanding_at_attempt_timeout_is_waited_for_and_adopted_never_sent_twice(
     net: SdkNet, events: EventLog
 ) -> None:
-    """The server has the request: the run is made although the attempt was abandoned. The engine does not
-    cancel the SDK's future: its late answer is closed and named (client_discarded), the retry's run adopted,
-    and the listing, read through the SDK's RestClient, agrees."""
+    """The server has the request: the run will be made although the attempt was abandoned. The engine does not
+    cancel the SDK's future nor send a second restore: the next attempt waits for the late answer and adopts it;
+    one run on the server, which the listing, read through the SDK's RestClient, agrees with."""
     client = net.lora()
     train(client, range(2), save_every=2)
     clock = FakeClock()
     reached = threading.Event()
     net.sim.on_restore(lambda path: reached.set())
     net.sim.hang_restores(1, then="succeed")  # the server holds the first restore request until release()
-    before = set(net.sim.run_ids)
+    before, calls = set(net.sim.run_ids), len(net.sim.restore_calls)
     try:
         with RecoveryEngine(POLICY, clock=clock) as engine:
             engine.subscribe(events)
@@ -138,17 +138,16 @@ def test_an_sdk_restore_abandoned_at_attempt_timeout_still_makes_its_run_and_the
             net.sim.corrupt(client.model_id)
             assert handle.check_now() is True
             assert reached.wait(WAIT)
-            clock.advance(30.0)  # attempt_timeout: abandoned; retried at once (backoff 0)
+            clock.advance(30.0)  # attempt_timeout: abandoned; retried at once (backoff 0), waiting for the call
+            events.wait_for(EventKind.STARTED, count=2)
+            net.sim.release()  # the held request is served now: its run is made, and adopted
             recovery = handle.wait_for_recovery(WAIT)
-            net.sim.release()  # the held request is served now: its run is made
-            naming = (EventKind.CLIENT_DISCARDED, EventKind.RUN_ORPHANED)  # its late answer, or the listing
-            events.wait_until(lambda: any(e.kind in naming for e in events.events))
+            assert recovery.attempts == 2
     finally:
         net.sim.on_restore(None)
         net.sim.release()
     made = set(net.sim.run_ids) - before
-    (named,) = [e.new_run_id for e in events.events if e.kind in naming]  # named once
-    assert made == {recovery.new_run_id, named} and named != recovery.new_run_id
+    assert made == {recovery.new_run_id} and len(net.sim.restore_calls) == calls + 1
+    assert not events.of(EventKind.CLIENT_DISCARDED) and not events.of(EventKind.RUN_ORPHANED)
     listed = {r.training_run_id: r for r in net.rest.list_training_runs(limit=100).result().training_runs}
-    ids = {(listed[r].user_metadata or {})[LINEAGE_KEYS[3]] for r in made}
-    assert len(ids) == 1  # both made by one recovery, as their stamps say
+    assert (listed[recovery.new_run_id].user_metadata or {})[LINEAGE_KEYS[3]]  # stamped by its recovery

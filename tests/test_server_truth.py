@@ -72,14 +72,18 @@ def test_a_run_whose_answer_was_lost_is_named_from_the_listing_when_the_recovery
     with caplog.at_level(logging.WARNING, logger="tinkex_recovery"):
         engine.poll_once()
         assert service.reached.wait(WAIT)
-        clock.advance(20.0)
-        events.wait_for(EventKind.FAILED)
-        clock.advance(5.0)
-        recovery = handle.wait_for_recovery(WAIT)
+        for n in (1, 2, 3):  # every attempt waits for the one call sent: none sends another
+            clock.advance(20.0)
+            events.wait_for(EventKind.FAILED, count=n)
+            if n < 3:
+                events.wait_until(lambda: engine._executor.delayed == 1)
+                clock.advance(5.0 * 2 ** (n - 1))
+                events.wait_for(EventKind.STARTED, count=n + 1)  # its deadline is set: attempt_timeout from now
+        with pytest.raises(RecoveryExhausted, match="has not answered"):
+            handle.wait_for_recovery(WAIT)
         (orphaned,) = events.wait_for(EventKind.RUN_ORPHANED)
-    runs = new_runs(sim, client.model_id)
-    assert len(runs) == 2 and recovery.new_run_id in runs
-    (lost,) = set(runs) - {recovery.new_run_id}
+    (lost,) = new_runs(sim, client.model_id)
+    assert len(sim.restore_calls) == 1
     assert orphaned.new_run_id == lost and orphaned.run_id == client.model_id and orphaned.reason == "abandoned"
     assert any(lost in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     service.cancel_all()

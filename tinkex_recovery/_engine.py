@@ -458,6 +458,8 @@ class RecoveryEngine:
         with self._abandon_lock:
             jobs = list(self._unreconciled)
         for job in jobs:
+            job.end()  # no attempt follows: a restore call answering now is closed and named, never adopted
+        for job in jobs:
             job.wait_answered(deadline - time.monotonic())
         for job in jobs:
             self._start_reconcile(job)

@@ -179,6 +179,12 @@ class Executor:
         with self._cond:
             return len(self._ready)
 
+    @property
+    def delayed(self) -> int:
+        """Retries waiting out their backoff (they hold no slot)."""
+        with self._cond:
+            return len(self._delayed)
+
     def close(self, timeout: float = 1.0) -> None:
         """Stop dispatching, abandon the running attempts (their waits are cancelled) and wait up to
         ``timeout`` for their threads. Idempotent."""

@@ -6,7 +6,9 @@ fails, a guard resuming at entry and the Lightning callback all end up here, und
 A :class:`RecoveryJob` is what the executor runs. Each attempt happens on a worker thread and reports what it
 learned (which checkpoints turned out unusable) in its outcome; all decisions and all state changes happen in
 :meth:`RecoveryJob.on_outcome`, on the executor's dispatcher thread. An abandoned attempt (past
-``attempt_timeout``) stops waiting at once; a client it still gets is closed and reported, never adopted.
+``attempt_timeout``) stops waiting at once. A restore call it sent stays the recovery's one run in the making:
+the next attempt waits for its answer rather than send another (see :meth:`RecoveryJob._make_run`); once the
+recovery ended, a client that call still gets is closed and reported, never adopted.
 """
 
 from __future__ import annotations
@@ -168,6 +170,31 @@ class LineageForked(Exception):
         super().__init__(f"run {run_id} was also recovered elsewhere: run {winner} continues the lineage{mine}")
 
 
+class _Unwatchable(Exception):
+    """A restore call's future of unknown make, abandoned: its answer cannot be waited for (the listing names
+    the run it makes)."""
+
+
+@dataclass(eq=False)
+class _Call:
+    """A restore call sent: its answer comes in ``future``, whichever attempt (or none) waits for it then."""
+
+    future: Future[Any]
+    checkpoint: Checkpoint
+    sent: float  #: clock time it was sent
+    answered: bool = False
+    taken: bool = False  #: an attempt took the answer (adopted it, or handled its error), or it was named
+
+
+def _copy(done: Future[Any], to: Future[Any]) -> None:
+    if done.cancelled():
+        to.set_exception(AttemptAbandoned("the restore future was cancelled"))
+    elif (error := done.exception()) is not None:
+        to.set_exception(error)
+    else:
+        to.set_result(done.result())
+
+
 @dataclass
 class _Report:
     checkpoint: Checkpoint | None = None
@@ -327,7 +354,9 @@ class RecoveryJob:
         self.abandoned = False  #: an attempt of this recovery was abandoned: the listing must be reconciled
         self.adopted: str | None = None  #: the run this recovery made and handed on, once it did
         self.named: set[str] = set()  #: runs this recovery made and named (discarded, orphaned)
-        self.unanswered = 0  #: abandoned restore calls whose answer has not come (yet)
+        self.unanswered = 0  #: restore calls sent whose answer has not come (yet)
+        self._call: _Call | None = None  # the restore call in flight or answered, not taken by an attempt yet
+        self._ended = False  # no attempt follows: an answer is named, never adopted
         self.restore_calls = 0  #: restore calls actually made (an attempt may end before it makes one)
         #: why each checkpoint this recovery passed over was unusable, for the message it may end with
         self.passed_over: dict[str, str] = {}
@@ -402,26 +431,36 @@ class RecoveryJob:
         return self._make_run(chosen, report, cancelled, started)
 
     def _make_run(self, chosen: Checkpoint, report: _Report, cancelled: Cancellation, started: float) -> Outcome:
-        """The side effect of an attempt: check the listing, restore from ``chosen``, check it again."""
+        """The side effect of an attempt: check the listing, restore from ``chosen``, check it again.
+
+        A restore call sent by an abandoned attempt and not answered yet is this recovery's one run in the
+        making: no other restore call is sent while it is outstanding; this attempt waits for its answer instead
+        (a client is adopted, an error lets the next attempt restore again)."""
+        call = self._outstanding()
+        if call is None:
+            try:
+                self._check_fork(cancelled, made=None)  # another process recovered this run already: do not restore
+                if not cancelled.claim():  # abandoned (deadline, close): no restore call from this attempt, ever
+                    raise AttemptAbandoned
+                call = self._send(chosen, cancelled)
+            except Exception as exc:
+                return Outcome(OutcomeKind.FAILED, value=report, error=exc)
+        else:
+            chosen = report.checkpoint = call.checkpoint  # the run in the making comes from that checkpoint
+            report.step = self._step_of(chosen) if self._step_of is not None else None
         try:
-            self._check_fork(cancelled, made=None)  # another process recovered this run already: do not restore
-            if not cancelled.claim():  # abandoned (deadline, close): no restore call from this attempt, ever
-                raise AttemptAbandoned
-            self.restore_calls += 1
-            pending = self._restore(chosen)
+            client = await_result(call.future, cancelled, on_late=lambda _: None)  # never cancelled: see _answered
+        except AttemptAbandoned as exc:
+            return Outcome(OutcomeKind.FAILED, value=report, error=exc)  # the call stays outstanding
         except Exception as exc:
-            return Outcome(OutcomeKind.FAILED, value=report, error=exc)
-        try:
-            client = await_result(pending, cancelled, on_late=self._late)
-        except Exception as exc:
-            if isinstance(exc, AttemptAbandoned):
-                with self._lock:
-                    self.unanswered += 1  # the call was made: a run may exist; _late or the listing names it
+            self._take(call)
             if classify(exc) is FailureKind.CHECKPOINT:
                 report.unusable.add(chosen.tinker_path)
                 report.rejected_by_server = True
                 self.passed_over[chosen.tinker_path] = f"Tinker refused to restore it ({describe(exc)})"
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
+        if not self._take(call, cancelled):  # abandoned meanwhile: the answer waits for the next attempt
+            return Outcome(OutcomeKind.FAILED, value=report, error=AttemptAbandoned())
         new_run_id = getattr(client, "model_id", None)
         if not isinstance(new_run_id, str) or not new_run_id:
             error = TypeError(f"the restored client has no model_id (got {type(client).__name__})")
@@ -439,8 +478,8 @@ class RecoveryJob:
             self.orphan(client, "forked", f"another recovery's run {exc.winner} continues the lineage")
             return Outcome(OutcomeKind.FAILED, value=report, error=exc)
         except Exception as exc:
-            if cancelled.is_set():  # abandoned while checking: the run is made but never handed on
-                self.discard(client)
+            if cancelled.is_set():  # abandoned while checking: the run is kept for the next attempt (or named)
+                self._keep(client, chosen)
                 return Outcome(OutcomeKind.FAILED, value=report, error=exc)
             logger.warning(
                 "run %s: could not read the training-runs listing after restoring %s, so a second recovery of "
@@ -450,6 +489,93 @@ class RecoveryJob:
                 describe(exc),
             )
         return Outcome(OutcomeKind.DONE, value=(report, client))
+
+    # -- the one restore call in flight ---------------------------------------------------------------
+    def _send(self, chosen: Checkpoint, cancelled: Cancellation) -> _Call:
+        """Make the restore call (on this attempt's thread: a call that blocks blocks here), as a :class:`_Call`
+        whose future gets its answer, whoever waits for it then."""
+        call = _Call(Future(), chosen, self._clock.monotonic())
+        call.future.set_running_or_notify_cancel()
+        with self._lock:
+            self._call = call
+            self.unanswered += 1
+            self.restore_calls += 1
+        call.future.add_done_callback(lambda _: self._answered(call))
+        try:
+            pending = self._restore(chosen)
+        except BaseException as exc:
+            call.future.set_exception(exc)
+            return call
+        inner = _concurrent_future(pending)
+        if inner is not None:
+            inner.add_done_callback(lambda done: _copy(done, call.future))
+            return call
+        try:  # a client, or a future-like of unknown make (asked in slices, cancelled with the attempt)
+            call.future.set_result(await_result(pending, cancelled))
+        except AttemptAbandoned:
+            call.future.set_exception(_Unwatchable())  # no answer can be waited for: the listing names its run
+        except BaseException as exc:
+            call.future.set_exception(exc)
+        return call
+
+    def _outstanding(self) -> _Call | None:
+        """The restore call still this recovery's run in the making, if any."""
+        with self._lock:
+            call = self._call
+            if call is not None and call.future.done() and isinstance(call.future.exception(), _Unwatchable):
+                self._call = None
+                return None
+            return call
+
+    def _take(self, call: _Call, cancelled: Cancellation | None = None) -> bool:
+        """Take ``call``'s answer for this attempt: False (left for the next attempt) once it is abandoned."""
+        with self._lock:
+            if cancelled is not None and cancelled.is_set():
+                return False
+            call.taken = True
+            if self._call is call:
+                self._call = None
+            return True
+
+    def _keep(self, client: Any, checkpoint: Checkpoint) -> None:
+        """A client an abandoned attempt got: the next attempt adopts it, or, once the recovery ended, it is named."""
+        call = _Call(Future(), checkpoint, self._clock.monotonic(), answered=True)
+        call.future.set_running_or_notify_cancel()
+        call.future.set_result(client)
+        with self._lock:
+            ended = self._ended
+            if not ended:
+                self._call = call
+        if ended:
+            self.discard(client)
+
+    def _answered(self, call: _Call) -> None:
+        """The restore call answered: the recovery's next attempt takes the answer; once it ended, its run is named."""
+        with self._lock:
+            call.answered = True
+            self.unanswered = max(self.unanswered - 1, 0)
+            self._lock.notify_all()
+            drop = self._ended and not call.taken
+            call.taken = call.taken or drop
+        if drop:
+            self._drop(call)
+
+    def end(self) -> None:
+        """No attempt follows (the recovery ended, or the engine closes): an answer no attempt took is named."""
+        with self._lock:
+            self._ended = True
+            call, self._call = self._call, None
+            drop = call is not None and call.answered and not call.taken
+            if call is not None:
+                call.taken = call.taken or drop
+        if drop:
+            assert call is not None
+            self._drop(call)
+
+    def _drop(self, call: _Call) -> None:
+        done = call.future
+        if not done.cancelled() and done.exception() is None:
+            self.discard(done.result())
 
     def _check_fork(self, cancelled: Cancellation, *, made: str | None) -> None:
         """Split brain: raise :class:`LineageForked` if, per the account's listing, a run recovered from this one
@@ -643,17 +769,9 @@ class RecoveryJob:
     # -- results that are not adopted ------------------------------------------------------------------
     def on_late(self, outcome: Outcome) -> None:
         if outcome.kind is OutcomeKind.DONE:
-            _, client = outcome.value
+            report, client = outcome.value
             if client is not None:
-                self.discard(client)
-
-    def _late(self, done: Future[Any]) -> None:
-        """The answer of an abandoned restore call: if a run was made after all, it is closed and named."""
-        if not done.cancelled() and done.exception() is None:
-            self.discard(done.result())
-        with self._lock:
-            self.unanswered = max(self.unanswered - 1, 0)
-            self._lock.notify_all()
+                self._keep(client, report.checkpoint)
 
     def wait_answered(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every abandoned restore call's answer; False if one is still due."""
@@ -740,8 +858,10 @@ class RecoveryJob:
                     client=client,
                 )
                 self.adopted = recovery.new_run_id
+                self.end()
                 self._on_done(self, recovery)
             elif report.selected is not None:  # observe mode: the selection was reported, nothing else to do
+                self.end()
                 self._observed(report.selected)
             return None
         error: BaseException = outcome.error or TimeoutError(
@@ -750,6 +870,10 @@ class RecoveryJob:
         if report.rejected_by_server:
             self._server_rejections += 1
         reason = self._give_up_reason(error, report)
+        if outcome.kind is OutcomeKind.TIMED_OUT:
+            error = self._timed_out(error, ended=reason is not None)
+        if reason is not None or self._observe:
+            self.end()
         checkpoint = report.checkpoint.tinker_path if report.checkpoint else None
         will_retry = reason is None and not self._observe
         refused = error.reason.value if isinstance(error, RecoveryRefused) else None
@@ -804,7 +928,22 @@ class RecoveryJob:
             restored_step=checkpoint_step(recovery.checkpoint),
         )
 
+    def _timed_out(self, error: BaseException, *, ended: bool) -> BaseException:
+        """The timeout, naming the restore call still outstanding (if one is) and what becomes of it."""
+        with self._lock:
+            call = self._call if self._call is not None and not self._call.answered else None
+        if call is None:
+            return error
+        ago = self._clock.monotonic() - call.sent
+        what = f"the restore call from {call.checkpoint.tinker_path}, sent {ago:.0f}s ago, has not answered"
+        if ended:
+            then = "the run it makes, if it appears, will be closed and named (client_discarded)"
+        else:
+            then = "the next attempt waits for it (no second restore call while it is outstanding)"
+        return TimeoutError(f"{error}; {what}: {then}")
+
     def on_crash(self, error: BaseException) -> None:
+        self.end()
         self._exhaust(ExhaustedReason.INTERNAL, error)
 
     def _exhaust(self, reason: ExhaustedReason, error: BaseException) -> None:

@@ -151,9 +151,15 @@ def restore_raises(h: Harness) -> None:
     assert h.engine_handle.wait_for_recovery(WAIT).attempts == 2  # type: ignore[attr-defined]
 
 
-def hang_past_attempt_timeout(h: Harness, **hang: Any) -> str:
-    """The first restore call hangs past attempt_timeout, the retry succeeds; then the hung call is let go.
-    Returns the adopted run."""
+def after_backoff(h: Harness, seconds: float) -> None:
+    """Once the failed attempt's retry waits out its backoff (so its due time is set), let ``seconds`` pass."""
+    h.events.wait_until(lambda: h.engine._executor.delayed == 1)
+    h.clock.advance(seconds)
+
+
+def hang_past_attempt_timeout(h: Harness, **hang: Any) -> None:
+    """The first restore call hangs past attempt_timeout; the next attempt starts and waits for that call (no
+    second restore call while it is outstanding)."""
     h.sim.hang_restores(1, **hang)
     calling = threading.Event()
     h.sim.on_restore(lambda path: calling.set())
@@ -161,12 +167,11 @@ def hang_past_attempt_timeout(h: Harness, **hang: Any) -> str:
     h.engine.poll_once()
     assert calling.wait(WAIT)  # the restore call reached the server
     h.clock.advance(20.0)
-    assert "attempt_timeout" in str(h.events.wait_for(EventKind.FAILED)[0].error)
-    h.clock.advance(5.0)
-    recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
-    assert recovery.attempts == 2
-    h.sim.release()  # the abandoned call answers now
-    return str(recovery.new_run_id)
+    error = str(h.events.wait_for(EventKind.FAILED)[0].error)
+    assert "attempt_timeout" in error and "has not answered" in error and "the next attempt waits for it" in error
+    after_backoff(h, 5.0)
+    h.events.wait_for(EventKind.STARTED, count=2)  # the second attempt is under way, waiting for the first call
+    assert len(h.sim.restore_calls) == 1
 
 
 def created_runs(h: Harness) -> list[str]:
@@ -175,21 +180,47 @@ def created_runs(h: Harness) -> list[str]:
 
 
 def restore_hangs_past_attempt_timeout(h: Harness) -> None:
-    adopted = hang_past_attempt_timeout(h)  # the hung call ends in a 504
-    assert created_runs(h) == [adopted] and not h.events.of(EventKind.CLIENT_DISCARDED)
+    hang_past_attempt_timeout(h)
+    h.sim.release()  # the outstanding call ends in a 504: the waiting attempt fails with it
+    assert "504" in str(h.events.wait_for(EventKind.FAILED, count=2)[1].error)
+    after_backoff(h, 10.0)  # the backoff: the third attempt restores again
+    recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    assert recovery.attempts == 3 and len(h.sim.restore_calls) == 2
+    assert created_runs(h) == [recovery.new_run_id] and not h.events.of(EventKind.CLIENT_DISCARDED)
+
+
+def late_answer_adopted(h: Harness, **hang: Any) -> None:
+    hang_past_attempt_timeout(h, then="succeed", **hang)
+    h.sim.release()  # the outstanding call answers: its client is the recovery's run
+    recovery = h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    assert recovery.attempts == 2 and len(h.sim.restore_calls) == 1
+    assert created_runs(h) == [recovery.new_run_id] and h.engine_handle.run_id == recovery.new_run_id  # type: ignore[attr-defined]
+    assert not h.events.of(EventKind.CLIENT_DISCARDED) and not h.events.of(EventKind.RUN_ORPHANED)
 
 
 def restore_hangs_then_succeeds_late(h: Harness) -> None:
-    adopted = hang_past_attempt_timeout(h, then="succeed")
-    (discarded,) = h.events.wait_for(EventKind.CLIENT_DISCARDED)
-    assert sorted(created_runs(h)) == sorted([adopted, str(discarded.new_run_id)]) and discarded.new_run_id != adopted
-    assert h.engine_handle.run_id == adopted  # type: ignore[attr-defined]
+    late_answer_adopted(h)
 
 
 def restore_future_pending_past_attempt_timeout(h: Harness) -> None:
-    adopted = hang_past_attempt_timeout(h, then="succeed", future=True)
-    (discarded,) = h.events.wait_for(EventKind.CLIENT_DISCARDED)  # the server had the request: its run exists
-    assert sorted(created_runs(h)) == sorted([adopted, str(discarded.new_run_id)]) and discarded.new_run_id != adopted
+    late_answer_adopted(h, future=True)
+
+
+def restore_never_answers(h: Harness) -> None:
+    hang_past_attempt_timeout(h, then="succeed", future=True)
+    h.clock.advance(20.0)  # the second attempt's wait ends too
+    h.events.wait_for(EventKind.FAILED, count=2)
+    after_backoff(h, 10.0)
+    h.events.wait_for(EventKind.STARTED, count=3)
+    h.clock.advance(20.0)  # max_attempts=3 waited out: the recovery ends, and names the call it leaves
+    with pytest.raises(RecoveryExhausted) as raised:
+        h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    assert raised.value.reason.value == "attempts" and len(h.sim.restore_calls) == 1
+    assert "has not answered" in str(raised.value) and "will be closed and named" in str(raised.value)
+    h.sim.release()  # it answers at last: its run is closed and named, never adopted
+    (discarded,) = h.events.wait_for(EventKind.CLIENT_DISCARDED)
+    assert created_runs(h) == [discarded.new_run_id] and len(h.sim.restore_calls) == 1
+    assert h.events.kinds().count("started") == 3 and not h.events.of(EventKind.CLIENT_CREATED)
 
 
 def restored_client_fails_its_first_call(h: Harness) -> None:
@@ -313,7 +344,17 @@ def losing_answers(h: Harness) -> LostAnswers:
 
 def restore_answer_lost_by_timeout(h: Harness) -> None:
     service = losing_answers(h)
-    abandon_by_timeout(h, service.reached, corrupt_and_poll(h), made=2)  # the lost one named from the listing
+    corrupt_and_poll(h)()
+    assert service.reached.wait(WAIT)
+    for n in (1, 2, 3):  # each attempt waits for the one call, none sends another
+        h.clock.advance(20.0)
+        h.events.wait_for(EventKind.FAILED, count=n)
+        if n < 3:
+            after_backoff(h, 5.0 * 2 ** (n - 1))
+            h.events.wait_for(EventKind.STARTED, count=n + 1)
+    with pytest.raises(RecoveryExhausted, match="has not answered"):
+        h.engine_handle.wait_for_recovery(WAIT)  # type: ignore[attr-defined]
+    every_run_made_is_adopted_or_named(h, [], made=1)  # the lost one named from the listing
     service.cancel_all()
 
 
@@ -395,18 +436,25 @@ MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ("restore raises (503)", "failed, retried after backoff on the same checkpoint, completed", restore_raises),
     (
         "restore hangs past attempt_timeout, then fails (504)",
-        "failed (timed out), retried, completed; one new run",
+        "failed (timed out); the next attempt waits for the call, fails with its 504; the one after restores; one "
+        "new run",
         restore_hangs_past_attempt_timeout,
     ),
     (
         "restore hangs past attempt_timeout, then succeeds late",
-        "the retry's run is adopted; the late one is closed and named in client_discarded, never used",
+        "the next attempt waits for the call (no second restore call) and adopts its late run; one new run",
         restore_hangs_then_succeeds_late,
     ),
     (
         "restore future still pending at attempt_timeout",
-        "retried, completed; the future is left to finish: its late run is closed and named in client_discarded",
+        "the next attempt waits for the future (no second restore call); its late run is adopted; one new run",
         restore_future_pending_past_attempt_timeout,
+    ),
+    (
+        "restore never answers",
+        "exhausted (attempts) after max_attempts waits, naming the call; one restore call; its late run is closed "
+        "and named in client_discarded",
+        restore_never_answers,
     ),
     (
         "restored run fails its first call (corrupted again)",
@@ -441,7 +489,8 @@ MATRIX: list[tuple[str, str, Callable[[Harness], None]]] = [
     ),
     (
         "restore made, answer lost, at attempt_timeout",
-        "retried, completed; two new runs: one adopted, the other named in run_orphaned (from the listing)",
+        "each attempt waits for the call, none sends another; exhausted (attempts); one new run, named in "
+        "run_orphaned (from the listing)",
         restore_answer_lost_by_timeout,
     ),
     (
