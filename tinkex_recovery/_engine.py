@@ -841,9 +841,13 @@ class RecoveryEngine:
         self._bus.call(lambda: self._announce(lineage))  # waiters wake once the events and callbacks have run
 
     def _observed(self, lineage: _Lineage, event: RecoveryEvent) -> None:
-        with self._cond:
-            lineage.observation = event
-            self._cond.notify_all()
+        def record() -> None:
+            with self._cond:
+                lineage.observation = event
+                self._cond.notify_all()
+
+        # On the notifier, after the events it follows: observation() returns once subscribers have seen them.
+        self._bus.call(record)
 
     def _announce(self, lineage: _Lineage) -> None:
         with self._cond:
