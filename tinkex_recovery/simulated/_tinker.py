@@ -83,10 +83,12 @@ class _Checkpoint:
     expires_at: datetime | None
     broken: int | None = None  # a status code the server answers a restore with
     steps: int = 0  # the optimizer steps the saved weights hold
+    # "weights" or "sampler_weights", parsed once: every listing reads it for every checkpoint of every run (to
+    # find what changed), so a parse there made a listing of a thousand runs cost seconds, not milliseconds.
+    kind: str = field(init=False)
 
-    @property
-    def kind(self) -> str:
-        return TinkerPath.parse(self.path).kind
+    def __post_init__(self) -> None:
+        self.kind = TinkerPath.parse(self.path).kind
 
     def model(self) -> Checkpoint:
         return Checkpoint(
