@@ -96,16 +96,18 @@ TARGETS = [
         "<= 250 and <= 4 x interpreter start",
         lambda r: r["cli_help_ms"] <= 250 and r["cli_help_ms"] <= 4 * r["interpreter_startup_ms"],
     ),
-    Target("round_trips_per_recovery", "<= 4", lambda r: r["round_trips_per_recovery"] <= 4),
+    # 4: the guard's poll and the SDK's restore (load_weights, retrieve_future, get_info); + 2: the split-brain
+    # checks, one read of the account's training-runs listing before the restore call and one after (one page here).
+    Target("round_trips_per_recovery", "<= 4 + 2 listing reads", lambda r: r["round_trips_per_recovery"] <= 6),
     Target(
         "time_to_resume_p50_s",
-        "<= 4 round trips + 0.010",
-        lambda r: r["time_to_resume_p50_s"] <= 4 * r["resume_round_trip_s"] + 0.010,
+        "<= 6 round trips + 0.010",
+        lambda r: r["time_to_resume_p50_s"] <= 6 * r["resume_round_trip_s"] + 0.010,
     ),
     Target(
         "time_to_resume_p99_s",
-        "<= 4 round trips + 0.010",
-        lambda r: r["time_to_resume_p99_s"] <= 4 * r["resume_round_trip_s"] + 0.010,
+        "<= 6 round trips + 0.010",
+        lambda r: r["time_to_resume_p99_s"] <= 6 * r["resume_round_trip_s"] + 0.010,
     ),
     Target(
         "rl_time_to_resume_p50_s",
