@@ -457,7 +457,7 @@ class RecoveryGuard:
             if lineage is not None and (lineage.state is not watching or len(lineage.recoveries) > lineage.consumed):
                 _drive(self._catch_up_plan(next_pos=cursor.pos))
             try:
-                index = next(cursor)
+                index = next(cursor.iterator)
             except StopIteration:
                 if _drive(self._end_plan(cursor)):
                     continue
@@ -479,7 +479,7 @@ class RecoveryGuard:
             if lineage is not None and (lineage.state is not watching or len(lineage.recoveries) > lineage.consumed):
                 await _drive_async(self._catch_up_plan(next_pos=cursor.pos))
             try:
-                index = next(cursor)
+                index = next(cursor.iterator)
             except StopIteration:
                 if await _drive_async(self._end_plan(cursor)):
                     continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
+from operator import length_hint
 from types import TracebackType
 from typing import Protocol
 
@@ -28,7 +29,13 @@ class Judge(Protocol):
 
 
 class StepCursor:
-    """A position in a sequence of step indices that can move back to a checkpoint's step."""
+    """A position in a sequence of step indices that can move back to a checkpoint's step.
+
+    A loop takes its next index with ``next(cursor.iterator)``. For a rising ``range`` (ints, strictly
+    increasing by construction: nothing to check) that is the range's own iterator, so a step costs no Python
+    call here, and the position is read back from what the iterator has left; any other iterable is checked
+    index by index as it is consumed.
+    """
 
     def __init__(self, iterable: Iterable[int]) -> None:
         if isinstance(iterable, str | bytes) or not isinstance(iterable, Iterable):
@@ -39,19 +46,28 @@ class StepCursor:
             self._items, self._rest = iterable, None
         else:
             self._items, self._rest = [], iter(iterable)
-        self.pos = 0  #: position of the next index to yield
+        self._pos = 0  # position of the next index to yield (when iterator is self)
         self._floor: int | None = None  # after a seek past the remembered indices: skip fresh ones below it
-        # A range with a positive step holds ints, strictly increasing, by construction: nothing to check.
-        self._trusted_end = len(iterable) if isinstance(iterable, range) and iterable.step > 0 else 0
+        self._range = iterable if isinstance(iterable, range) and iterable.step > 0 else None
+        #: what the loop calls ``next()`` on for the next index
+        self.iterator: Iterator[int] = iter(self._range) if self._range is not None else self
+
+    @property
+    def pos(self) -> int:
+        """The position of the next index to yield."""
+        if self._range is not None:
+            return len(self._range) - length_hint(self.iterator)
+        return self._pos
+
+    def __iter__(self) -> Iterator[int]:
+        return self
 
     def __next__(self) -> int:
-        pos = self.pos
-        if pos < self._trusted_end:
-            self.pos = pos + 1
-            return self._items[pos]
+        if self._range is not None:
+            return next(self.iterator)
         while True:
-            if self.pos < len(self._items):
-                index = self._items[self.pos]
+            if self._pos < len(self._items):
+                index = self._items[self._pos]
             elif self._rest is not None:
                 index = next(self._rest)
                 assert isinstance(self._items, list)
@@ -59,7 +75,7 @@ class StepCursor:
             else:
                 raise StopIteration
             self._check(index)
-            self.pos += 1
+            self._pos += 1
             if self._floor is None or index >= self._floor:
                 self._floor = None
                 return index
@@ -73,8 +89,9 @@ class StepCursor:
     def _check(self, index: object) -> None:
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"steps() iterates over step indices (ints), got {index!r}")
-        if self.pos > 0 and self._items[self.pos - 1] >= index:
-            raise ValueError(f"step indices must be strictly increasing; {index} follows {self._items[self.pos - 1]}")
+        pos = self._pos
+        if pos > 0 and self._items[pos - 1] >= index:
+            raise ValueError(f"step indices must be strictly increasing; {index} follows {self._items[pos - 1]}")
 
     def seek(self, step: int) -> None:
         """Continue with the first index ``>= step``."""
@@ -86,7 +103,10 @@ class StepCursor:
                 "iterate over every step from the checkpoint on (e.g. one steps() over the global step index)"
             )
         pos = bisect_left(self._items, step)
-        self.pos = pos
+        if self._range is not None:
+            self.iterator = iter(self._range[pos:])
+            return
+        self._pos = pos
         self._floor = step if pos == len(self._items) and self._rest is not None else None
 
 
