@@ -15,6 +15,7 @@ import pytest
 
 from tinkex_recovery import RESUME_KEY, Checkpoint, ObservedClient, RecoveryEngine
 from tinkex_recovery._ledger import REMEMBERED, Ledger
+from tinkex_recovery._replay import Tape
 from tinkex_recovery.simulated import SimulatedTinker
 from tinkex_recovery.simulated._tinker import SimulatedTrainingClient
 
@@ -256,6 +257,32 @@ def test_the_proxy_passes_everything_else_through_and_passes_for_the_client(sim:
     assert Ledger().adopt(client).__wrapped__ is raw  # a proxy is never wrapped twice
 
 
+def test_a_method_replaced_on_the_client_is_the_one_called_and_still_counted(sim: SimulatedTinker) -> None:
+    """The proxy builds an observed method once per client method (a call through it costs no new wrapper), and
+    a method the user replaces on the client afterwards (a patch, a test double) is the one it calls."""
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    raw = sim.create_lora_training_client(base_model="m")
+    client = ledger.adopt(raw)
+    loop.at = 0
+    assert client.optim_step is client.optim_step  # one observed form while the client's method stays the same
+    client.optim_step().result()
+    original, calls = raw.optim_step, []
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    tape = Tape(client)  # what Lightning's callback puts in front of the proxy: built once as well
+    assert tape.optim_step is tape.optim_step
+    raw.optim_step = patched  # type: ignore[method-assign]
+    loop.at = 1
+    client.optim_step().result()
+    loop.at = 2
+    tape.optim_step().result()
+    assert calls == [(), ()] and ledger.sent == 3 and [name for name, _ in tape.calls] == ["optim_step"]
+
+
 def test_optim_steps_from_many_threads_are_all_counted(sim: SimulatedTinker) -> None:
     ledger = Ledger()
     client = ledger.adopt(sim.create_lora_training_client(base_model="m"), step=0)
@@ -373,6 +400,11 @@ def test_keep_from_counts_only_saves_that_succeeded(sim: SimulatedTinker) -> Non
     slow.save_state("s3-again")
     deferred.pending[-1].set_exception(RuntimeError("lost"))
     assert ledger.keep_from() == 3 and ledger.keep_from(1) == 2
+    loop.at = 3
+    slow.optim_step()
+    slow.save_state("s4")
+    deferred.pending[-1].set_exception(RuntimeError("lost"))
+    assert [ledger.keep_from(), ledger.keep_from()] == [3, 3]  # a failed save stays failed, however often read
 
 
 def test_a_recovery_reports_the_step_its_checkpoint_was_chosen_on_though_the_book_changes_meanwhile(

@@ -72,8 +72,8 @@ _FAILED = object()  # the call raised (or its coroutine was cancelled): nothing 
 
 class _Save:
     """A checkpoint saved (or restored) through the ledger: its path, its step, and what the save's call returned
-    (None: a checkpoint known to exist, the one a run was restored from). Only a save that succeeded counts for
-    :meth:`Ledger.keep_from`."""
+    (None: a checkpoint known to exist: the one a run was restored from, or a save answered as saved). Only a
+    save that succeeded counts for :meth:`Ledger.keep_from`."""
 
     __slots__ = ("future", "path", "step")
 
@@ -94,7 +94,9 @@ class _Save:
             return True  # a value, or a future of unknown make: taken as saved
         if not inner.done():
             return None
-        return not inner.cancelled() and inner.exception() is None
+        saved = not inner.cancelled() and inner.exception() is None
+        self.future = None if saved else _FAILED  # answered for good: asked again at every floor, read once
+        return saved
 
 
 class Ledger:
@@ -162,7 +164,8 @@ class Ledger:
         if floor is not None and ceiling is not None and floor > ceiling:
             raise ValueError(f"floor {floor} is above ceiling {ceiling}")
         with self._lock:
-            self.book = replace(self.book, floor=floor, ceiling=ceiling)
+            book = self.book  # built directly: dataclasses.replace costs more than the rest of a replayed step
+            self.book = Book(saved=book.saved, split=book.split, floor=floor, ceiling=ceiling)
 
     # -- what it says ---------------------------------------------------------------------------------------
     @property
@@ -422,12 +425,14 @@ class ObservedClient:
     signature and docstring. ``type(proxy)`` is this class; ``proxy.__wrapped__`` is the client itself.
     """
 
-    __slots__ = ("__wrapped__", "_generation", "_ledger", "_meta")
+    __slots__ = ("__wrapped__", "_generation", "_ledger", "_meta", "_observed")
 
     def __init__(self, client: Any, ledger: Ledger, generation: int) -> None:
         object.__setattr__(self, "__wrapped__", client)
         object.__setattr__(self, "_ledger", ledger)
         object.__setattr__(self, "_generation", generation)
+        # name -> (the client's method, its observed form): built once, while the client's method stays the same
+        object.__setattr__(self, "_observed", {})
         save = getattr(client, "save_state", None)
         object.__setattr__(self, "_meta", callable(save) and _accepts_metadata(save))
 
@@ -438,7 +443,14 @@ class ObservedClient:
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.__wrapped__, name)
         observe = OBSERVED.get(name)
-        return attr if observe is None or not callable(attr) else observe(self, attr)
+        if observe is None or not callable(attr):
+            return attr
+        known = self._observed.get(name)
+        if known is not None and known[0] == attr:  # bound methods are equal when of one function and one client
+            return known[1]
+        observed = observe(self, attr)
+        self._observed[name] = (attr, observed)
+        return observed
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.__wrapped__, name, value)

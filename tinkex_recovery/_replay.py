@@ -65,12 +65,14 @@ class Tape:
     in which case the recorded results are returned, in order, until it runs out. ``isinstance`` sees the
     client's class. ``*_async`` methods are passed through unrecorded (a coroutine cannot be awaited twice)."""
 
-    __slots__ = ("__wrapped__", "_queue", "calls")
+    __slots__ = ("__wrapped__", "_queue", "_recorded", "calls")
 
     def __init__(self, client: Any) -> None:
         object.__setattr__(self, "__wrapped__", client)
         object.__setattr__(self, "_queue", None)
         object.__setattr__(self, "calls", [])
+        # name -> (the client's method, its recorded form): built once, while the client's method stays the same
+        object.__setattr__(self, "_recorded", {})
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -80,7 +82,12 @@ class Tape:
         attr = getattr(self.__wrapped__, name)
         if name[0] == "_" or name.endswith("_async") or not callable(attr):
             return attr
-        return functools.partial(self._call, name, attr)
+        known = self._recorded.get(name)
+        if known is not None and known[0] == attr:
+            return known[1]
+        recorded = functools.partial(self._call, name, attr)
+        self._recorded[name] = (attr, recorded)
+        return recorded
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.__wrapped__, name, value)
