@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 import tinker
 
@@ -134,6 +136,61 @@ def test_making_the_rest_client_is_bounded_by_setup_timeout_and_names_the_url(cl
     assert "setup_timeout=0.05s" in message and "http://tinker.invalid:1" in message and "TINKER_BASE_URL" in message
 
 
+def test_watching_again_against_a_stuck_server_waits_for_the_same_call(clock: FakeClock) -> None:
+    """Each watch() fails after setup_timeout, and none starts another thread while the first call is stuck; the
+    client it makes at last, wanted by nobody, is closed; the next watch() makes a client afresh."""
+    service = CountingStuckService()
+    with RecoveryEngine(POLICY.replace(setup_timeout=0.02), clock=clock) as engine:
+        for _ in range(5):
+            with pytest.raises(TinkerConnectionError):
+                engine.watch("run:train:0", service)
+        makers = [t for t in threading.enumerate() if t.name == "tinkex-recovery-rest-client"]
+        assert service.made == 1 and len(makers) == 1
+        service.release.set()
+        assert service.closed.wait(WAIT), "the client made after every caller gave up was not closed"
+        makers[0].join(WAIT)
+        assert not makers[0].is_alive()
+        engine.watch("run:train:0", service).unwatch()
+    assert service.made == 2
+
+
+def test_a_forked_child_makes_its_own_client_while_the_parents_is_stuck() -> None:
+    import os
+
+    from tinkex_recovery._engine import rest_client_of
+
+    service = StuckService()
+    with pytest.raises(TinkerConnectionError):
+        rest_client_of(service, timeout=0.02)  # the parent's call stays stuck
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's cleanup
+        ok = False
+        try:
+            service.release.set()  # in the child only: its own call answers at once
+            ok = rest_client_of(service, timeout=WAIT) is service
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    service.release.set()
+    assert service.closed.wait(WAIT)
+    assert answer == b"1", "the child waited for the parent's call, whose thread it does not have"
+
+
+class CountingStuckService(StuckService):
+    def __init__(self) -> None:
+        super().__init__()
+        self.made = 0
+
+    def _rest_client(self) -> Any:
+        self.made += 1
+        return super()._rest_client()
+
+
 def test_a_dead_url_names_itself_and_what_to_check() -> None:
     with (
         TinkerRest(api_key=KEY, base_url="http://127.0.0.1:9/prefix", max_retries=0) as rest,
@@ -143,6 +200,79 @@ def test_a_dead_url_names_itself_and_what_to_check() -> None:
     message = str(info.value)
     assert "http://127.0.0.1:9/prefix/api/v1/training_runs/run:train:0" in message
     assert "is Tinker reachable at http://127.0.0.1:9/prefix?" in message
+
+
+class Unanswered:
+    """A status source over Tinker's REST API whose reads fail as ``fail`` says, or never answer (None)."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.reads: list[Future[Any]] = []
+
+    def get_training_run(self, run_id: str) -> Future[Any]:
+        read: Future[Any] = Future()
+        if self.fail is not None:
+            read.set_exception(self.fail)
+        self.reads.append(read)
+        return read
+
+    list_checkpoints = get_training_run
+
+
+class Service(SimulatedTinker):
+    """The simulated Tinker as the SDK's ServiceClient is made: with the base URL it talks to."""
+
+    _base_url = "http://tinker.example:8000"
+
+
+def test_a_read_of_the_run_that_never_answers_is_bounded_by_setup_timeout_and_names_the_url() -> None:
+    status = Unanswered()
+    policy = POLICY.replace(setup_timeout=0.05, max_attempts=2)
+    with pytest.raises(RecoveryExhausted) as info, recovery_guard(MISTYPED, Service(), policy=policy, status=status):
+        pass
+    error = info.value
+    assert error.reason is ExhaustedReason.ATTEMPTS and error.attempts == 0
+    assert "did not answer within setup_timeout=0.05s" in str(error)
+    assert "is Tinker reachable at http://tinker.example:8000?" in str(error) and "TINKER_BASE_URL" in str(error)
+    assert isinstance(error.__cause__, TinkerConnectionError)
+    assert len(status.reads) == 2 and all(read.cancelled() for read in status.reads)  # given up, not left waiting
+
+
+def test_a_read_that_cannot_connect_names_the_url_to_check() -> None:
+    request = httpx.Request("GET", "http://tinker.example:8000/api/v1/training_runs/x")
+    status = Unanswered(fail=tinker.APIConnectionError(request=request))
+    with pytest.raises(RecoveryExhausted) as info, recovery_guard(MISTYPED, Service(), policy=POLICY, status=status):
+        pass
+    message = str(info.value)
+    assert info.value.reason is ExhaustedReason.ATTEMPTS and len(status.reads) == POLICY.max_attempts
+    assert "failed (APIConnectionError: Connection error.): is Tinker reachable at http://tinker.example:8000?" in (
+        message
+    )
+
+
+@pytest.mark.sdk
+def test_reads_through_the_sdks_rest_client_that_never_answer_are_bounded_and_named() -> None:
+    """The server stops answering after the REST client exists (here: the SDK's own RestClient, given as the
+    status source): the guard's entry reads the run ``max_attempts`` times, ``setup_timeout`` each at most, and
+    fails naming the server's URL; no restore call is made."""
+    policy = POLICY.replace(setup_timeout=0.2, max_attempts=2)
+    with sdk_service(SimulatedTinker()) as net:
+        client = net.lora()
+        client.save_state("s1", user_metadata={"step": "1"}).result()
+        restores: list[str] = []
+        net.sim.on_restore(restores.append)
+        before = len(net.server.requests)
+        net.server.delay_next(2, seconds=30.0)  # cut short when the server stops
+        with (
+            pytest.raises(RecoveryExhausted) as info,
+            recovery_guard(client.model_id, net.service, policy=policy, status=net.rest),
+        ):
+            pass
+        reads = [r for r in net.server.requests[before:] if r.path.endswith(client.model_id)]
+    message = str(info.value)
+    assert info.value.reason is ExhaustedReason.ATTEMPTS and info.value.attempts == 0 and restores == []
+    assert f"setup_timeout=0.2s: is Tinker reachable at {net.server.base_url}?" in message
+    assert len(reads) == 2
 
 
 # -- exhausted recoveries say why and what to do ---------------------------------------------------------------

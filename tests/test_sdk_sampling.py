@@ -97,7 +97,9 @@ def test_a_lost_runs_sampler_serves_its_snapshot_or_fails_with_the_sdks_error(ne
     train(client, 1)
     sampler = client.save_weights_and_get_sampling_client().result()
     net.sim.hold_samples(1)
+    received = net.sim.sample_count
     in_flight = sampler.sample(PROMPT, 1, PARAMS)
+    assert net.sim.wait_for_samples(received + 1, WAIT)  # held on the server: the SDK sends from its own thread
     net.sim.corrupt(client.model_id)
     assert first(sampler) == 1  # the default: a snapshot sampler goes on serving
     with pytest.raises(tinker.RequestFailedError, match="corrupted"):

@@ -30,7 +30,6 @@ from ._exceptions import (
     ExhaustedReason,
     RecoveryDisabled,
     RecoveryExhausted,
-    TinkerConnectionError,
 )
 from ._executor import Cancellation, Executor
 from ._futures import resolve
@@ -38,8 +37,8 @@ from ._models import Checkpoint, TrainingRun, validate_run_id
 from ._observers import report_poll, track_engine
 from ._policy import RecoveryPolicy
 from ._recovery import History, Recovery, RecoveryJob, run_not_found
-from ._redact import redact, redact_loggers, without_secrets
-from ._retry import describe, status_code_of
+from ._redact import redact_loggers, without_secrets
+from ._retry import describe, status_code_of, unreachable
 from ._selection import StepOf
 
 __all__ = ["EngineState", "RecoveryEngine", "RunHandle", "RunState"]
@@ -83,38 +82,81 @@ def rest_client_of(service: Any, *, timeout: float | None = None) -> Any:
     Making it contacts Tinker (the SDK fetches its client config, retrying for minutes when the server is down),
     so with ``timeout`` it is made on a thread of its own and waited for that long at most: past it,
     :class:`TinkerConnectionError` names the URL to check. The call cannot be interrupted; its thread is left to
-    end (a daemon), and a client it makes late is closed, never used.
+    end (a daemon), and a client it makes late is closed, never used. While it is stuck, another call for the
+    same service waits for that one instead of starting another thread: watching again and again against a
+    server that does not answer leaves one thread behind, not one a call.
     """
     if timeout is None:
         return _make_rest_client(service)
-    made: Future[Any] = Future()
+    key = id(service)  # the entry holds the service: its id is not reused while the entry lives
+    with _MAKINGS.lock:
+        making = _MAKINGS.by_service.get(key)
+        if making is None:
+            making = _MAKINGS.by_service[key] = _Making(service)
+            threading.Thread(target=making.run, args=(key,), name="tinkex-recovery-rest-client", daemon=True).start()
+        making.waiting += 1
+    making.done.wait(timeout)
+    with _MAKINGS.lock:
+        making.waiting -= 1
+        answered = making.done.is_set()
+        mine = answered and making.error is None and not making.claimed
+        if mine:
+            making.claimed = True
+    if making.error is not None:
+        raise making.error
+    if mine:
+        return making.client
+    if answered:  # made in time, for another caller waiting with this one: make one of this call's own
+        return rest_client_of(service, timeout=timeout)
+    what = f"could not make the REST client of {type(service).__name__} within setup_timeout={timeout:g}s"
+    raise unreachable(what, service) from None
 
-    def make() -> None:
+
+class _Making:
+    """A REST client being made for a service, on a thread of its own: given to the first caller that waits for
+    it in time, closed if every caller gave up on it."""
+
+    __slots__ = ("claimed", "client", "done", "error", "service", "waiting")
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.client: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.waiting = 0  # callers waiting for it now
+        self.claimed = False  # a caller took the client (or, made for nobody, it was closed)
+
+    def run(self, key: int) -> None:
         try:
-            made.set_result(_make_rest_client(service))
+            self.client = _make_rest_client(self.service)
         except BaseException as exc:
-            made.set_exception(exc)
-
-    threading.Thread(target=make, name="tinkex-recovery-rest-client", daemon=True).start()
-    try:
-        return made.result(timeout)
-    except TimeoutError:
-        made.add_done_callback(_close_late_client)
-        where = getattr(service, "_base_url", None) or os.environ.get("TINKER_BASE_URL") or "the SDK's default URL"
-        raise TinkerConnectionError(
-            redact(
-                f"could not make the REST client of {type(service).__name__} within setup_timeout={timeout:g}s: "
-                f"is Tinker reachable at {where}? Check the service's base_url (or TINKER_BASE_URL), the network, "
-                "and TINKER_API_KEY"
-            )
-        ) from None
+            self.error = exc
+        with _MAKINGS.lock:
+            _MAKINGS.by_service.pop(key, None)
+            self.done.set()
+            unwanted = self.waiting == 0 and self.error is None
+            self.claimed = self.claimed or unwanted
+        if unwanted:
+            close = getattr(self.client, "close", None)
+            if callable(close):
+                call_safely(close, what="closing a REST client made after setup_timeout")
 
 
-def _close_late_client(made: Future[Any]) -> None:
-    if made.exception() is None:
-        close = getattr(made.result(), "close", None)
-        if callable(close):
-            call_safely(close, what="closing a REST client made after setup_timeout")
+class _Makings:
+    """The REST clients being made now, by ``id(service)``."""
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """Start empty (also in a forked child: the threads making clients stayed in the parent)."""
+        self.lock = threading.Lock()
+        self.by_service: dict[int, _Making] = {}
+
+
+_MAKINGS = _Makings()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_MAKINGS.forget)
 
 
 def _make_rest_client(service: Any) -> Any:

@@ -49,7 +49,8 @@ class RecoveryPolicy(BaseModel):
         30.0,
         gt=0,
         description="Making a service's REST client (the SDK contacts Tinker for it) longer than this fails "
-        "watch(), and so a guard's entry, with TinkerConnectionError naming the URL to check.",
+        "watch(), and so a guard's entry, with TinkerConnectionError naming the URL to check; so does a recovery's "
+        "read of the run or a listing (retried as a transient failure).",
     )
     fallback_depth: int = Field(
         2, ge=0, description="How many older checkpoints may be tried after the chosen one is rejected."

@@ -17,6 +17,7 @@ import inspect
 import logging
 import random
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +35,7 @@ from ._exceptions import (
     RecoveryExhausted,
     RecoveryRefused,
     RunNotFound,
+    TinkerConnectionError,
 )
 from ._executor import Cancellation, Outcome, OutcomeKind
 from ._ledger import RESUME_KEY
@@ -48,7 +50,7 @@ from ._models import STEP_KEY, Checkpoint, CheckpointList, TinkerPath, TrainingR
 from ._names import CREATED_AT_KEY, FROM_RUN_KEY, LINEAGE_KEYS, RECOVERY_ID_KEY
 from ._policy import RecoveryPolicy
 from ._redact import without_secrets
-from ._retry import FailureKind, backoff_delay, classify, describe, status_code_of
+from ._retry import FailureKind, backoff_delay, classify, describe, is_connection_error, status_code_of, unreachable
 from ._selection import StepOf, dedupe, rank, synthetic, walk
 
 __all__ = ["BUDGET_KEYS", "LINEAGE_KEYS", "Recovery", "checkpoint_step"]
@@ -260,9 +262,15 @@ def _concurrent_future(value: Any) -> Future[Any] | None:
 _POLL_SLICE = 0.05  # a future-like with nothing to wait on but result(timeout) is asked again this often
 
 
-def await_result(value: Any, cancelled: Cancellation, on_late: Callable[[Future[Any]], None] | None = None) -> Any:
-    """``value``, or the result of the future it is, waiting until it is ready or ``cancelled`` is set; on
-    cancellation raises :class:`AttemptAbandoned`.
+def await_result(
+    value: Any,
+    cancelled: Cancellation,
+    on_late: Callable[[Future[Any]], None] | None = None,
+    *,
+    timeout: float | None = None,
+) -> Any:
+    """``value``, or the result of the future it is, waiting until it is ready or ``cancelled`` is set (raises
+    :class:`AttemptAbandoned`) or, with ``timeout``, that many seconds passed (raises ``TimeoutError``).
 
     A read (``on_late`` None) is cancelled then. A call with a side effect is not: the server has the request
     and acts on it whatever the client does, so its future is left to finish and ``on_late(future)`` gets it
@@ -273,7 +281,10 @@ def await_result(value: Any, cancelled: Cancellation, on_late: Callable[[Future[
         return value
     inner = _concurrent_future(value)
     if inner is None:  # a future-like of unknown make: ask in slices
+        end = None if timeout is None else time.monotonic() + timeout
         while not cancelled.is_set():
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"no answer within {timeout:g}s")
             try:
                 return result(timeout=_POLL_SLICE)
             except TimeoutError:
@@ -282,14 +293,16 @@ def await_result(value: Any, cancelled: Cancellation, on_late: Callable[[Future[
     wake = threading.Event()
     inner.add_done_callback(lambda _: wake.set())
     cancelled.on_cancel(wake.set)
-    wake.wait()
+    wake.wait(timeout)
     if inner.done():
         return inner.result()
     if on_late is None:
         inner.cancel()
     else:
         inner.add_done_callback(on_late)
-    raise AttemptAbandoned
+    if cancelled.is_set():
+        raise AttemptAbandoned
+    raise TimeoutError(f"no answer within {timeout:g}s")
 
 
 class RecoveryJob:
@@ -586,7 +599,7 @@ class RecoveryJob:
             return
         if cancelled.is_set():
             raise AttemptAbandoned
-        runs = all_runs(self._status, wait=lambda pending: self._wait(pending, cancelled))
+        runs = all_runs(self._status, wait=lambda pending: self._read(pending, cancelled))
         rivals = [
             r
             for r in children(runs, self.run_id)
@@ -630,7 +643,7 @@ class RecoveryJob:
             # asked for (no poll result yet), or a poll result without last_checkpoint: read the run afresh
             self._refetched = True
             try:
-                self.run = TrainingRun.coerce(self._wait(self._status.get_training_run(self.run_id), cancelled))
+                self.run = TrainingRun.coerce(self._read(self._status.get_training_run(self.run_id), cancelled))
             except Exception as exc:
                 if status_code_of(exc) == 404:  # the run itself, not a checkpoint: no retry can find it
                     raise run_not_found(self.run_id, exc) from exc
@@ -724,7 +737,7 @@ class RecoveryJob:
             return []
         try:
             source = TinkerPath.parse(self._restored_from)
-            listed = CheckpointList.coerce(self._wait(self._status.list_checkpoints(source.run_id), cancelled))
+            listed = CheckpointList.coerce(self._read(self._status.list_checkpoints(source.run_id), cancelled))
         except Exception as exc:
             if isinstance(exc, InvalidTinkerPath) or classify(exc) is FailureKind.CHECKPOINT:
                 return []  # an edited path, or the source run or its checkpoints are gone
@@ -737,13 +750,25 @@ class RecoveryJob:
 
     def _listing(self, cancelled: Cancellation) -> list[Checkpoint]:
         if self.listed is None:
-            listed = CheckpointList.coerce(self._wait(self._status.list_checkpoints(self.run_id), cancelled))
+            listed = CheckpointList.coerce(self._read(self._status.list_checkpoints(self.run_id), cancelled))
             self.listed = listed.checkpoints
         return self.listed
 
-    @staticmethod
-    def _wait(pending: Any, cancelled: Cancellation) -> Any:
-        return await_result(pending, cancelled)
+    def _read(self, pending: Any, cancelled: Cancellation) -> Any:
+        """The answer of a read of the status source (the run, a checkpoint listing, the runs' listing), waited
+        for at most ``setup_timeout``: a read is small, and a server that does not answer one in that long is
+        down or out of reach. Such a read, or one that could not connect, raises
+        :class:`TinkerConnectionError` naming the URL to check; a recovery retries it as any transient failure."""
+        bound = self._policy.setup_timeout
+        try:
+            return await_result(pending, cancelled, timeout=bound)
+        except TimeoutError as exc:
+            what = f"a read of run {self.run_id} did not answer within setup_timeout={bound:g}s"
+            raise unreachable(what, self._service) from exc
+        except Exception as exc:
+            if isinstance(exc, TinkerConnectionError) or not is_connection_error(exc):
+                raise
+            raise unreachable(f"a read of run {self.run_id} failed ({describe(exc)})", self._service) from exc
 
     def _restore(self, checkpoint: Checkpoint) -> Any:
         assert self.run is not None
@@ -826,7 +851,7 @@ class RecoveryJob:
                 self.run_id,
             )
             return []
-        runs = all_runs(self._status, wait=lambda pending: self._wait(pending, cancelled))
+        runs = all_runs(self._status, wait=lambda pending: self._read(pending, cancelled))
         found = [r.training_run_id for r in runs if metadata_of(r, RECOVERY_ID_KEY) == self.recovery_id]
         named = []
         for run_id in found:

@@ -6,10 +6,11 @@ from the official SDK, from httpx or from the simulated Tinker are all understoo
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from typing import Any
 
-__all__ = ["FailureKind", "backoff_delay", "classify", "describe"]
+__all__ = ["FailureKind", "backoff_delay", "classify", "describe", "is_connection_error", "unreachable"]
 
 _TRANSIENT_STATUS = frozenset({408, 429})
 
@@ -69,3 +70,28 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
     return redact(f"{name}: {text}" if text else name)[:500]
+
+
+#: Classes (by name, anywhere in an error's MRO) of failures to reach the server at all: the SDK's
+#: ``APIConnectionError`` (``APITimeoutError`` is one) and httpx's ``TransportError``; named, not imported.
+_CONNECTION_ERRORS = frozenset({"APIConnectionError", "TransportError"})
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server could not be reached (refused, dropped, timed out), not what it answered."""
+    return isinstance(exc, ConnectionError) or any(c.__name__ in _CONNECTION_ERRORS for c in type(exc).__mro__)
+
+
+def unreachable(what: str, service: Any) -> Exception:
+    """A :class:`~tinkex_recovery.TinkerConnectionError` saying ``what`` failed and what to check: the URL
+    ``service`` talks to (the SDK's ``base_url``, else ``TINKER_BASE_URL``), the network and the key (redacted)."""
+    from ._exceptions import TinkerConnectionError
+    from ._redact import redact
+
+    where = getattr(service, "_base_url", None) or os.environ.get("TINKER_BASE_URL") or "the SDK's default URL"
+    return TinkerConnectionError(
+        redact(
+            f"{what}: is Tinker reachable at {where}? Check the service's base_url (or TINKER_BASE_URL), the "
+            "network, and TINKER_API_KEY"
+        )
+    )
