@@ -181,6 +181,31 @@ def test_a_forked_child_makes_its_own_client_while_the_parents_is_stuck() -> Non
     assert answer == b"1", "the child waited for the parent's call, whose thread it does not have"
 
 
+def test_a_caller_interrupted_while_waiting_leaves_no_client_open() -> None:
+    """Ctrl-C while a REST client is being made, and the client arrives just then: it is closed, not kept."""
+    import signal
+
+    from tinkex_recovery._engine import rest_client_of
+
+    service = StuckService()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        service.release.set()
+        for maker in [t for t in threading.enumerate() if t.name == "tinkex-recovery-rest-client"]:
+            maker.join(WAIT)  # made before the caller has left
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            rest_client_of(service, timeout=WAIT)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert service.closed.wait(WAIT), "the client made while its only caller left was never closed"
+
+
 class CountingStuckService(StuckService):
     def __init__(self) -> None:
         super().__init__()

@@ -95,7 +95,11 @@ def rest_client_of(service: Any, *, timeout: float | None = None) -> Any:
             making = _MAKINGS.by_service[key] = _Making(service)
             threading.Thread(target=making.run, args=(key,), name="tinkex-recovery-rest-client", daemon=True).start()
         making.waiting += 1
-    making.done.wait(timeout)
+    try:
+        making.done.wait(timeout)
+    except BaseException:  # interrupted (Ctrl-C): a client made meanwhile for nobody else is closed, not kept
+        making.leave()
+        raise
     with _MAKINGS.lock:
         making.waiting -= 1
         answered = making.done.is_set()
@@ -137,9 +141,21 @@ class _Making:
             unwanted = self.waiting == 0 and self.error is None
             self.claimed = self.claimed or unwanted
         if unwanted:
-            close = getattr(self.client, "close", None)
-            if callable(close):
-                call_safely(close, what="closing a REST client made after setup_timeout")
+            self._close()
+
+    def leave(self) -> None:
+        """A caller stops waiting without taking the client: the last one out closes a client made meanwhile."""
+        with _MAKINGS.lock:
+            self.waiting -= 1
+            unwanted = self.done.is_set() and self.error is None and not self.claimed and self.waiting == 0
+            self.claimed = self.claimed or unwanted
+        if unwanted:
+            self._close()
+
+    def _close(self) -> None:
+        close = getattr(self.client, "close", None)
+        if callable(close):
+            call_safely(close, what="closing a REST client made after setup_timeout")
 
 
 class _Makings:
