@@ -137,21 +137,48 @@ def test_making_the_rest_client_is_bounded_by_setup_timeout_and_names_the_url(cl
 
 
 def test_watching_again_against_a_stuck_server_waits_for_the_same_call(clock: FakeClock) -> None:
-    """Each watch() fails after setup_timeout, and none starts another thread while the first call is stuck; the
-    client it makes at last, wanted by nobody, is closed; the next watch() makes a client afresh."""
+    """Each watch() fails after setup_timeout, and none starts another thread while the first call is stuck (five
+    at once, then one more); the client it makes at last, wanted by nobody, is closed; the next watch() makes a
+    client afresh."""
     service = CountingStuckService()
-    with RecoveryEngine(POLICY.replace(setup_timeout=0.02), clock=clock) as engine:
-        for _ in range(5):
-            with pytest.raises(TinkerConnectionError):
+    with RecoveryEngine(POLICY.replace(setup_timeout=0.2), clock=clock) as engine:
+        failed: list[BaseException] = []
+
+        def watch() -> None:
+            try:
                 engine.watch("run:train:0", service)
+            except TinkerConnectionError as exc:
+                failed.append(exc)
+
+        watchers = [threading.Thread(target=watch) for _ in range(5)]
+        for watcher in watchers:
+            watcher.start()
+        for watcher in watchers:
+            watcher.join(WAIT)
+        watch()  # again, once they all gave up
         makers = [t for t in threading.enumerate() if t.name == "tinkex-recovery-rest-client"]
-        assert service.made == 1 and len(makers) == 1
+        assert len(failed) == 6 and service.made == 1 and len(makers) == 1
         service.release.set()
         assert service.closed.wait(WAIT), "the client made after every caller gave up was not closed"
         makers[0].join(WAIT)
         assert not makers[0].is_alive()
         engine.watch("run:train:0", service).unwatch()
     assert service.made == 2
+
+
+def test_a_call_stuck_for_long_is_not_waited_for_again() -> None:
+    """A REST-client call stuck for more than four setup timeouts is left to end: the next watch() tries afresh,
+    so a server that is back is reached although an old call hangs for good."""
+    from tinkex_recovery._engine import _MAKINGS, rest_client_of
+
+    service = CountingStuckService()
+    with pytest.raises(TinkerConnectionError):
+        rest_client_of(service, timeout=0.05)
+    _MAKINGS.by_service[id(service)].started -= 1000.0  # as if it had been stuck for very long
+    service.answer_from = 2  # the server is back: a fresh call answers, the first one still hangs
+    assert rest_client_of(service, timeout=WAIT) is service and service.made == 2
+    service.release.set()
+    assert service.closed.wait(WAIT)  # the old call's client, when it comes, is closed
 
 
 def test_a_forked_child_makes_its_own_client_while_the_parents_is_stuck() -> None:
@@ -210,9 +237,12 @@ class CountingStuckService(StuckService):
     def __init__(self) -> None:
         super().__init__()
         self.made = 0
+        self.answer_from: int | None = None  # the call from which on it answers at once
 
     def _rest_client(self) -> Any:
         self.made += 1
+        if self.answer_from is not None and self.made >= self.answer_from:
+            return self
         return super()._rest_client()
 
 
@@ -273,6 +303,44 @@ def test_a_read_that_cannot_connect_names_the_url_to_check() -> None:
     assert "failed (APIConnectionError: Connection error.): is Tinker reachable at http://tinker.example:8000?" in (
         message
     )
+
+
+class SlowListing:
+    """A live server that answers the runs' listing late: after ``delay`` real seconds."""
+
+    def __init__(self, sim: SimulatedTinker, delay: float) -> None:
+        self.sim, self.delay = sim, delay
+        self.reads: list[Future[Any]] = []
+        self.timers: list[threading.Timer] = []
+
+    def get_training_run(self, run_id: str) -> Any:
+        return self.sim.get_training_run(run_id)
+
+    def list_checkpoints(self, run_id: str) -> Any:
+        return self.sim.list_checkpoints(run_id)
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0) -> Future[Any]:
+        read: Future[Any] = Future()
+        timer = threading.Timer(self.delay, lambda: read.set_result(self.sim.list_training_runs(limit, offset)))
+        timer.start()
+        self.reads.append(read)
+        self.timers.append(timer)
+        return read
+
+
+def test_a_recovery_a_poll_found_waits_out_a_slow_read(sim: SimulatedTinker, clock: FakeClock) -> None:
+    """``setup_timeout`` bounds the reads made before the loop runs; mid-run, a slow server (or the SDK retrying a
+    503) is waited for up to ``attempt_timeout``, as before."""
+    run = run_with_checkpoints(sim)
+    status = SlowListing(sim, delay=0.2)
+    with RecoveryEngine(POLICY.replace(setup_timeout=0.05), status=status, clock=clock) as engine:
+        handle = engine.watch(run.model_id, sim)
+        sim.corrupt(run.model_id)
+        engine.poll_once()
+        recovery = handle.wait_for_recovery(timeout=WAIT)
+    for timer in status.timers:
+        timer.join(WAIT)
+    assert recovery.old_run_id == run.model_id and len(status.reads) >= 1  # the split-brain listing, read late
 
 
 @pytest.mark.sdk

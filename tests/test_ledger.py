@@ -283,6 +283,33 @@ def test_a_method_replaced_on_the_client_is_the_one_called_and_still_counted(sim
     assert calls == [(), ()] and ledger.sent == 3 and [name for name, _ in tape.calls] == ["optim_step"]
 
 
+def test_a_replaced_method_is_told_apart_by_identity_not_by_its_own_eq(sim: SimulatedTinker) -> None:
+    class Op:
+        """A callable that says it equals any other of its name (as a dataclass-style wrapper may)."""
+
+        def __init__(self, tag: str, calls: list[str], method: Any) -> None:
+            self.tag, self.calls, self.method = tag, calls, method
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            self.calls.append(self.tag)
+            return self.method(*args, **kwargs)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Op)
+
+        __hash__ = None  # type: ignore[assignment]
+
+    raw, calls = sim.create_lora_training_client(base_model="m"), []
+    original = raw.optim_step
+    client = Ledger().adopt(raw, step=0)
+    tape = Tape(client)
+    for tag in ("v1", "v2"):
+        raw.optim_step = Op(tag, calls, original)  # type: ignore[method-assign]
+        client.optim_step().result()
+        tape.optim_step().result()
+    assert calls == ["v1", "v1", "v2", "v2"]
+
+
 def test_optim_steps_from_many_threads_are_all_counted(sim: SimulatedTinker) -> None:
     ledger = Ledger()
     client = ledger.adopt(sim.create_lora_training_client(base_model="m"), step=0)

@@ -82,72 +82,84 @@ def rest_client_of(service: Any, *, timeout: float | None = None) -> Any:
     Making it contacts Tinker (the SDK fetches its client config, retrying for minutes when the server is down),
     so with ``timeout`` it is made on a thread of its own and waited for that long at most: past it,
     :class:`TinkerConnectionError` names the URL to check. The call cannot be interrupted; its thread is left to
-    end (a daemon), and a client it makes late is closed, never used. While it is stuck, another call for the
-    same service waits for that one instead of starting another thread: watching again and again against a
-    server that does not answer leaves one thread behind, not one a call.
+    end (a daemon), and a client it makes late is closed, never used. While such a call is stuck, another one
+    for the same service waits for it rather than start a thread of its own, for up to :data:`_JOIN_FOR`
+    timeouts from its start (then a fresh call is made): watching again and again against a server that does
+    not answer leaves a thread behind per :data:`_JOIN_FOR` attempts, not one per attempt, and a call that hangs
+    for good does not keep the service from a server that is back.
     """
     if timeout is None:
         return _make_rest_client(service)
-    key = id(service)  # the entry holds the service: its id is not reused while the entry lives
-    with _MAKINGS.lock:
-        making = _MAKINGS.by_service.get(key)
-        if making is None:
-            making = _MAKINGS.by_service[key] = _Making(service)
-            threading.Thread(target=making.run, args=(key,), name="tinkex-recovery-rest-client", daemon=True).start()
-        making.waiting += 1
-    try:
-        making.done.wait(timeout)
-    except BaseException:  # interrupted (Ctrl-C): a client made meanwhile for nobody else is closed, not kept
-        making.leave()
-        raise
-    with _MAKINGS.lock:
-        making.waiting -= 1
-        answered = making.done.is_set()
-        mine = answered and making.error is None and not making.claimed
-        if mine:
-            making.claimed = True
-    if making.error is not None:
-        raise making.error
-    if mine:
-        return making.client
-    if answered:  # made in time, for another caller waiting with this one: make one of this call's own
-        return rest_client_of(service, timeout=timeout)
-    what = f"could not make the REST client of {type(service).__name__} within setup_timeout={timeout:g}s"
-    raise unreachable(what, service) from None
+    end = time.monotonic() + timeout
+    got = _MAKINGS.join(service, stale_after=_JOIN_FOR * timeout).take(timeout)
+    if got is _TAKEN:  # made in time for another caller waiting with this one: one of this call's own, unshared
+        got = _Making(service).start().take(end - time.monotonic())
+    if got is _TAKEN or got is _NOT_YET:
+        what = f"could not make the REST client of {type(service).__name__} within setup_timeout={timeout:g}s"
+        raise unreachable(what, service) from None
+    return got
+
+
+_JOIN_FOR = 4  #: a stuck making of a REST client is joined for this many setup timeouts from its start
+_NOT_YET, _TAKEN = object(), object()  # what _Making.take() gives instead of a client
 
 
 class _Making:
     """A REST client being made for a service, on a thread of its own: given to the first caller that waits for
     it in time, closed if every caller gave up on it."""
 
-    __slots__ = ("claimed", "client", "done", "error", "service", "waiting")
+    __slots__ = ("claimed", "client", "done", "error", "registry", "service", "started", "waiting")
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: Any, registry: _Makings | None = None) -> None:
         self.service = service
+        self.registry = registry  # where other callers find it while it runs (None: one caller's own)
         self.client: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
-        self.waiting = 0  # callers waiting for it now
+        self.started = time.monotonic()
+        self.waiting = 1  # callers waiting for it now: made with its first
         self.claimed = False  # a caller took the client (or, made for nobody, it was closed)
 
-    def run(self, key: int) -> None:
+    def start(self) -> _Making:
+        """Start making the client, on a thread of its own."""
+        threading.Thread(target=self._run, name="tinkex-recovery-rest-client", daemon=True).start()
+        return self
+
+    def take(self, seconds: float) -> Any:
+        """Wait up to ``seconds`` as one of its callers: the client (raising the making's error, if it failed),
+        or ``_NOT_YET`` (not made yet) or ``_TAKEN`` (made, and another caller took it)."""
+        try:
+            self.done.wait(max(seconds, 0.0))
+        except BaseException:  # interrupted (Ctrl-C): a client made meanwhile for nobody else is closed, not kept
+            self._leave(take=False)
+            raise
+        return self._leave(take=True)
+
+    def _leave(self, *, take: bool) -> Any:
+        with _MAKINGS.lock:
+            self.waiting -= 1
+            made = self.done.is_set() and self.error is None and not self.claimed
+            mine = made and take
+            unwanted = made and not take and self.waiting == 0
+            self.claimed = self.claimed or mine or unwanted
+        if unwanted:
+            self._close()
+        if self.error is not None:
+            raise self.error
+        if mine:
+            return self.client
+        return _TAKEN if self.done.is_set() else _NOT_YET
+
+    def _run(self) -> None:
         try:
             self.client = _make_rest_client(self.service)
         except BaseException as exc:
             self.error = exc
         with _MAKINGS.lock:
-            _MAKINGS.by_service.pop(key, None)
+            if self.registry is not None:
+                self.registry.drop(self)
             self.done.set()
             unwanted = self.waiting == 0 and self.error is None
-            self.claimed = self.claimed or unwanted
-        if unwanted:
-            self._close()
-
-    def leave(self) -> None:
-        """A caller stops waiting without taking the client: the last one out closes a client made meanwhile."""
-        with _MAKINGS.lock:
-            self.waiting -= 1
-            unwanted = self.done.is_set() and self.error is None and not self.claimed and self.waiting == 0
             self.claimed = self.claimed or unwanted
         if unwanted:
             self._close()
@@ -159,7 +171,8 @@ class _Making:
 
 
 class _Makings:
-    """The REST clients being made now, by ``id(service)``."""
+    """The REST clients being made now, one joinable per service (by ``id(service)``; the entry holds the
+    service, so its id is not reused while it lives)."""
 
     def __init__(self) -> None:
         self.forget()
@@ -168,6 +181,22 @@ class _Makings:
         """Start empty (also in a forked child: the threads making clients stayed in the parent)."""
         self.lock = threading.Lock()
         self.by_service: dict[int, _Making] = {}
+
+    def join(self, service: Any, *, stale_after: float) -> _Making:
+        """The making of ``service``'s client to wait for, one more caller counted: the one under way, unless it
+        started more than ``stale_after`` seconds ago (it is then left to end, and a fresh one started)."""
+        with self.lock:
+            making = self.by_service.get(id(service))
+            if making is not None and time.monotonic() - making.started <= stale_after:
+                making.waiting += 1
+                return making
+            making = self.by_service[id(service)] = _Making(service, registry=self)
+        return making.start()
+
+    def drop(self, making: _Making) -> None:
+        """``making`` ended: no caller joins it any more (under :attr:`lock`)."""
+        if self.by_service.get(id(making.service)) is making:
+            del self.by_service[id(making.service)]
 
 
 _MAKINGS = _Makings()

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
+from types import MappingProxyType, MethodType
 from typing import Any
 
 from ._models import STEP_KEY, Checkpoint, parse_step
@@ -399,6 +399,14 @@ def _observe_load_async(proxy: ObservedClient, method: Any) -> Callable[..., Any
     return _like(method, load_state_async)
 
 
+def same_method(a: Any, b: Any) -> bool:
+    """Whether two reads of a client's attribute are the same method: the same object, or bound methods of one
+    function to one client (a fresh bound method per read). By identity: a callable's own ``__eq__`` is not asked."""
+    if a is b:
+        return True
+    return type(a) is MethodType and type(b) is MethodType and a.__func__ is b.__func__ and a.__self__ is b.__self__
+
+
 #: The client's methods the proxy observes, and how; every other attribute is the client's own, untouched.
 OBSERVED: Mapping[str, Callable[[ObservedClient, Any], Callable[..., Any]]] = MappingProxyType(
     {
@@ -446,7 +454,7 @@ class ObservedClient:
         if observe is None or not callable(attr):
             return attr
         known = self._observed.get(name)
-        if known is not None and known[0] == attr:  # bound methods are equal when of one function and one client
+        if known is not None and same_method(known[0], attr):
             return known[1]
         observed = observe(self, attr)
         self._observed[name] = (attr, observed)

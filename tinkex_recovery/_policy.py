@@ -49,8 +49,9 @@ class RecoveryPolicy(BaseModel):
         30.0,
         gt=0,
         description="Making a service's REST client (the SDK contacts Tinker for it) longer than this fails "
-        "watch(), and so a guard's entry, with TinkerConnectionError naming the URL to check; so does a recovery's "
-        "read of the run or a listing (retried as a transient failure).",
+        "watch(), and so a guard's entry, with TinkerConnectionError naming the URL to check; so does a read of the "
+        "run or a listing by a recovery asked for with request_recovery(), as at a guard's entry (retried as a "
+        "transient failure).",
     )
     fallback_depth: int = Field(
         2, ge=0, description="How many older checkpoints may be tried after the chosen one is rejected."

@@ -335,6 +335,8 @@ class RecoveryJob:
         forsaken: Callable[[str], bool] | None = None,
     ) -> None:
         self.run = run
+        # asked for (request_recovery(): a guard's entry), not found by a poll: its reads are bounded by setup_timeout
+        self._asked = run is None
         #: stamped on every run this recovery's attempts make: the listing tells them from any other run
         self.recovery_id = uuid.uuid4().hex
         self.run_id = run_id
@@ -755,14 +757,18 @@ class RecoveryJob:
         return self.listed
 
     def _read(self, pending: Any, cancelled: Cancellation) -> Any:
-        """The answer of a read of the status source (the run, a checkpoint listing, the runs' listing), waited
-        for at most ``setup_timeout``: a read is small, and a server that does not answer one in that long is
-        down or out of reach. Such a read, or one that could not connect, raises
-        :class:`TinkerConnectionError` naming the URL to check; a recovery retries it as any transient failure."""
-        bound = self._policy.setup_timeout
+        """The answer of a read of the status source (the run, a checkpoint listing, the runs' listing). In a
+        recovery asked for before the loop runs (a guard's entry) it is waited for ``setup_timeout`` at most: the
+        loop has not started, and a server that does not answer a small read in that long is down or out of
+        reach. A recovery a poll found waits out ``attempt_timeout``, as for a slow server or the SDK retrying a
+        503. A read timed out, or one that could not connect, raises :class:`TinkerConnectionError` naming the
+        URL to check; a recovery retries it as any transient failure."""
+        bound = self._policy.setup_timeout if self._asked else None
         try:
             return await_result(pending, cancelled, timeout=bound)
         except TimeoutError as exc:
+            if bound is None:
+                raise
             what = f"a read of run {self.run_id} did not answer within setup_timeout={bound:g}s"
             raise unreachable(what, self._service) from exc
         except Exception as exc:
