@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -122,3 +123,22 @@ class LostAnswers:
     def cancel_all(self) -> None:
         for f in self._lost:
             f.cancel()
+
+
+def true_in_a_forked_child(check: Callable[[], bool]) -> bool:
+    """Whether ``check()`` returns True when run in a child of ``os.fork()`` (which then leaves without running
+    the parent's cleanup); False if it returns False or raises."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            ok = check()
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return answer == b"1"

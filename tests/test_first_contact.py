@@ -33,7 +33,7 @@ from tinkex_recovery import (
 from tinkex_recovery.integrations.lightning import TinkexRecovery
 from tinkex_recovery.simulated import SimulatedTinker, serve
 
-from .helpers import WAIT, run_with_checkpoints, train
+from .helpers import WAIT, run_with_checkpoints, train, true_in_a_forked_child
 from .http_support import KEY
 from .sdk_support import sdk_service
 
@@ -182,30 +182,20 @@ def test_a_call_stuck_for_long_is_not_waited_for_again() -> None:
 
 
 def test_a_forked_child_makes_its_own_client_while_the_parents_is_stuck() -> None:
-    import os
-
     from tinkex_recovery._engine import rest_client_of
 
     service = StuckService()
     with pytest.raises(TinkerConnectionError):
         rest_client_of(service, timeout=0.02)  # the parent's call stays stuck
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave without running the parent's cleanup
-        ok = False
-        try:
-            service.release.set()  # in the child only: its own call answers at once
-            ok = rest_client_of(service, timeout=WAIT) is service
-        finally:
-            os.write(write, b"1" if ok else b"0")
-            os._exit(0)
-    os.close(write)
-    answer = os.read(read, 1)
-    os.close(read)
-    os.waitpid(pid, 0)
+
+    def in_the_child() -> bool:
+        service.release.set()  # in the child only: its own call answers at once
+        return rest_client_of(service, timeout=WAIT) is service
+
+    answered = true_in_a_forked_child(in_the_child)
     service.release.set()
     assert service.closed.wait(WAIT)
-    assert answer == b"1", "the child waited for the parent's call, whose thread it does not have"
+    assert answered, "the child waited for the parent's call, whose thread it does not have"
 
 
 def test_a_caller_interrupted_while_waiting_leaves_no_client_open() -> None:

@@ -14,7 +14,7 @@ from tinkex_recovery.integrations import _aio
 from tinkex_recovery.integrations._guard import RecoveryGuard
 from tinkex_recovery.simulated import SimulatedTinker
 
-from .helpers import WAIT
+from .helpers import WAIT, true_in_a_forked_child
 from .test_guard import POLICY
 
 
@@ -176,29 +176,19 @@ def test_equal_callbacks_of_two_guards_each_see_their_own_runs(sim: SimulatedTin
 
 
 def test_a_forked_child_gets_an_engine_of_its_own(sim: SimulatedTinker) -> None:
-    import os
-
     from tinkex_recovery.integrations._shared import shared_engines
 
     policy = RecoveryPolicy(enabled=True, poll_interval=3600)
     parent = shared_engines.acquire(policy, None)
     try:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report, then leave without running the parent's cleanup
-            ok = False
-            try:
-                child = shared_engines.acquire(policy, None)
-                ok = child is not parent and any(t.name == "tinkex-recovery-poller" for t in threading.enumerate())
-                shared_engines.release(child)
-            finally:
-                os.write(write, b"1" if ok else b"0")
-                os._exit(0)
-        os.close(write)
-        answer = os.read(read, 1)
-        os.close(read)
-        os.waitpid(pid, 0)
-        assert answer == b"1", "the child was handed the parent's engine (whose threads it does not have)"
+
+        def in_the_child() -> bool:
+            child = shared_engines.acquire(policy, None)
+            ok = child is not parent and any(t.name == "tinkex-recovery-poller" for t in threading.enumerate())
+            shared_engines.release(child)
+            return ok
+
+        assert true_in_a_forked_child(in_the_child), "the child was handed the parent's engine (without its threads)"
     finally:
         shared_engines.release(parent)
 
