@@ -198,18 +198,20 @@ def test_a_forked_child_makes_its_own_client_while_the_parents_is_stuck() -> Non
     assert answered, "the child waited for the parent's call, whose thread it does not have"
 
 
-def test_a_caller_interrupted_while_waiting_leaves_no_client_open() -> None:
-    """Ctrl-C while a REST client is being made, and the client arrives just then: it is closed, not kept."""
+@pytest.mark.parametrize("fails", [False, True], ids=["made", "failed"])
+def test_a_caller_interrupted_while_waiting_leaves_no_client_open(fails: bool) -> None:
+    """Ctrl-C while a REST client is being made, and the call ends just then: a client made is closed, not kept,
+    and the caller sees its interrupt, not the call's error."""
     import signal
 
     from tinkex_recovery._engine import rest_client_of
 
-    service = StuckService()
+    service = FailingStuckService() if fails else StuckService()
 
     def interrupt(signum: int, frame: Any) -> None:
         service.release.set()
         for maker in [t for t in threading.enumerate() if t.name == "tinkex-recovery-rest-client"]:
-            maker.join(WAIT)  # made before the caller has left
+            maker.join(WAIT)  # ended before the caller has left
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, interrupt)
@@ -220,7 +222,14 @@ def test_a_caller_interrupted_while_waiting_leaves_no_client_open() -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert service.closed.wait(WAIT), "the client made while its only caller left was never closed"
+    if not fails:
+        assert service.closed.wait(WAIT), "the client made while its only caller left was never closed"
+
+
+class FailingStuckService(StuckService):
+    def _rest_client(self) -> Any:
+        super()._rest_client()
+        raise RuntimeError("no client config")
 
 
 class CountingStuckService(StuckService):

@@ -144,6 +144,8 @@ class _Making:
             self.claimed = self.claimed or mine or unwanted
         if unwanted:
             self._close()
+        if not take:
+            return None
         if self.error is not None:
             raise self.error
         if mine:
