@@ -399,12 +399,23 @@ def _observe_load_async(proxy: ObservedClient, method: Any) -> Callable[..., Any
     return _like(method, load_state_async)
 
 
-def same_method(a: Any, b: Any) -> bool:
-    """Whether two reads of a client's attribute are the same method: the same object, or bound methods of one
-    function to one client (a fresh bound method per read). By identity: a callable's own ``__eq__`` is not asked."""
-    if a is b:
-        return True
-    return type(a) is MethodType and type(b) is MethodType and a.__func__ is b.__func__ and a.__self__ is b.__self__
+def wrapped_once(cache: dict[str, tuple[Any, Any]], name: str, method: Any, wrap: Callable[[Any], Any]) -> Any:
+    """``wrap(method)``, built once per ``name`` while the client's method stays the same (in ``cache``): a proxy
+    in front of a client makes no new wrapper per call. The same method: the same object, or a bound method of
+    the same function to the same client (a fresh one per read), by identity, never by the callable's ``__eq__``."""
+    known = cache.get(name)
+    if known is not None:
+        old = known[0]
+        if old is method or (
+            type(old) is MethodType
+            and type(method) is MethodType
+            and old.__func__ is method.__func__
+            and old.__self__ is method.__self__
+        ):
+            return known[1]
+    wrapped = wrap(method)
+    cache[name] = (method, wrapped)
+    return wrapped
 
 
 #: The client's methods the proxy observes, and how; every other attribute is the client's own, untouched.
@@ -453,12 +464,7 @@ class ObservedClient:
         observe = OBSERVED.get(name)
         if observe is None or not callable(attr):
             return attr
-        known = self._observed.get(name)
-        if known is not None and same_method(known[0], attr):
-            return known[1]
-        observed = observe(self, attr)
-        self._observed[name] = (attr, observed)
-        return observed
+        return wrapped_once(self._observed, name, attr, lambda method: observe(self, method))
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.__wrapped__, name, value)

@@ -32,7 +32,7 @@ from ._clock import Clock
 from ._engine import RecoveryEngine, RunHandle, RunState
 from ._exceptions import CannotReplay, RecoveryExhausted
 from ._futures import resolve
-from ._ledger import Ledger, same_method
+from ._ledger import Ledger, wrapped_once
 from ._models import Checkpoint
 from ._policy import RecoveryPolicy
 from ._recovery import Recovery
@@ -82,12 +82,7 @@ class Tape:
         attr = getattr(self.__wrapped__, name)
         if name[0] == "_" or name.endswith("_async") or not callable(attr):
             return attr
-        known = self._recorded.get(name)
-        if known is not None and same_method(known[0], attr):
-            return known[1]
-        recorded = functools.partial(self._call, name, attr)
-        self._recorded[name] = (attr, recorded)
-        return recorded
+        return wrapped_once(self._recorded, name, attr, lambda method: functools.partial(self._call, name, method))
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.__wrapped__, name, value)
