@@ -1,38 +1,23 @@
 """A Lightning callback that keeps a Tinker run alive through ``Trainer.fit``, every batch trained exactly once.
 
-An adapter, deciding nothing itself: per watched client a :class:`~tinkex_recovery._ledger.Ledger` (which
-checkpoint the fit can resume from: a bare ``save_state(name)`` is enough) and an engine watch; per module one
-:class:`~tinkex_recovery._replay.Replayer`, shared by its callbacks, which runs ``training_step`` and
-``validation_step`` for the length of the fit: a run lost anywhere (a Tinker call in a step, a poll between
-batches, the check at the end of the training) is recovered, the batches since its checkpoint replayed through
-the module's own ``training_step`` (a healthy run in the same step answers from its recorded calls), and the
-interrupted step run again. The callback's own parts: swapping clients into the module, setting
-``trainer.global_step`` back for a replay (:func:`_set_global_step`, the one use of Lightning internals), and a
-Tinker checkpoint saved with each Lightning checkpoint, restored exactly when ``fit(ckpt_path=...)`` resumes.
-
-DDP is refused at fit start: Tinker gives a run one training client, and the SDK (0.38) cannot attach a second
-process to an existing run. Lightning is imported here only; without it, constructing the callback says what to
-install.
+An adapter over the core's :class:`~tinkex_recovery._replay.Replayer` (one per module, shared by its callbacks:
+it runs ``training_step`` and ``validation_step``, replays what a lost run lacks) and a
+:class:`~tinkex_recovery._replay.Lane` per watched client (its ledger and engine watch). Its own parts: the swap
+of clients into the module, ``trainer.global_step`` (:func:`_step_counter`, the one use of Lightning internals),
+and a Tinker checkpoint saved with each Lightning one, restored exactly by ``fit(ckpt_path=...)``. DDP is refused
+(Tinker gives a run one training client). Lightning is imported here only; without it, constructing the callback
+says what to install.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from tinkex_recovery import Clock, Recovery, RecoveryExhausted, RecoveryPolicy, RunHandle
-from tinkex_recovery._integration import (
-    Lane,
-    Ledger,
-    LineageRecord,
-    Replayer,
-    as_record,
-    call_hook,
-    checked_options,
-    lineage_record,
-    resolve,
-    restore_exactly,
-)
+from tinkex_recovery import _integration as core
+from tinkex_recovery._integration import LineageRecord
 
 try:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -54,7 +39,6 @@ logger = logging.getLogger("tinkex_recovery")
 
 _INSTALL_HINT = "TinkexRecovery needs Lightning: pip install 'tinkex-recovery[lightning]'"
 _REPLAYER = "_tinkex_recovery_replayer"  # the module's Replayer, an instance attribute for the length of the fit
-_PROGRESS = "_tinkex_recovery_progress"  # (fit loop, the tracker behind global_step), cached on the trainer
 _DDP_REFUSED = (
     "TinkexRecovery does not support distributed training (world_size={n}): Tinker gives a run one training client "
     "and the SDK (0.38) cannot attach a second process to an existing run, so the ranks can neither share one run "
@@ -90,15 +74,16 @@ class TinkexRecovery(Callback):
     ) -> None:
         if _LIGHTNING_MISSING is not None:
             raise ImportError(_INSTALL_HINT) from _LIGHTNING_MISSING
-        policy = checked_options(policy, client_attr=client_attr, service_attr=service_attr, on_exhausted=on_exhausted)
+        policy = core.checked_options(
+            policy, client_attr=client_attr, service_attr=service_attr, on_exhausted=on_exhausted
+        )
         self.policy, self.client_attr, self.service_attr = policy, client_attr, service_attr
         self.on_exhausted, self.retry_failed_step, self.replay = on_exhausted, retry_failed_step, replay
         self._status, self._clock = status, clock
         self._lineage: list[LineageRecord] = []
         self._run_id: str | None = None
         self._resume: dict[str, Any] | None = None  # the Tinker checkpoint saved with a loaded Lightning checkpoint
-        self._lane: Lane | None = None
-        self._replayer: Replayer | None = None
+        self._lane: core.Lane | None = None
         self._exhausted: RecoveryExhausted | None = None
         self._state_key = ("", "")
         self._last: tuple[Any, int] | None = None  # after a fit: its newest client (observed) and batches trained
@@ -128,7 +113,7 @@ class TinkexRecovery(Callback):
         return self._lane.handle if self._lane else None
 
     @property
-    def ledger(self) -> Ledger | None:
+    def ledger(self) -> core.Ledger | None:
         """The book of the run during ``fit``."""
         return self._lane.ledger if self._lane else None
 
@@ -140,7 +125,7 @@ class TinkexRecovery(Callback):
     @property
     def buffered(self) -> int:
         """The trained batches kept for replay now (since the oldest checkpoint a recovery may fall back to)."""
-        return len(self._replayer.kept) if self._replayer else 0
+        return len(self._lane.replayer.kept) if self._lane else 0
 
     # -- Lightning state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -150,7 +135,7 @@ class TinkexRecovery(Callback):
         lineage = state_dict.get("lineage", [])
         if not isinstance(lineage, list):
             raise ValueError("TinkexRecovery state: 'lineage' must be a list of records")
-        self._lineage = [as_record(r) for r in lineage]
+        self._lineage = [core.as_record(r) for r in lineage]
         run_id = state_dict.get("run_id")
         self._run_id = run_id if isinstance(run_id, str) else None
         resume = state_dict.get("tinker_checkpoint")
@@ -162,15 +147,15 @@ class TinkexRecovery(Callback):
     ) -> None:
         """A Tinker checkpoint saved with the Lightning one (during or after the fit), so a resume from it restores
         exactly these steps."""
-        entry, replayer = checkpoint.get("callbacks", {}).get(self.state_key), self._replayer
-        if entry is None or (replayer is None and self._last is None):
+        entry, lane = checkpoint.get("callbacks", {}).get(self.state_key), self._lane
+        if entry is None or (lane is None and self._last is None):
             return
-        client, at = (self._lane.tape.__wrapped__, replayer.at) if replayer and self._lane else self._last  # type: ignore[misc]
+        client, at = (lane.tape.__wrapped__, lane.replayer.at) if lane else self._last  # type: ignore[misc]
 
         def save() -> Any:
-            return resolve(client.save_state(f"lightning-{at:08d}", None, True), self.policy.attempt_timeout)
+            return core.resolve(client.save_state(f"lightning-{at:08d}", None, True), self.policy.attempt_timeout)
 
-        result = replayer.call(save, (), {}) if replayer else save()
+        result = lane.replayer.call(save, (), {}) if lane else save()
         entry["tinker_checkpoint"] = {"path": result.path, "step": at}
 
     # -- hooks ----------------------------------------------------------------------------------------
@@ -184,21 +169,14 @@ class TinkexRecovery(Callback):
         if not self.policy.enabled:
             logger.info("TinkexRecovery: the policy has enabled=False; the run is not watched")
             return
-        module, service = type(pl_module).__name__, getattr(pl_module, self.service_attr, None)
-        if service is None:
-            raise AttributeError(
-                f"TinkexRecovery: {module}.{self.service_attr} must hold the Tinker service client; if the module "
-                'keeps it under another attribute, name it: TinkexRecovery(service_attr="...")'
-            )
+        if (service := getattr(pl_module, self.service_attr, None)) is None:
+            raise _misplaced(pl_module, "service_attr", self.service_attr, "hold the Tinker service client")
         start, client = 0, getattr(pl_module, self.client_attr, None)
         if trainer.ckpt_path is not None:
             start, client = self._resumed(str(trainer.ckpt_path), service, client)
         if not isinstance(run_id := getattr(client, "model_id", None), str) or not run_id:
-            raise AttributeError(
-                f"TinkexRecovery: {module}.{self.client_attr} must be a Tinker training client with a model_id (got "
-                f"{type(client).__name__}); if the module keeps it under another attribute, name it: "
-                'TinkexRecovery(client_attr="...")'
-            )
+            what = f"be a Tinker training client with a model_id (got {type(client).__name__})"
+            raise _misplaced(pl_module, "client_attr", self.client_attr, what)
         if self._run_id is not None and self._run_id != run_id:
             logger.info("TinkexRecovery: the lineage of run %s continues with run %s", self._run_id, run_id)
         self._run_id, self._exhausted = run_id, None
@@ -207,7 +185,7 @@ class TinkexRecovery(Callback):
             replayer = _install(trainer, pl_module, self.replay, self.retry_failed_step, start)
         elif replayer.replay != self.replay or replayer.at != start:
             raise MisconfigurationException("TinkexRecovery: every callback on one module needs the same replay=")
-        self._lane = Lane.watch(
+        self._lane = core.Lane.watch(
             replayer,
             client,
             service,
@@ -218,12 +196,11 @@ class TinkexRecovery(Callback):
             on_recovery=lambda recovery, steps: self._recovered(trainer, pl_module, recovery, steps),
             on_exhausted=lambda error, cause: self._give_up(trainer, error, cause),
         )
-        self._replayer = replayer
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run lost in the last batch (or found lost since) is recovered and replayed before fit returns.
-        if self._replayer is not None and self._lane is self._replayer.lanes[0]:
-            self._replayer.settle(check=True)
+        if self._lane is not None and self._lane is self._lane.replayer.lanes[0]:
+            self._lane.replayer.settle(check=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -234,13 +211,13 @@ class TinkexRecovery(Callback):
 
     # -- what the core reports -------------------------------------------------------------------------
     def _recovered(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recovery: Recovery, steps: range) -> None:
-        record = lineage_record(len(self._lineage) + 1, recovery, steps, "lightning", "TinkexRecovery")
+        record = core.lineage_record(len(self._lineage) + 1, recovery, steps, "lightning", "TinkexRecovery")
         self._run_id = recovery.new_run_id
         self._lineage.append(record)
         metrics = {"tinker/recoveries": float(record["number"]), "tinker/seconds_to_recover": recovery.seconds}
         for lightning_logger in trainer.loggers:
             lightning_logger.log_metrics({**metrics, "tinker/steps_lost": float(len(steps))}, step=steps.stop)
-        call_hook(getattr(pl_module, "on_tinker_recovery", None), recovery, steps)
+        core.call_hook(getattr(pl_module, "on_tinker_recovery", None), recovery, steps)
 
     def _give_up(self, trainer: pl.Trainer, error: RecoveryExhausted, cause: BaseException | None) -> None:
         self._exhausted = error
@@ -260,34 +237,35 @@ class TinkexRecovery(Callback):
                 "without ckpt_path on a run restored by hand"
             )
         path, step, mine = resume["path"], resume["step"], getattr(client, "model_id", None)
-        restored = restore_exactly(service, path, self.policy, mine)
+        restored = core.restore_exactly(service, path, self.policy, mine)
         logger.info("TinkexRecovery: resuming at batch %d on run %s from %s (the module's run %s is not used)", step,
                     restored.model_id, path, mine)  # fmt: skip
         return step, restored
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         """Stop the engine's threads and give the module its newest client back, unwrapped. Idempotent."""
-        lane, replayer, self._lane, self._replayer = self._lane, self._replayer, None, None
-        if lane is None or replayer is None:
+        lane, self._lane = self._lane, None
+        if lane is None:
             return
-        self._last = (lane.tape.__wrapped__, replayer.at)
-        setattr(pl_module, self.client_attr, lane.close())
-        replayer.lanes.remove(lane)
+        replayer, self._last = lane.replayer, (lane.tape.__wrapped__, lane.replayer.at)
+        setattr(pl_module, self.client_attr, lane.close())  # and the lane leaves the replayer's loop
         if not replayer.lanes and vars(pl_module).get(_REPLAYER) is replayer:
             for name in (_REPLAYER, "training_step", "validation_step"):
                 vars(pl_module).pop(name, None)
 
 
-def _install(trainer: pl.Trainer, module: pl.LightningModule, replay: bool, retry: bool, start: int) -> Replayer:
+def _misplaced(module: pl.LightningModule, option: str, attr: str, what: str) -> AttributeError:
+    return AttributeError(
+        f"TinkexRecovery: {type(module).__name__}.{attr} must {what}; if the module keeps it under another "
+        f'attribute, name it: TinkexRecovery({option}="...")'
+    )
+
+
+def _install(trainer: pl.Trainer, module: pl.LightningModule, replay: bool, retry: bool, start: int) -> core.Replayer:
     """The module's Replayer, with ``training_step`` and ``validation_step`` (if the module has one) run by it."""
-    train = module.training_step
-    replayer = Replayer(
-        train,
-        start=start,
-        counter=lambda: _step_progress(trainer).total.completed,
-        set_counter=lambda n: _set_global_step(trainer, n),
-        replay=replay,
-        retry_failed_step=retry,
+    train, (counter, set_counter) = module.training_step, _step_counter(trainer)
+    replayer = core.Replayer(
+        train, start=start, counter=counter, set_counter=set_counter, replay=replay, retry_failed_step=retry
     )
     setattr(module, _REPLAYER, replayer)
     setattr(module, "training_step", replayer.step)  # noqa: B010
@@ -297,27 +275,24 @@ def _install(trainer: pl.Trainer, module: pl.LightningModule, replay: bool, retr
     return replayer
 
 
-def _step_progress(trainer: pl.Trainer) -> Any:
-    """The progress tracker behind ``trainer.global_step`` (manual: ``optim_step_progress``; automatic:
-    ``optim_progress.optimizer.step``), cached per fit. With :func:`_set_global_step` the one use of Lightning
-    internals, tested on 2.4.0 and 2.6 (``make lightning-lower-bound``; the loop-state test fails if it moves)."""
-    cached = trainer.__dict__.get(_PROGRESS)
-    if cached is None or cached[0] is not trainer.fit_loop:
-        loop = trainer.fit_loop.epoch_loop
-        if trainer.lightning_module.automatic_optimization:
-            progress = loop.automatic_optimization.optim_progress.optimizer.step
-        else:
-            progress = loop.manual_optimization.optim_step_progress
-        cached = trainer.__dict__[_PROGRESS] = (trainer.fit_loop, progress)
-    return cached[1]
+def _step_counter(trainer: pl.Trainer) -> tuple[Callable[[], int], Callable[[int], None]]:
+    """Read and set ``trainer.global_step`` (read-only in Lightning's API), the one use of Lightning internals,
+    tested on 2.4.0 and 2.6 (``make lightning-lower-bound``; the loop-state test fails if they move). Its tracker,
+    ``optim_step_progress`` (manual optimization) or ``optim_progress.optimizer.step`` (automatic), is one object
+    for the whole fit (a restored checkpoint is loaded into it). Setting moves ``total`` and ``current`` (this
+    epoch's) alike, ``ready`` with ``completed``, so a Lightning checkpoint saved later is what a fit that never
+    lost its run saves (``current`` may dip below 0 while a replay crosses an epoch's start, and comes back)."""
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.lightning_module.automatic_optimization:
+        progress = loop.automatic_optimization.optim_progress.optimizer.step
+    else:
+        progress = loop.manual_optimization.optim_step_progress
+    total, current = progress.total, progress.current
 
+    def set_step(step: int) -> None:
+        delta = step - total.completed
+        for tracker in (total, current):
+            tracker.completed += delta
+            tracker.ready += delta
 
-def _set_global_step(trainer: pl.Trainer, step: int) -> None:
-    """Set ``trainer.global_step`` (read-only in Lightning's API): ``total`` and ``current`` (this epoch's) move
-    alike, ``ready`` with ``completed``, so a Lightning checkpoint saved later is what a fit that never lost its
-    run saves (``current`` may dip below 0 while a replay crosses an epoch's start, and comes back)."""
-    progress = _step_progress(trainer)
-    delta = step - progress.total.completed
-    for tracker in (progress.total, progress.current):
-        tracker.completed += delta
-        tracker.ready += delta
+    return lambda: total.completed, set_step

@@ -15,7 +15,7 @@ import pytest
 
 from tinkex_recovery import RESUME_KEY, Checkpoint, ObservedClient, RecoveryEngine
 from tinkex_recovery._ledger import REMEMBERED, Ledger
-from tinkex_recovery._replay import Tape
+from tinkex_recovery._replay import Recording, Tape
 from tinkex_recovery.simulated import SimulatedTinker
 from tinkex_recovery.simulated._tinker import SimulatedTrainingClient
 
@@ -273,14 +273,15 @@ def test_a_method_replaced_on_the_client_is_the_one_called_and_still_counted(sim
         calls.append(args)
         return original(*args, **kwargs)
 
-    tape = Tape(client)  # what Lightning's callback puts in front of the proxy: built once as well
+    recording = Recording()
+    tape = Tape(client, recording)  # what Lightning's callback puts in front of the proxy: built once as well
     assert tape.optim_step is tape.optim_step
     raw.optim_step = patched  # type: ignore[method-assign]
     loop.at = 1
     client.optim_step().result()
     loop.at = 2
     tape.optim_step().result()
-    assert calls == [(), ()] and ledger.sent == 3 and [name for name, _ in tape.calls] == ["optim_step"]
+    assert calls == [(), ()] and ledger.sent == 3 and [name for name, _ in recording.calls] == ["optim_step"]
 
 
 def test_a_replaced_method_is_told_apart_by_identity_not_by_its_own_eq(sim: SimulatedTinker) -> None:
@@ -302,7 +303,7 @@ def test_a_replaced_method_is_told_apart_by_identity_not_by_its_own_eq(sim: Simu
     raw, calls = sim.create_lora_training_client(base_model="m"), []
     original = raw.optim_step
     client = Ledger().adopt(raw, step=0)
-    tape = Tape(client)
+    tape = Tape(client, Recording())
     for tag in ("v1", "v2"):
         raw.optim_step = Op(tag, calls, original)  # type: ignore[method-assign]
         client.optim_step().result()
@@ -432,6 +433,31 @@ def test_keep_from_counts_only_saves_that_succeeded(sim: SimulatedTinker) -> Non
     slow.save_state("s4")
     deferred.pending[-1].set_exception(RuntimeError("lost"))
     assert [ledger.keep_from(), ledger.keep_from()] == [3, 3]  # a failed save stays failed, however often read
+
+
+def test_the_version_moves_with_every_save_and_adopted_checkpoint_and_unanswered_saves_are_told(
+    sim: SimulatedTinker,
+) -> None:
+    """What a replaying front-end looks at each step to know whether its floor may have moved: the ledger's
+    version (a save sent, a run adopted at a checkpoint's step) and whether a newest save is still unanswered."""
+    loop = Loop()
+    ledger = Ledger(position=loop)
+    client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
+    start = ledger.version
+    train(client, loop, 0)
+    assert ledger.version == start and not ledger.unanswered()  # an optim_step moves no floor
+    client.save_state("s1").result()
+    assert ledger.version == start + 1 and not ledger.unanswered()
+    deferred = Deferred("run-x")
+    slow = ledger.adopt(deferred, step=1)
+    assert ledger.version == start + 2
+    slow.save_state("s1-again")
+    assert ledger.version == start + 3 and ledger.unanswered()
+    deferred.pending[-1].set_result(None)
+    assert not ledger.unanswered()
+    slow.save_state("s1-once-more")
+    client.save_state("through-the-lost-runs-proxy")  # not counted: no save of this run, no version
+    assert ledger.version == start + 4 and ledger.unanswered() and not ledger.unanswered(newest=0)
 
 
 def test_a_recovery_reports_the_step_its_checkpoint_was_chosen_on_though_the_book_changes_meanwhile(

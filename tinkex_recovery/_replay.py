@@ -3,7 +3,8 @@
 A :class:`Replayer` drives the steps of one loop that trains one or more lineages (a :class:`Lane` each: its
 :class:`~tinkex_recovery._ledger.Ledger`, its engine handle, the client the user code calls). It keeps the
 steps since the lanes' checkpoints (:class:`Kept`: the step's arguments as first given) and, through a
-:class:`Tape` in front of each lane's client, the calls each step made to each run with their results.
+:class:`Tape` in front of each lane's client, the calls each step made to each run with their results (a
+:class:`Recording` per run).
 
 When a lane's run is lost, the rule is one: **every run answers each call it already served from its tape, and
 only a run that lacks the step is sent it again.** The lost lane's new run holds the steps before its
@@ -37,7 +38,7 @@ from ._models import Checkpoint
 from ._policy import RecoveryPolicy
 from ._recovery import Recovery
 
-__all__ = ["Kept", "Lane", "Replayer", "Tape"]
+__all__ = ["Kept", "Lane", "Recording", "Replayer", "Tape"]
 
 logger = logging.getLogger("tinkex_recovery")
 
@@ -59,47 +60,27 @@ def frozen(value: Any) -> Any:
     return value
 
 
-class Tape:
-    """The client as the user code sees it during a fit: every public method call is sent to the client (the
-    lane's :class:`~tinkex_recovery.ObservedClient`) and recorded with its result, unless a playback is loaded,
-    in which case the recorded results are returned, in order, until it runs out. ``isinstance`` sees the
-    client's class. ``*_async`` methods are passed through unrecorded (a coroutine cannot be awaited twice)."""
+class Recording:
+    """The calls one run served in the step under way, with their results (a :class:`Tape` records into it),
+    and the playback it answers from first (what a run that already served the step returns again)."""
 
-    __slots__ = ("__wrapped__", "_queue", "_recorded", "calls")
+    __slots__ = ("_queue", "calls")
 
-    def __init__(self, client: Any) -> None:
-        object.__setattr__(self, "__wrapped__", client)
-        object.__setattr__(self, "_queue", None)
-        object.__setattr__(self, "calls", [])
-        # name -> (the client's method, its recorded form): built once, while the client's method stays the same
-        object.__setattr__(self, "_recorded", {})
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        return self.__wrapped__.__class__  # type: ignore[no-any-return]
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.__wrapped__, name)
-        if name[0] == "_" or name.endswith("_async") or not callable(attr):
-            return attr
-        return wrapped_once(self._recorded, name, attr, lambda method: functools.partial(self._call, name, method))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.__wrapped__, name, value)
-
-    def __repr__(self) -> str:
-        return repr(self.__wrapped__)
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self._queue: deque[Call] | None = None
 
     def begin(self, playback: Iterable[Call] | None = None, keep: bool = True) -> None:
         """Start recording a step afresh; answer from ``playback`` first. ``keep=False``: the last step's record is
         not kept anywhere, its list is reused (the common case, one lane: cheaper than a new list each step)."""
         if keep or self._queue is not None or playback:
-            object.__setattr__(self, "calls", [])
-            object.__setattr__(self, "_queue", deque(playback) if playback else None)
+            self.calls = []
+            self._queue = deque(playback) if playback else None
         else:
             self.calls.clear()
 
-    def _call(self, name: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def call(self, name: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``method(*args, **kwargs)`` recorded as ``name``, or the next answer of the playback."""
         queue = self._queue
         if queue:
             recorded, result = queue.popleft()
@@ -125,6 +106,45 @@ class Tape:
         return good
 
 
+class Tape:
+    """The client as the user code sees it during a fit: every public method call is sent to the client (the
+    lane's :class:`~tinkex_recovery.ObservedClient`) through ``recording`` (:meth:`Recording.call`). Every
+    attribute is the client's (``isinstance`` sees the client's class); ``*_async`` methods are passed through
+    unrecorded (a coroutine cannot be awaited twice)."""
+
+    __slots__ = ("__wrapped__", "_recorded", "_recording")
+
+    def __init__(self, client: Any, recording: Recording) -> None:
+        object.__setattr__(self, "__wrapped__", client)
+        object.__setattr__(self, "_recording", recording)
+        # name -> (the client's method, its recorded form): built once, while the client's method stays the same
+        object.__setattr__(self, "_recorded", {})
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return self.__wrapped__.__class__  # type: ignore[no-any-return]
+
+    def __getattribute__(self, name: str) -> Any:
+        # A public name is looked up here, not left to __getattr__ (see ObservedClient.__getattribute__).
+        get = object.__getattribute__
+        if name[0] == "_":
+            return get(self, name)  # the tape's own; else __getattr__: the client's
+        attr = getattr(get(self, "__wrapped__"), name)
+        if name.endswith("_async") or not callable(attr):
+            return attr
+        call = get(self, "_recording").call
+        return wrapped_once(get(self, "_recorded"), name, attr, lambda method: functools.partial(call, name, method))
+
+    def __getattr__(self, name: str) -> Any:  # a private name the tape has not
+        return getattr(self.__wrapped__, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__wrapped__, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self.__wrapped__)
+
+
 @dataclass(eq=False, slots=True)
 class Kept:
     """A step trained: its index, the step counter at its start, its arguments as first given, and the calls
@@ -147,6 +167,7 @@ class Lane:
 
     def __init__(
         self,
+        replayer: Replayer,
         ledger: Ledger,
         handle: RunHandle,
         client: Any,
@@ -157,15 +178,16 @@ class Lane:
         fallback_depth: int = 0,
         wait_limit: float = 600.0,
     ) -> None:
-        self.ledger, self.handle = ledger, handle
+        self.replayer, self.ledger, self.handle = replayer, ledger, handle  #: replayer: the loop the lane is part of
         self.install, self.on_recovery, self.on_exhausted = install, on_recovery, on_exhausted
         self.depth, self.wait_limit = fallback_depth, wait_limit
-        self._last: object = None  # the ledger's newest save when the floor was computed
-        self._pending = False  # one of its newest saves was not answered yet then
+        self.seen = -1  #: the ledger's version when the floor was computed
+        self.pending = False  #: one of its newest saves was not answered yet then
         self._floor: int | None = None
         self.engine: RecoveryEngine | None = None
-        self.tape = Tape(ledger.adopt(client))
-        install(self.tape)
+        self.recording: Recording  #: what the run served in the step under way
+        self.tape: Tape  #: what the user code calls: the run's client, observed and recorded
+        self.adopt(client)
 
     @classmethod
     def watch(
@@ -193,28 +215,37 @@ class Lane:
         except BaseException:
             engine.close()
             raise
-        lane = cls(ledger, handle, client, install=install, on_recovery=on_recovery, on_exhausted=on_exhausted,
-                   fallback_depth=policy.fallback_depth, wait_limit=wait_limit(policy))  # fmt: skip
+        depth, limit = policy.fallback_depth, wait_limit(policy)
+        lane = cls(replayer, ledger, handle, client, install=install, on_recovery=on_recovery,
+                   on_exhausted=on_exhausted, fallback_depth=depth, wait_limit=limit)  # fmt: skip
         lane.engine = engine
         replayer.lanes.append(lane)
         return lane
 
+    def adopt(self, client: Any, step: int | None = None) -> Tape:
+        """Train ``client``'s run from now on (``step``: the step it holds, a restored checkpoint's): a new tape in
+        front of it, recording afresh, put where the user code finds the client."""
+        self.recording = Recording()
+        self.tape = Tape(self.ledger.adopt(client, step), self.recording)
+        self.install(self.tape)
+        return self.tape
+
     def close(self) -> Any:
-        """Stop the lane's engine (its threads) and return the raw client it ended on."""
+        """Stop the lane's engine (its threads), leave the replayer's loop, and return the raw client it ended on."""
         if self.engine is not None:
             self.engine.close()
+        if self in self.replayer.lanes:
+            self.replayer.lanes.remove(self)
         return self.tape.__wrapped__.__wrapped__
 
     def floor(self, default: int) -> int:
         """The oldest step this lane may have to train again (the engine restores nothing older)."""
         # Recomputed only when it can have moved: a save (or adoption) since, or a save not answered yet then.
-        saves = self.ledger._saves
-        last = saves[-1] if saves else None
-        if last is not self._last or self._pending:
-            self._floor = self.ledger.keep_from(self.depth)
-            saves = self.ledger._saves
-            self._last = saves[-1] if saves else None
-            self._pending = any(save.state() is None for save in saves[-2:])
+        ledger = self.ledger
+        if self.pending or ledger.version != self.seen:
+            self.seen = ledger.version
+            self._floor = ledger.keep_from(self.depth)
+            self.pending = ledger.unanswered()
         return default if self._floor is None else self._floor
 
     def collect(self) -> tuple[list[Recovery], RecoveryExhausted | None]:
@@ -269,11 +300,18 @@ class Replayer:
         if self.stopped:
             return None
         current = Kept(self.at, self.counter(), frozen(args), frozen(kwargs) if kwargs else {})
-        self._bound(current.index)
+        if current.index >= self.ceiling:
+            self.ceiling = current.index + 1
+        bound = self._drop  # the floors move only with a save: the common step skips them
+        for lane in self.lanes:
+            if lane.pending or lane.ledger.version != lane.seen:
+                bound = True
+        if bound:
+            self._bound(current.index)
         output = self._attempt(self.train, args, kwargs, current)
         if self.replay:
             if len(self.lanes) > 1:
-                current.tapes = {lane: lane.tape.calls for lane in self.lanes}
+                current.tapes = {lane: lane.recording.calls for lane in self.lanes}
             self.kept.append(current)
         self.at = current.index + 1
         return output
@@ -305,22 +343,35 @@ class Replayer:
     def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], step: Kept | None) -> Any:
         keep = len(self.lanes) > 1  # only then may a replay need this step's record
         for lane in self.lanes:
-            lane.tape.begin(None, keep)
+            lane.recording.begin(None, keep)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            failure = exc
+        return self._rerun(fn, args, kwargs, step, failure)  # outside the handler: a rerun's error is not chained
+
+    def _rerun(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], step: Kept | None, exc: Exception
+    ) -> Any:
+        """``fn`` (``step``, or a call between steps) failed with ``exc``: if a run was lost, recover, replay and
+        run it again (a step with its arguments as first given), up to :data:`MAX_RERUNS` times; else let ``exc``
+        out."""
         for rerun in range(MAX_RERUNS + 1):
+            lost = self._lost(exc) if self.retry and rerun < MAX_RERUNS else []
+            if not lost:
+                raise exc
+            logger.warning("a step failed on a lost run (%s); recovering", type(exc).__name__)
+            counter = self.counter()
+            self._take(lost, step, exc, {lane: lane.recording.served() for lane in self.lanes})
+            self.set_counter(step.counter if step is not None else counter)
+            if self.stopped:  # gave up: the step's own optimizer steps never happened on a live run
+                return None
+            if step is not None:
+                args, kwargs = frozen(step.args), frozen(step.kwargs)
             try:
                 return fn(*args, **kwargs)
-            except Exception as exc:
-                lost = self._lost(exc) if self.retry and rerun < MAX_RERUNS else []
-                if not lost:
-                    raise
-                logger.warning("a step failed on a lost run (%s); recovering", type(exc).__name__)
-                counter = self.counter()
-                self._take(lost, step, exc, {lane: lane.tape.served() for lane in self.lanes})
-                self.set_counter(step.counter if step is not None else counter)
-                if self.stopped:  # gave up: the step's own optimizer steps never happened on a live run
-                    return None
-                if step is not None:
-                    args, kwargs = frozen(step.args), frozen(step.kwargs)
+            except Exception as again:
+                exc = again
         raise AssertionError("unreachable")
 
     def _take(
@@ -358,18 +409,10 @@ class Replayer:
         return lost
 
     def _bound(self, index: int) -> None:
-        """At a step's start: the engine may restore only what the kept steps can replay from (a floor, in each
-        ledger's window, moved when a save moves it) and nothing ahead of the steps taken (:attr:`ceiling`); the
-        kept steps older than every floor are dropped, unless a recovery, possibly chosen against the previous
-        floor, is under way."""
-        self.ceiling = max(self.ceiling, index + 1)
-        if not self._drop:
-            for lane in self.lanes:
-                saves = lane.ledger._saves
-                if lane._pending or (saves[-1] if saves else None) is not lane._last:  # floors may have moved
-                    break
-            else:
-                return
+        """At a step's start, when a floor may have moved (:meth:`step` looks; the :attr:`ceiling`, nothing ahead
+        of the steps taken, it moves itself): the engine may restore only what the kept steps can replay from (a
+        floor, in each ledger's window); the kept steps older than every floor are dropped, unless a recovery,
+        possibly chosen against the previous floor, is under way."""
         lowest = index
         for lane in self.lanes:
             floor = min(lane.floor(self.start), index) if self.replay else None  # no replay: the module's to do
@@ -407,8 +450,7 @@ class Replayer:
             recoveries, exhausted = lane.collect()
             for recovery in recoveries:
                 resume = self._resume_of(recovery, at, step)
-                lane.tape = Tape(lane.ledger.adopt(recovery.client, resume))
-                lane.install(lane.tape)
+                lane.adopt(recovery.client, resume)
                 resumes[lane] = resume
                 if self.replay and resume < at:
                     self.set_counter(self._counter_at(resume, step))
@@ -436,17 +478,17 @@ class Replayer:
         for lane in self.lanes:
             again = resumes.get(lane)
             fresh = again is not None and (step is None or again <= step.index)
-            lane.tape.begin(None if fresh else served.get(lane))
+            lane.recording.begin(None if fresh else served.get(lane))
 
     def _replay_one(self, kept: Kept, resumes: dict[Lane, int]) -> None:
         self.at = kept.index
         self.set_counter(kept.counter)
         for lane in self.lanes:
             resume = resumes.get(lane)
-            lane.tape.begin(None if resume is not None and resume <= kept.index else (kept.tapes or {}).get(lane))
+            lane.recording.begin(None if resume is not None and resume <= kept.index else (kept.tapes or {}).get(lane))
         kept.call(self.train)
         if len(self.lanes) > 1:
-            kept.tapes = {lane: lane.tape.calls for lane in self.lanes}
+            kept.tapes = {lane: lane.recording.calls for lane in self.lanes}
         self.kept.append(kept)
 
     def _resume_of(self, recovery: Recovery, at: int, step: Kept | None) -> int:

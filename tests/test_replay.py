@@ -1,0 +1,90 @@
+"""The replayer on its own (no Lightning): what it keeps for a replay, and when it lets it go. The client is the
+in-memory simulated Tinker; the engine's clock is a fake one nobody advances (no poll runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from tinkex_recovery import FakeClock, RecoveryPolicy
+from tinkex_recovery._replay import Lane, Replayer
+from tinkex_recovery.simulated import SimulatedTinker
+
+
+class Loop:
+    """A loop of the shape a front-end drives: each step trains once and saves at the end of ``save_at`` steps,
+    through the client the lane installed."""
+
+    def __init__(self, save_at: set[int]) -> None:
+        self.client: Any = None
+        self.save_at = save_at
+        self.steps = 0
+
+    def train(self, index: int) -> None:
+        self.client.forward_backward([index]).result()
+        self.client.optim_step().result()
+        self.steps += 1
+        if index in self.save_at:
+            self.client.save_state(f"after-{index}")  # not waited for: the answer may come later
+
+
+@pytest.fixture
+def lane_of(sim: SimulatedTinker, clock: FakeClock) -> Iterator[Any]:
+    lanes: list[Lane] = []
+
+    def make(loop: Loop, client: Any) -> tuple[Replayer, Lane]:
+        replayer = Replayer(loop.train, start=0, counter=lambda: loop.steps, set_counter=lambda n: None)
+        lane = Lane.watch(
+            replayer,
+            client,
+            sim,
+            policy=RecoveryPolicy(enabled=True, poll_interval=3600.0),
+            clock=clock,
+            install=lambda tape: setattr(loop, "client", tape),
+            on_recovery=lambda recovery, steps: None,
+            on_exhausted=lambda error, cause: None,
+        )
+        lanes.append(lane)
+        return replayer, lane
+
+    yield make
+    for lane in lanes:
+        lane.close()
+
+
+def test_kept_steps_are_let_go_at_the_first_step_after_the_save_that_holds_them_is_answered(
+    sim: SimulatedTinker, lane_of: Any
+) -> None:
+    """A save is answered after the step that sent it (the SDK answers from its own thread): the steps before it
+    are kept until the answer is in (the save may yet fail), and let go at the next step's start, not at the
+    next save's."""
+    raw = sim.create_lora_training_client(base_model="m")
+    answers: list[tuple[Future[Any], Any]] = []
+    save = raw.save_state
+
+    def answered_later(name: str, *args: Any, **kwargs: Any) -> Future[Any]:
+        answers.append((Future(), save(name, *args, **kwargs).result()))  # the server has it; the loop waits
+        return answers[-1][0]
+
+    raw.save_state = answered_later  # type: ignore[method-assign]
+    loop = Loop(save_at={4})
+    replayer, lane = lane_of(loop, raw)
+    for index in range(6):
+        replayer.step(index)
+    assert [k.index for k in replayer.kept] == [0, 1, 2, 3, 4, 5]  # the save after step 4 is not answered yet
+    future, result = answers[0]
+    future.set_result(result)
+    replayer.step(6)
+    assert [k.index for k in replayer.kept] == [5, 6]
+    assert lane in replayer.lanes
+
+
+def test_a_closed_lane_leaves_its_replayer_and_hands_back_the_raw_client(sim: SimulatedTinker, lane_of: Any) -> None:
+    raw = sim.create_lora_training_client(base_model="m")
+    loop = Loop(save_at=set())
+    replayer, lane = lane_of(loop, raw)
+    replayer.step(0)
+    assert lane.close() is raw and replayer.lanes == [] and lane.close() is raw  # idempotent
