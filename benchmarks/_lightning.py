@@ -5,7 +5,9 @@ client needs) and saves a checkpoint every 10 steps, so the callback's replay bu
 in real use. Each fit is timed from ``on_train_start`` to ``on_train_end`` in CPU time of the training thread;
 fits with and without the callback alternate, and the best of each is kept. Beside the difference of fits, the
 callback's own per-batch cost is timed inside a fit (``_TimedRecovery``): the CPU time of its wrapper around
-``training_step`` minus that of the module's own step. The replay figure is the wall time of replaying 10
+``training_step`` minus that of the module's own step, plus what its proxies (the ledger's observed client and
+the replay's tape) add to the module's own Tinker calls, timed beside the fit (``_observed_calls_us``). The
+replay figure is the wall time of replaying 10
 buffered batches after a loss found by a poll (``_TimedReplay``), median over several recoveries.
 ``ledger_bytes_per_buffered_batch`` is what the callback holds per kept batch (batches of 8 items): the
 containers of its record (references), never the items.
@@ -42,7 +44,11 @@ class RemoteModule(pl.LightningModule):
         self.save_every = save_every
         self.lose_after = set(lose_after)  # batch indices after which the run is lost (once each)
         self.cb: TinkexRecovery | None = None
-        self.own_ns = 0
+        self._own = [0]  # a list: an attribute set on a module costs ~1.4 µs (torch's __setattr__), out of own_ns
+
+    @property
+    def own_ns(self) -> int:
+        return self._own[0]
 
     def training_step(self, batch: list[int], batch_idx: int) -> None:
         start = time.thread_time_ns()
@@ -52,7 +58,7 @@ class RemoteModule(pl.LightningModule):
         self.optimizers().step()  # advances global_step
         if self.global_step % self.save_every == 0:
             client.save_state(f"step-{self.global_step:06d}", user_metadata={"step": str(self.global_step)}).result()
-        self.own_ns += time.thread_time_ns() - start
+        self._own[0] += time.thread_time_ns() - start
         if batch_idx in self.lose_after:
             self.lose_after.discard(batch_idx)
             self.service_client.corrupt(client.model_id)
@@ -105,8 +111,8 @@ class _TimedReplay(TinkexRecovery):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        replayer = self._replayer
-        assert replayer is not None
+        assert self._lane is not None
+        replayer = self._lane.replayer
         recover = replayer._recover
 
         def timed(*args: Any, **kwargs: Any) -> None:
@@ -128,8 +134,8 @@ class _Measured(TinkexRecovery):
     batches = 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        replayer = self._replayer
-        assert replayer is not None
+        assert self._lane is not None
+        replayer = self._lane.replayer
         kept = list(replayer.kept)
         self.batches = len(kept)
         self.bytes_per_batch = sum(_container_bytes(k) for k in kept) / max(len(kept), 1)
@@ -202,6 +208,38 @@ def _timer_pair_ns() -> float:
     return (time.thread_time_ns() - start) / n
 
 
+def _observed_calls_us(batches: int, repeats: int) -> float:
+    """Microseconds per batch that the callback's proxies add to the module's own Tinker calls (a batch's
+    ``forward_backward`` and ``optim_step``, a ``save_state`` every ``SAVE_EVERY``): the same calls through a
+    :class:`Tape` in front of the ledger's :class:`ObservedClient`, as the module sees its client during a fit,
+    against the raw client; training-thread CPU time, best of alternating repeats. Inside a fit these costs fall
+    in the module's own step, which the wrapper's figure subtracts, so the hook's figure adds them back."""
+    from tinkex_recovery._ledger import Ledger
+    from tinkex_recovery._replay import Recording, Tape
+
+    def run(client: Any, recording: Recording | None, at: list[int]) -> int:
+        start = time.thread_time_ns()
+        for i in range(batches):
+            at[0] = i
+            if recording is not None:
+                recording.begin(None, False)  # what the wrapper does per batch: counted twice, on the safe side
+            client.forward_backward([i], "cross_entropy").result()
+            client.optim_step().result()
+            if (i + 1) % SAVE_EVERY == 0:
+                client.save_state(f"step-{i + 1:06d}", user_metadata={"step": str(i + 1)}).result()
+        return time.thread_time_ns() - start
+
+    raw_ns, observed_ns = [], []
+    for _ in range(repeats):
+        raw_ns.append(run(SimulatedTinker().create_lora_training_client(base_model="bench/model"), None, [0]))
+        at = [0]
+        recording = Recording()
+        client = SimulatedTinker().create_lora_training_client(base_model="bench/model")
+        tape = Tape(Ledger(position=lambda at=at: at[0]).adopt(client), recording)
+        observed_ns.append(run(tape, recording, at))
+    return (min(observed_ns) - min(raw_ns)) / batches / 1e3
+
+
 def _replay_seconds(policy: RecoveryPolicy, fits: int) -> list[float]:
     """Wall time of each replay of 10 buffered batches: with a checkpoint every 20 steps, the run is lost 10
     batches after one, 4 times a fit."""
@@ -245,6 +283,7 @@ def bench(quick: bool) -> dict[str, float]:
             if isinstance(callback, _TimedRecovery):
                 hooks.append((callback.outer_ns - module.own_ns - pair * batches) / batches / 1e3)
     best = {name: min(values) for name, values in times.items()}
+    observed = _observed_calls_us(batches, 3 * repeats)
     replays = _replay_seconds(policy, 3 if quick else 8)
     ledger_bytes, kept = _ledger_bytes(policy)
     assert kept == 200, kept
@@ -253,7 +292,9 @@ def bench(quick: bool) -> dict[str, float]:
         "lightning_bare_us_per_batch": best["bare"],
         "lightning_noop_callback_us_per_batch": best["noop"] - best["bare"],
         "lightning_overhead_us_per_batch": best["recovery"] - best["bare"],
-        "lightning_hook_us_per_batch": min(hooks),
+        "lightning_hook_us_per_batch": min(hooks) + observed,
+        "lightning_wrapper_us_per_batch": min(hooks),
+        "lightning_observed_calls_us_per_batch": observed,
         "lightning_replay_seconds_per_recovery": statistics.median(replays),
         "lightning_replay_samples": float(len(replays)),
     }

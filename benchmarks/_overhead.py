@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 from _util import percentile
 
@@ -48,6 +49,29 @@ def guard_overhead(steps: int, repeats: int) -> dict[str, float]:
         "guard_bare_ns_per_step": min(bare) / steps,
         "guard_overhead_ns_per_step": (min(guarded) - min(bare)) / steps,
     }
+
+
+def observed_calls(steps: int, repeats: int) -> float:
+    """Nanoseconds per step that the ledger's proxy (``guard.client``) adds to a step's Tinker calls, a
+    ``forward_backward`` and an ``optim_step`` on the in-memory ``SimulatedTinker``, against the raw client; CPU
+    time of the looping thread, best of alternating repetitions. A cost per call, beside a Tinker request (a
+    round trip of milliseconds), not per step: context for ``guard_overhead_*``, which makes no call."""
+
+    def run(client: Any) -> int:
+        start = time.thread_time_ns()
+        for index in range(steps):
+            client.forward_backward([index]).result()
+            client.optim_step().result()
+        return time.thread_time_ns() - start
+
+    sim = SimulatedTinker()
+    raw, observed = [], []
+    for _ in range(repeats):
+        raw.append(run(sim.create_lora_training_client(base_model="bench/model")))
+        client = sim.create_lora_training_client(base_model="bench/model")
+        with recovery_guard(client.model_id, sim, client=client, policy=_QUIET) as guard:
+            observed.append(run(guard.client))
+    return (min(observed) - min(raw)) / steps
 
 
 def recovery_overhead(samples: int) -> list[float]:
@@ -114,6 +138,7 @@ def bare_save_resume_ok(steps: int = 40, every: int = 5) -> float:
 def bench(quick: bool) -> dict[str, float]:
     result = guard_overhead(100_000 if quick else 500_000, 5 if quick else 9)
     result["guard_overhead_bare_steps"] = result["guard_overhead_ns_per_step"] / result["guard_bare_ns_per_step"]
+    result["guard_observed_calls_ns_per_step"] = observed_calls(5_000 if quick else 20_000, 5 if quick else 9)
     recoveries = recovery_overhead(20 if quick else 100)
     return result | {
         "bare_save_resume_ok": bare_save_resume_ok(),
