@@ -269,7 +269,7 @@ def bench(quick: bool) -> dict[str, float]:
         "recovery": lambda: TinkexRecovery(policy),
         "timed": lambda: _TimedRecovery(policy),
     }
-    batches, repeats = (1000, 6) if quick else (2000, 9)
+    batches, repeats = (1000, 10) if quick else (2000, 15)
     for make in variants.values():
         _fit(50, make())  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -64,10 +64,10 @@ def observed_calls(steps: int, repeats: int) -> float:
             client.optim_step().result()
         return time.thread_time_ns() - start
 
-    sim = SimulatedTinker()
     raw, observed = [], []
     for _ in range(repeats):
-        raw.append(run(sim.create_lora_training_client(base_model="bench/model")))
+        raw.append(run(SimulatedTinker().create_lora_training_client(base_model="bench/model")))
+        sim = SimulatedTinker()
         client = sim.create_lora_training_client(base_model="bench/model")
         with recovery_guard(client.model_id, sim, client=client, policy=_QUIET) as guard:
             observed.append(run(guard.client))
@@ -138,7 +138,7 @@ def bare_save_resume_ok(steps: int = 40, every: int = 5) -> float:
 def bench(quick: bool) -> dict[str, float]:
     result = guard_overhead(100_000 if quick else 500_000, 5 if quick else 9)
     result["guard_overhead_bare_steps"] = result["guard_overhead_ns_per_step"] / result["guard_bare_ns_per_step"]
-    result["guard_observed_calls_ns_per_step"] = observed_calls(5_000 if quick else 20_000, 5 if quick else 9)
+    result["guard_observed_calls_ns_per_step"] = observed_calls(20_000 if quick else 50_000, 7 if quick else 11)
     recoveries = recovery_overhead(20 if quick else 100)
     return result | {
         "bare_save_resume_ok": bare_save_resume_ok(),

@@ -150,7 +150,7 @@ class TinkexRecovery(Callback):
         entry, lane = checkpoint.get("callbacks", {}).get(self.state_key), self._lane
         if entry is None or (lane is None and self._last is None):
             return
-        client, at = (lane.tape.__wrapped__, lane.replayer.at) if lane else self._last  # type: ignore[misc]
+        client, at = (lane.observed, lane.replayer.at) if lane else self._last  # type: ignore[misc]
 
         def save() -> Any:
             return core.resolve(client.save_state(f"lightning-{at:08d}", None, True), self.policy.attempt_timeout)
@@ -247,7 +247,7 @@ class TinkexRecovery(Callback):
         lane, self._lane = self._lane, None
         if lane is None:
             return
-        replayer, self._last = lane.replayer, (lane.tape.__wrapped__, lane.replayer.at)
+        replayer, self._last = lane.replayer, (lane.observed, lane.replayer.at)
         setattr(pl_module, self.client_attr, lane.close())  # and the lane leaves the replayer's loop
         if not replayer.lanes and vars(pl_module).get(_REPLAYER) is replayer:
             for name in (_REPLAYER, "training_step", "validation_step"):

@@ -412,10 +412,13 @@ def _observe_load_async(proxy: ObservedClient, method: Any) -> Callable[..., Any
     return _like(method, load_state_async)
 
 
-def wrapped_once(cache: dict[str, tuple[Any, Any]], name: str, method: Any, wrap: Callable[[Any], Any]) -> Any:
-    """``wrap(method)``, built once per ``name`` while the client's method stays the same (in ``cache``): a proxy
-    in front of a client makes no new wrapper per call. The same method: the same object, or a bound method of
-    the same function to the same client (a fresh one per read), by identity, never by the callable's ``__eq__``."""
+def wrapped_once(
+    cache: dict[str, tuple[Any, Any]], name: str, method: Any, wrap: Callable[..., Any], *args: Any
+) -> Any:
+    """``wrap(*args, method)``, built once per ``name`` while the client's method stays the same (in ``cache``): a
+    proxy in front of a client makes no new wrapper (nor closure) per call. The same method: the same object, or a
+    bound method of the same function to the same client (a fresh one per read), by identity, never by the
+    callable's ``__eq__``."""
     known = cache.get(name)
     if known is not None:
         old = known[0]
@@ -426,7 +429,7 @@ def wrapped_once(cache: dict[str, tuple[Any, Any]], name: str, method: Any, wrap
             and old.__self__ is method.__self__
         ):
             return known[1]
-    wrapped = wrap(method)
+    wrapped = wrap(*args, method)
     cache[name] = (method, wrapped)
     return wrapped
 
@@ -482,7 +485,7 @@ class ObservedClient:
         observe = OBSERVED.get(name)
         if observe is None or not callable(attr):
             return attr
-        return wrapped_once(get(self, "_observed"), name, attr, lambda method: observe(self, method))
+        return wrapped_once(get(self, "_observed"), name, attr, observe, self)
 
     def __getattr__(self, name: str) -> Any:  # a private name the proxy has not
         return getattr(self.__wrapped__, name)

@@ -33,7 +33,7 @@ from ._clock import Clock
 from ._engine import RecoveryEngine, RunHandle, RunState
 from ._exceptions import CannotReplay, RecoveryExhausted
 from ._futures import resolve
-from ._ledger import Ledger, wrapped_once
+from ._ledger import OBSERVED, Ledger, ObservedClient, wrapped_once
 from ._models import Checkpoint
 from ._policy import RecoveryPolicy
 from ._recovery import Recovery
@@ -106,23 +106,20 @@ class Recording:
         return good
 
 
-class Tape:
-    """The client as the user code sees it during a fit: every public method call is sent to the client (the
-    lane's :class:`~tinkex_recovery.ObservedClient`) through ``recording`` (:meth:`Recording.call`). Every
-    attribute is the client's (``isinstance`` sees the client's class); ``*_async`` methods are passed through
-    unrecorded (a coroutine cannot be awaited twice)."""
+class Tape(ObservedClient):
+    """The client as the user code sees it during a fit: the lane's :class:`~tinkex_recovery.ObservedClient`
+    (the ledger counts its ``optim_step`` and ``save_state``), every public method call of which is also sent
+    through ``recording`` (:meth:`Recording.call`). One proxy, not one in front of the other: each layer's
+    lookup would cost as much again. ``*_async`` methods are observed but not recorded (a coroutine cannot be
+    awaited twice)."""
 
-    __slots__ = ("__wrapped__", "_recorded", "_recording")
+    __slots__ = ("_recorded", "_recording")
 
-    def __init__(self, client: Any, recording: Recording) -> None:
-        object.__setattr__(self, "__wrapped__", client)
+    def __init__(self, observed: ObservedClient, recording: Recording) -> None:
+        super().__init__(observed.__wrapped__, observed._ledger, observed._generation)
         object.__setattr__(self, "_recording", recording)
         # name -> (the client's method, its recorded form): built once, while the client's method stays the same
         object.__setattr__(self, "_recorded", {})
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        return self.__wrapped__.__class__  # type: ignore[no-any-return]
 
     def __getattribute__(self, name: str) -> Any:
         # A public name is looked up here, not left to __getattr__ (see ObservedClient.__getattribute__).
@@ -130,19 +127,20 @@ class Tape:
         if name[0] == "_":
             return get(self, name)  # the tape's own; else __getattr__: the client's
         attr = getattr(get(self, "__wrapped__"), name)
-        if name.endswith("_async") or not callable(attr):
+        if not callable(attr):
             return attr
-        call = get(self, "_recording").call
-        return wrapped_once(get(self, "_recorded"), name, attr, lambda method: functools.partial(call, name, method))
+        observe = OBSERVED.get(name)
+        if name.endswith("_async"):
+            return attr if observe is None else wrapped_once(get(self, "_observed"), name, attr, observe, self)
+        return wrapped_once(get(self, "_recorded"), name, attr, _recorded, self, name, observe)
 
-    def __getattr__(self, name: str) -> Any:  # a private name the tape has not
-        return getattr(self.__wrapped__, name)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.__wrapped__, name, value)
-
-    def __repr__(self) -> str:
-        return repr(self.__wrapped__)
+def _recorded(tape: Tape, name: str, observe: Any, method: Any) -> Callable[..., Any]:
+    """What the tape's ``name`` is while the client's is ``method``: the call, observed if the ledger observes it,
+    sent through the tape's recording."""
+    return functools.partial(
+        object.__getattribute__(tape, "_recording").call, name, observe(tape, method) if observe else method
+    )
 
 
 @dataclass(eq=False, slots=True)
@@ -186,6 +184,7 @@ class Lane:
         self._floor: int | None = None
         self.engine: RecoveryEngine | None = None
         self.recording: Recording  #: what the run served in the step under way
+        self.observed: ObservedClient  #: the run's client, observed by the ledger (calls through it are not recorded)
         self.tape: Tape  #: what the user code calls: the run's client, observed and recorded
         self.adopt(client)
 
@@ -226,7 +225,8 @@ class Lane:
         """Train ``client``'s run from now on (``step``: the step it holds, a restored checkpoint's): a new tape in
         front of it, recording afresh, put where the user code finds the client."""
         self.recording = Recording()
-        self.tape = Tape(self.ledger.adopt(client, step), self.recording)
+        self.observed = self.ledger.adopt(client, step)
+        self.tape = Tape(self.observed, self.recording)
         self.install(self.tape)
         return self.tape
 
@@ -236,7 +236,7 @@ class Lane:
             self.engine.close()
         if self in self.replayer.lanes:
             self.replayer.lanes.remove(self)
-        return self.tape.__wrapped__.__wrapped__
+        return self.tape.__wrapped__
 
     def floor(self, default: int) -> int:
         """The oldest step this lane may have to train again (the engine restores nothing older)."""
