@@ -208,35 +208,39 @@ def _timer_pair_ns() -> float:
     return (time.thread_time_ns() - start) / n
 
 
-def _observed_calls_us(batches: int, repeats: int) -> float:
-    """Microseconds per batch that the callback's proxies add to the module's own Tinker calls (a batch's
-    ``forward_backward`` and ``optim_step``, a ``save_state`` every ``SAVE_EVERY``): the same calls through a
-    :class:`Tape` in front of the ledger's :class:`ObservedClient`, as the module sees its client during a fit,
-    against the raw client; training-thread CPU time, best of alternating repeats. Inside a fit these costs fall
-    in the module's own step, which the wrapper's figure subtracts, so the hook's figure adds them back."""
+def _observed_calls_us(chunks: int, batches: int) -> float:
+    """Microseconds per batch that the callback's proxy adds to the module's own Tinker calls (a batch's
+    ``forward_backward`` and ``optim_step``, a ``save_state`` every ``SAVE_EVERY``): the same calls through the
+    :class:`Tape` the module sees during a fit (the ledger's :class:`ObservedClient`, recording), against the raw
+    client; training-thread CPU time, best of ``chunks`` alternating runs of ``batches`` batches each. Inside a fit
+    these costs fall in the module's own step, which the wrapper's figure subtracts, so the hook's figure adds them
+    back."""
     from tinkex_recovery._ledger import Ledger
     from tinkex_recovery._replay import Recording, Tape
 
-    def run(client: Any, recording: Recording | None, at: list[int]) -> int:
+    at = [0]
+
+    def run(client: Any, recording: Recording | None) -> int:
+        client.save_state("warm-up").result()  # the proxy builds each observed method once: not timed
         start = time.thread_time_ns()
-        for i in range(batches):
+        for i in range(1, batches + 1):
             at[0] = i
             if recording is not None:
                 recording.begin(None, False)  # what the wrapper does per batch: counted twice, on the safe side
             client.forward_backward([i], "cross_entropy").result()
             client.optim_step().result()
-            if (i + 1) % SAVE_EVERY == 0:
-                client.save_state(f"step-{i + 1:06d}", user_metadata={"step": str(i + 1)}).result()
+            if i % SAVE_EVERY == 0:
+                client.save_state(f"step-{i:06d}", user_metadata={"step": str(i)}).result()
         return time.thread_time_ns() - start
 
+    def fresh() -> Any:  # a run of its own each time: the simulator's books grow with every checkpoint
+        return SimulatedTinker().create_lora_training_client(base_model="bench/model")
+
     raw_ns, observed_ns = [], []
-    for _ in range(repeats):
-        raw_ns.append(run(SimulatedTinker().create_lora_training_client(base_model="bench/model"), None, [0]))
-        at = [0]
+    for _ in range(chunks):
+        raw_ns.append(run(fresh(), None))
         recording = Recording()
-        client = SimulatedTinker().create_lora_training_client(base_model="bench/model")
-        tape = Tape(Ledger(position=lambda at=at: at[0]).adopt(client), recording)
-        observed_ns.append(run(tape, recording, at))
+        observed_ns.append(run(Tape(Ledger(position=lambda: at[0]).adopt(fresh()), recording), recording))
     return (min(observed_ns) - min(raw_ns)) / batches / 1e3
 
 
@@ -283,7 +287,7 @@ def bench(quick: bool) -> dict[str, float]:
             if isinstance(callback, _TimedRecovery):
                 hooks.append((callback.outer_ns - module.own_ns - pair * batches) / batches / 1e3)
     best = {name: min(values) for name, values in times.items()}
-    observed = _observed_calls_us(batches, 3 * repeats)
+    observed = _observed_calls_us(16 if quick else 40, 1000)
     replays = _replay_seconds(policy, 3 if quick else 8)
     ledger_bytes, kept = _ledger_bytes(policy)
     assert kept == 200, kept
