@@ -5,10 +5,10 @@ client needs) and saves a checkpoint every 10 steps, so the callback's replay bu
 in real use. Each fit is timed from ``on_train_start`` to ``on_train_end`` in CPU time of the training thread;
 fits with and without the callback alternate, and the best of each is kept. Beside the difference of fits, the
 callback's own per-batch cost is timed inside a fit (``_TimedRecovery``): the CPU time of its wrapper around
-``training_step`` minus that of the module's own step, plus what its proxies (the ledger's observed client and
-the replay's tape) add to the module's own Tinker calls, timed beside the fit (``_observed_calls_us``). The
-replay figure is the wall time of replaying 10
-buffered batches after a loss found by a poll (``_TimedReplay``), median over several recoveries.
+``training_step`` minus that of the module's own step, plus what its proxy (the ledger's observed client,
+recording for replay) adds to the module's own Tinker calls in the fit: the CPU time of those calls with the
+callback, less without (best fit of each). The replay figure is the wall time of replaying 10 buffered batches
+after a loss found by a poll (``_TimedReplay``), median over several recoveries.
 ``ledger_bytes_per_buffered_batch`` is what the callback holds per kept batch (batches of 8 items): the
 containers of its record (references), never the items.
 """
@@ -34,7 +34,8 @@ SAVE_EVERY = 10
 
 class RemoteModule(pl.LightningModule):
     """Zero local parameters; every batch is a forward_backward and an optim_step on the Tinker client, and a
-    checkpoint every ``save_every`` steps. ``own_ns`` is the training-thread CPU time of its own steps."""
+    checkpoint every ``save_every`` steps. ``own_ns`` is the training-thread CPU time of its own steps, ``calls_ns``
+    that of its Tinker calls alone (through the callback's proxy when the callback is there)."""
 
     def __init__(self, sim: SimulatedTinker, save_every: int = SAVE_EVERY, lose_after: frozenset[int] = frozenset()):
         super().__init__()
@@ -44,21 +45,30 @@ class RemoteModule(pl.LightningModule):
         self.save_every = save_every
         self.lose_after = set(lose_after)  # batch indices after which the run is lost (once each)
         self.cb: TinkexRecovery | None = None
-        self._own = [0]  # a list: an attribute set on a module costs ~1.4 µs (torch's __setattr__), out of own_ns
+        self._ns = [0, 0]  # own, calls: a list, as setting a module's attribute costs ~1.4 µs (torch's __setattr__)
 
     @property
     def own_ns(self) -> int:
-        return self._own[0]
+        return self._ns[0]
+
+    @property
+    def calls_ns(self) -> int:
+        return self._ns[1]
 
     def training_step(self, batch: list[int], batch_idx: int) -> None:
-        start = time.thread_time_ns()
+        clock, ns = time.thread_time_ns, self._ns
+        start = clock()
         client = self.training_client
         client.forward_backward(batch, "cross_entropy").result()
         client.optim_step().result()
+        calls = clock() - start
         self.optimizers().step()  # advances global_step
         if self.global_step % self.save_every == 0:
+            saving = clock()
             client.save_state(f"step-{self.global_step:06d}", user_metadata={"step": str(self.global_step)}).result()
-        self._own[0] += time.thread_time_ns() - start
+            calls += clock() - saving
+        ns[0] += clock() - start
+        ns[1] += calls
         if batch_idx in self.lose_after:
             self.lose_after.discard(batch_idx)
             self.service_client.corrupt(client.model_id)
@@ -208,42 +218,6 @@ def _timer_pair_ns() -> float:
     return (time.thread_time_ns() - start) / n
 
 
-def _observed_calls_us(chunks: int, batches: int) -> float:
-    """Microseconds per batch that the callback's proxy adds to the module's own Tinker calls (a batch's
-    ``forward_backward`` and ``optim_step``, a ``save_state`` every ``SAVE_EVERY``): the same calls through the
-    :class:`Tape` the module sees during a fit (the ledger's :class:`ObservedClient`, recording), against the raw
-    client; training-thread CPU time, best of ``chunks`` alternating runs of ``batches`` batches each. Inside a fit
-    these costs fall in the module's own step, which the wrapper's figure subtracts, so the hook's figure adds them
-    back."""
-    from tinkex_recovery._ledger import Ledger
-    from tinkex_recovery._replay import Recording, Tape
-
-    at = [0]
-
-    def run(client: Any, recording: Recording | None) -> int:
-        client.save_state("warm-up").result()  # the proxy builds each observed method once: not timed
-        start = time.thread_time_ns()
-        for i in range(1, batches + 1):
-            at[0] = i
-            if recording is not None:
-                recording.begin(None, False)  # what the wrapper does per batch: counted twice, on the safe side
-            client.forward_backward([i], "cross_entropy").result()
-            client.optim_step().result()
-            if i % SAVE_EVERY == 0:
-                client.save_state(f"step-{i:06d}", user_metadata={"step": str(i)}).result()
-        return time.thread_time_ns() - start
-
-    def fresh() -> Any:  # a run of its own each time: the simulator's books grow with every checkpoint
-        return SimulatedTinker().create_lora_training_client(base_model="bench/model")
-
-    raw_ns, observed_ns = [], []
-    for _ in range(chunks):
-        raw_ns.append(run(fresh(), None))
-        recording = Recording()
-        observed_ns.append(run(Tape(Ledger(position=lambda: at[0]).adopt(fresh()), recording), recording))
-    return (min(observed_ns) - min(raw_ns)) / batches / 1e3
-
-
 def _replay_seconds(policy: RecoveryPolicy, fits: int) -> list[float]:
     """Wall time of each replay of 10 buffered batches: with a checkpoint every 20 steps, the run is lost 10
     batches after one, 4 times a fit."""
@@ -277,6 +251,7 @@ def bench(quick: bool) -> dict[str, float]:
     for make in variants.values():
         _fit(50, make())  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
+    calls: dict[str, list[float]] = {name: [] for name in variants}  # the module's Tinker calls, µs per batch
     hooks: list[float] = []
     pair = _timer_pair_ns()
     for _ in range(repeats):
@@ -284,10 +259,13 @@ def bench(quick: bool) -> dict[str, float]:
             callback = make()
             per_batch, module = _fit(batches, callback)
             times[name].append(per_batch)
+            calls[name].append(module.calls_ns / batches / 1e3)
             if isinstance(callback, _TimedRecovery):
                 hooks.append((callback.outer_ns - module.own_ns - pair * batches) / batches / 1e3)
     best = {name: min(values) for name, values in times.items()}
-    observed = _observed_calls_us(16 if quick else 40, 1000)
+    # The proxy's cost in the fit: the module's Tinker calls through it, less the same calls on the raw client (what
+    # Lightning charges for one more callback, e.g. in optimizers().step(), falls outside the calls)
+    observed = min(calls["recovery"] + calls["timed"]) - min(calls["bare"] + calls["noop"])
     replays = _replay_seconds(policy, 3 if quick else 8)
     ledger_bytes, kept = _ledger_bytes(policy)
     assert kept == 200, kept
