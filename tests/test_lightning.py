@@ -266,6 +266,24 @@ def test_a_run_lost_mid_fit_is_swapped_and_the_fit_finishes(
     assert "save_state" not in vars(module.training_client) and cb.buffered == 0
 
 
+def test_a_run_found_lost_between_batches_is_swapped_before_the_next_batch_sends_anything(
+    tmp_path: Path, sim: SimulatedTinker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The poll's finding reaches the callback before the next batch: that batch starts on the new run (no
+    request to the lost run, no failed step to recover from)."""
+    started: list[str] = []
+
+    def note(module: RemoteModule) -> None:
+        started.append(module.training_client.model_id)
+
+    with caplog.at_level(logging.WARNING, logger="tinkex_recovery"):
+        _, cb, _ = fit_with(tmp_path, sim, clock, n=6, after={2: corrupt_and_poll}, before={3: note})
+    first, final = sim.run_ids
+    assert started == [final] and cb.run_id == final != first
+    assert sim.lineage(final) == list(range(6))
+    assert not [r for r in caplog.records if "failed on a lost run" in r.getMessage()]
+
+
 LOSSES: dict[str, dict[str, dict[int, Action]]] = {
     # inside forward_backward: the Tinker call itself fails
     "forward_backward": {"before": {5: corrupt}},

@@ -3,6 +3,7 @@ in-memory simulated Tinker; the engine's clock is a fake one nobody advances (no
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -35,13 +36,13 @@ class Loop:
 def lane_of(sim: SimulatedTinker, clock: FakeClock) -> Iterator[Any]:
     lanes: list[Lane] = []
 
-    def make(loop: Loop, client: Any) -> tuple[Replayer, Lane]:
+    def make(loop: Loop, client: Any, fallback_depth: int = 2) -> tuple[Replayer, Lane]:
         replayer = Replayer(loop.train, start=0, counter=lambda: loop.steps, set_counter=lambda n: None)
         lane = Lane.watch(
             replayer,
             client,
             sim,
-            policy=RecoveryPolicy(enabled=True, poll_interval=3600.0),
+            policy=RecoveryPolicy(enabled=True, poll_interval=3600.0, fallback_depth=fallback_depth),
             clock=clock,
             install=lambda tape: setattr(loop, "client", tape),
             on_recovery=lambda recovery, steps: None,
@@ -80,6 +81,43 @@ def test_kept_steps_are_let_go_at_the_first_step_after_the_save_that_holds_them_
     replayer.step(6)
     assert [k.index for k in replayer.kept] == [5, 6]
     assert lane in replayer.lanes
+
+
+def test_nothing_is_let_go_while_a_recovery_is_under_way(sim: SimulatedTinker, lane_of: Any) -> None:
+    """A recovery chooses its checkpoint against the floor of the moment; a save answered meanwhile moves the
+    floor, but the steps the recovery may replay stay until it is taken in."""
+    raw = sim.create_lora_training_client(base_model="m")
+    answers: list[tuple[Future[Any], Any]] = []
+    save = raw.save_state
+
+    def answered_later(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name != "after-3":
+            return save(name, *args, **kwargs)
+        answers.append((Future(), save(name, *args, **kwargs).result()))
+        return answers[-1][0]
+
+    raw.save_state = answered_later  # type: ignore[method-assign]
+    loop = Loop(save_at={1, 3})  # after-1 holds step 2; after-3 holds step 4, answered later
+    replayer, lane = lane_of(loop, raw, fallback_depth=0)
+    for index in range(5):
+        replayer.step(index)
+    assert [k.index for k in replayer.kept] == [2, 3, 4]
+
+    restoring, release = threading.Event(), threading.Event()
+    sim.on_restore(lambda path: (restoring.set(), release.wait(10)))
+    sim.corrupt(raw.model_id)
+    try:
+        assert lane.handle.check_now() and restoring.wait(10)  # the engine's thread is restoring a checkpoint
+        future, result = answers[0]
+        future.set_result(result)  # the floor moves to step 4
+        replayer._bound(5)
+        assert [k.index for k in replayer.kept] == [2, 3, 4]  # kept: the recovery is not taken in yet
+    finally:
+        release.set()
+        sim.on_restore(None)
+    replayer.step(5)  # takes the recovery in (from after-3, step 4), replays step 4, runs step 5
+    assert sim.lineage(loop.client.model_id) == list(range(6))
+    assert [k.index for k in replayer.kept] == [4, 5]
 
 
 def test_a_closed_lane_leaves_its_replayer_and_hands_back_the_raw_client(sim: SimulatedTinker, lane_of: Any) -> None:

@@ -104,7 +104,9 @@ class Ledger:
 
     ``position()`` is the index of the step under way (None outside the loop), read on the loop's thread when a
     call is observed; ``recorded(tinker_path)`` a step the user recorded elsewhere (tinker-cookbook's
-    ``checkpoints.jsonl``), consulted by :meth:`step_of` before the ledger's own.
+    ``checkpoints.jsonl``), consulted by :meth:`step_of` before the ledger's own. ``on_change()`` is called at
+    every bump of :attr:`version`, on the thread that made the save and under the ledger's lock (so it must not call
+    the ledger): a front-end then need not look at every step.
     """
 
     def __init__(
@@ -112,13 +114,14 @@ class Ledger:
         *,
         position: Callable[[], int | None] | None = None,
         recorded: Callable[[str], int | None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
-        if position is not None and not callable(position):
-            raise TypeError(f"position must be callable, got {type(position).__name__}")
-        if recorded is not None and not callable(recorded):
-            raise TypeError(f"recorded must be callable, got {type(recorded).__name__}")
+        for name, hook in (("position", position), ("recorded", recorded), ("on_change", on_change)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
         self._position = position or (lambda: None)
         self._recorded = recorded
+        self._on_change = on_change or (lambda: None)
         self._lock = threading.Lock()  # orders the observed calls as the client sends them
         self._generation = 0  # one per adopted run: calls through an older run's proxy are not counted
         self._step: int | None = None  # the step a checkpoint saved now holds; None: not known
@@ -156,6 +159,7 @@ class Ledger:
                 if all(save.step != step for save in self._saves):
                     self._saves.append(_Save(None, step, None))
                 self.version += 1
+                self._on_change()
             return ObservedClient(client, self, self._generation)
 
     def window(self, floor: int | None = None, ceiling: int | None = None) -> None:
@@ -283,6 +287,7 @@ class Ledger:
         save = _Save(path, step)
         self._saves = [*self._saves[-REMEMBERED + 1 :], save]
         self.version += 1
+        self._on_change()
         if path is None:
             return save
         if self._last_tag is not None and self._last_tag == self._position():
@@ -412,28 +417,6 @@ def _observe_load_async(proxy: ObservedClient, method: Any) -> Callable[..., Any
     return _like(method, load_state_async)
 
 
-def wrapped_once(
-    cache: dict[str, tuple[Any, Any]], name: str, method: Any, wrap: Callable[..., Any], *args: Any
-) -> Any:
-    """``wrap(*args, method)``, built once per ``name`` while the client's method stays the same (in ``cache``): a
-    proxy in front of a client makes no new wrapper (nor closure) per call. The same method: the same object, or a
-    bound method of the same function to the same client (a fresh one per read), by identity, never by the
-    callable's ``__eq__``."""
-    known = cache.get(name)
-    if known is not None:
-        old = known[0]
-        if old is method or (
-            type(old) is MethodType
-            and type(method) is MethodType
-            and old.__func__ is method.__func__
-            and old.__self__ is method.__self__
-        ):
-            return known[1]
-    wrapped = wrap(*args, method)
-    cache[name] = (method, wrapped)
-    return wrapped
-
-
 #: The client's methods the proxy observes, and how; every other attribute is the client's own, untouched.
 OBSERVED: Mapping[str, Callable[[ObservedClient, Any], Callable[..., Any]]] = MappingProxyType(
     {
@@ -460,14 +443,14 @@ class ObservedClient:
     signature and docstring. ``type(proxy)`` is this class; ``proxy.__wrapped__`` is the client itself.
     """
 
-    __slots__ = ("__wrapped__", "_generation", "_ledger", "_meta", "_observed")
+    __slots__ = ("__wrapped__", "_generation", "_ledger", "_meta", "_wrappers")
 
     def __init__(self, client: Any, ledger: Ledger, generation: int) -> None:
         object.__setattr__(self, "__wrapped__", client)
         object.__setattr__(self, "_ledger", ledger)
         object.__setattr__(self, "_generation", generation)
-        # name -> (the client's method, its observed form): built once, while the client's method stays the same
-        object.__setattr__(self, "_observed", {})
+        # name -> (the client's method, what the proxy hands out for it): built once, while the method stays the same
+        object.__setattr__(self, "_wrappers", {})
         save = getattr(client, "save_state", None)
         object.__setattr__(self, "_meta", callable(save) and _accepts_metadata(save))
 
@@ -476,16 +459,34 @@ class ObservedClient:
         return type(self.__wrapped__)
 
     def __getattribute__(self, name: str) -> Any:
-        # A public name (what the loop calls) is looked up here, not left to __getattr__: the proxy's own failed
-        # lookup before __getattr__ would cost more than observing the call (~0.7 µs on CPython 3.11).
-        if name[0] == "_":
-            return object.__getattribute__(self, name)  # the proxy's own; else __getattr__: the client's
+        # A public name (what the loop calls) is looked up here, not left to __getattr__ (the proxy's own failed
+        # lookup first would cost more than observing the call), and a method's form is found without a call: a
+        # loop pays this at every call, and inside a framework's loop each Python frame costs ~0.4 µs.
         get = object.__getattribute__
+        if name[0] == "_":
+            return get(self, name)  # the proxy's own; else __getattr__: the client's
         attr = getattr(get(self, "__wrapped__"), name)
-        observe = OBSERVED.get(name)
-        if observe is None or not callable(attr):
+        known = get(self, "_wrappers").get(name)
+        if known is not None:  # the same method: the same object, or a bound method of the same function to the
+            old = known[0]  # same client (a fresh one per read), by identity, never by the callable's __eq__
+            if old is attr or (
+                type(attr) is MethodType
+                and type(old) is MethodType
+                and old.__func__ is attr.__func__
+                and old.__self__ is attr.__self__
+            ):
+                return known[1]
+        if not callable(attr):
             return attr
-        return wrapped_once(get(self, "_observed"), name, attr, observe, self)
+        wrapped = get(self, "_wrap")(name, attr)
+        get(self, "_wrappers")[name] = (attr, wrapped)
+        return wrapped
+
+    def _wrap(self, name: str, method: Any) -> Any:
+        """What the proxy hands out for the client's ``method`` (built once while it stays the same): the method
+        observed if the ledger observes ``name``, else the method itself."""
+        observe = OBSERVED.get(name)
+        return method if observe is None else observe(self, method)
 
     def __getattr__(self, name: str) -> Any:  # a private name the proxy has not
         return getattr(self.__wrapped__, name)

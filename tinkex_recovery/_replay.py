@@ -17,7 +17,10 @@ A step's arguments are kept as first given: their lists, tuples and dicts are co
 never copies of tensors or data), so a step that pops or replaces items is replayed with the originals. A step
 that mutates an item in place cannot be undone and must not.
 
-Threads: everything here runs on the loop's thread, except :meth:`Ledger.step_of` (see the ledger).
+Threads: everything here runs on the loop's thread, except :meth:`Ledger.step_of` (see the ledger) and the two
+flags the other threads raise: :meth:`Replayer.ring` (an engine's event: the loop looks at the runs before its
+next step) and :meth:`Replayer.floors_moved` (a save: it recomputes the floors). The loop lowers a flag before it
+looks, so a flag raised meanwhile is seen at the next step.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ._clock import Clock
 from ._engine import RecoveryEngine, RunHandle, RunState
 from ._exceptions import CannotReplay, RecoveryExhausted
 from ._futures import resolve
-from ._ledger import OBSERVED, Ledger, ObservedClient, wrapped_once
+from ._ledger import Ledger, ObservedClient
 from ._models import Checkpoint
 from ._policy import RecoveryPolicy
 from ._recovery import Recovery
@@ -51,12 +54,20 @@ _CONTAINERS = frozenset({list, tuple, dict})
 
 def frozen(value: Any) -> Any:
     """``value`` with its lists, tuples and dicts copied (recursively; the items are referenced, not copied)."""
+    # Loops, not comprehensions: on CPython 3.11 each comprehension is one more frame, and this runs every step.
     kind = type(value)
     if kind is list or kind is tuple:
-        items = [v if type(v) not in _CONTAINERS else frozen(v) for v in value]
+        items = list(value)
+        for i, item in enumerate(items):
+            if type(item) in _CONTAINERS:
+                items[i] = frozen(item)
         return items if kind is list else tuple(items)
     if kind is dict:
-        return {k: v if type(v) not in _CONTAINERS else frozen(v) for k, v in value.items()}
+        copy = dict(value)
+        for key, item in copy.items():
+            if type(item) in _CONTAINERS:
+                copy[key] = frozen(item)
+        return copy
     return value
 
 
@@ -113,34 +124,17 @@ class Tape(ObservedClient):
     lookup would cost as much again. ``*_async`` methods are observed but not recorded (a coroutine cannot be
     awaited twice)."""
 
-    __slots__ = ("_recorded", "_recording")
+    __slots__ = ("_recording",)
 
     def __init__(self, observed: ObservedClient, recording: Recording) -> None:
         super().__init__(observed.__wrapped__, observed._ledger, observed._generation)
         object.__setattr__(self, "_recording", recording)
-        # name -> (the client's method, its recorded form): built once, while the client's method stays the same
-        object.__setattr__(self, "_recorded", {})
 
-    def __getattribute__(self, name: str) -> Any:
-        # A public name is looked up here, not left to __getattr__ (see ObservedClient.__getattribute__).
-        get = object.__getattribute__
-        if name[0] == "_":
-            return get(self, name)  # the tape's own; else __getattr__: the client's
-        attr = getattr(get(self, "__wrapped__"), name)
-        if not callable(attr):
-            return attr
-        observe = OBSERVED.get(name)
+    def _wrap(self, name: str, method: Any) -> Any:
+        observed = super()._wrap(name, method)
         if name.endswith("_async"):
-            return attr if observe is None else wrapped_once(get(self, "_observed"), name, attr, observe, self)
-        return wrapped_once(get(self, "_recorded"), name, attr, _recorded, self, name, observe)
-
-
-def _recorded(tape: Tape, name: str, observe: Any, method: Any) -> Callable[..., Any]:
-    """What the tape's ``name`` is while the client's is ``method``: the call, observed if the ledger observes it,
-    sent through the tape's recording."""
-    return functools.partial(
-        object.__getattribute__(tape, "_recording").call, name, observe(tape, method) if observe else method
-    )
+            return observed
+        return functools.partial(self._recording.call, name, observed)
 
 
 @dataclass(eq=False, slots=True)
@@ -206,10 +200,12 @@ class Lane:
         poll worker) watching the run with the replayer's ``step_of``; closed with :meth:`close`."""
         from ._frontend import wait_limit
 
-        ledger = Ledger(position=lambda: replayer.at)
+        # C-level callables, no Python frame: the ledger reads the position at every optim_step
+        ledger = Ledger(position=functools.partial(getattr, replayer, "at"), on_change=replayer.floors_moved)
         engine = RecoveryEngine(policy, status=status, poll_concurrency=1, clock=clock)
         try:
             handle = engine.watch(client.model_id, service, step_of=replayer.step_of(ledger))
+            engine.subscribe(replayer.ring)  # every event of the run's recovery (detected, ..., completed, exhausted)
             engine.start()
         except BaseException:
             engine.close()
@@ -282,7 +278,8 @@ class Replayer:
         self.train = train
         self.at = self.start = start  #: the index of the step under way, or of the next one between steps
         self.ceiling = start  #: the highest step a checkpoint may hold: one past the furthest step begun
-        self._drop = False  # kept steps below the floors wait for a recovery under way to be taken in
+        self.alarm = False  #: an engine event came since the last settle (:meth:`ring`): a run may need recovery
+        self.stale = True  #: a floor may have moved (:meth:`floors_moved`, or a save not answered yet)
         self.counter, self.set_counter = counter, set_counter
         self.replay, self.retry = replay, retry_failed_step
         self.lanes: list[Lane] = []
@@ -293,27 +290,34 @@ class Replayer:
     def step(self, *args: Any, **kwargs: Any) -> Any:
         """Run training step ``self.at`` (``train(*args, **kwargs)``): recover what a poll found lost first; a
         failure on a lost run is recovered, the steps since the checkpoint replayed, and the step run again."""
-        for lane in self.lanes:  # the common case, every run healthy, costs two reads a lane
-            if not lane.handle.settled:
-                self.settle()
-                break
+        # Every step pays this path, inside the framework's loop, where each Python frame and each object read
+        # costs ~0.4 µs: the common step (every run healthy, no save since) reads flags of the replayer only.
+        if self.alarm:
+            self.settle()
         if self.stopped:
             return None
-        current = Kept(self.at, self.counter(), frozen(args), frozen(kwargs) if kwargs else {})
-        if current.index >= self.ceiling:
-            self.ceiling = current.index + 1
-        bound = self._drop  # the floors move only with a save: the common step skips them
-        for lane in self.lanes:
-            if lane.pending or lane.ledger.version != lane.seen:
-                bound = True
-        if bound:
-            self._bound(current.index)
-        output = self._attempt(self.train, args, kwargs, current)
+        index = self.at
+        current = Kept(index, self.counter(), frozen(args), frozen(kwargs) if kwargs else {})
+        if index >= self.ceiling:
+            self.ceiling = index + 1
+        if self.stale:
+            self._bound(index)
+        lanes = self.lanes
+        several = len(lanes) > 1  # only then may a replay need this step's record
+        for lane in lanes:
+            lane.recording.begin(None, several)
+        failure = None
+        try:
+            output = self.train(*args, **kwargs)
+        except Exception as exc:
+            failure = exc
+        if failure is not None:  # outside the handler: a rerun's error is not chained to the first one
+            output = self._rerun(self.train, args, kwargs, current, failure)
         if self.replay:
-            if len(self.lanes) > 1:
-                current.tapes = {lane: lane.recording.calls for lane in self.lanes}
+            if several:
+                current.tapes = {lane: lane.recording.calls for lane in lanes}
             self.kept.append(current)
-        self.at = current.index + 1
+        self.at = index + 1
         return output
 
     def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -322,33 +326,39 @@ class Replayer:
         self.settle()
         if self.stopped:
             return None
-        return self._attempt(fn, args, kwargs, None)
+        return self._attempt(fn, args, kwargs)
 
     def settle(self, check: bool = False) -> None:
-        """Between steps: take in (and replay for) what a poll found lost; ``check``: poll every run first."""
-        lanes = self.lanes
-        if not check:  # the common case, every run healthy: two reads a lane
-            for lane in lanes:
-                if not lane.handle.settled:
-                    break
-            else:
-                return
-        lost = [lane for lane in lanes if (check and lane.lost()) or not lane.handle.settled]
+        """Between steps: take in (and replay for) what a poll found lost, if an engine event came since;
+        ``check``: poll every run first."""
+        if not (check or self.alarm):  # the common case: nothing happened to any run
+            return
+        self.alarm = False  # first: an event from now on rings again
+        lost = [lane for lane in self.lanes if (check and lane.lost()) or not lane.handle.settled]
         if lost and not self.stopped:
             counter = self.counter()
             self._take(lost, None, None, {})
             self.set_counter(counter)
 
+    def ring(self, event: Any = None) -> None:
+        """An engine's event (any thread): :meth:`settle` looks at the runs at the next step or call."""
+        self.alarm = True
+
+    def floors_moved(self) -> None:
+        """A ledger's saves changed (any thread): :meth:`_bound` recomputes the floors at the next step."""
+        self.stale = True
+
     # -- inside -----------------------------------------------------------------------------------------------
-    def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], step: Kept | None) -> Any:
-        keep = len(self.lanes) > 1  # only then may a replay need this step's record
+    def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``fn`` between two steps (:meth:`call`), recovered as a step is (:meth:`step`, which inlines this)."""
+        several = len(self.lanes) > 1
         for lane in self.lanes:
-            lane.recording.begin(None, keep)
+            lane.recording.begin(None, several)
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
             failure = exc
-        return self._rerun(fn, args, kwargs, step, failure)  # outside the handler: a rerun's error is not chained
+        return self._rerun(fn, args, kwargs, None, failure)  # outside the handler: a rerun's error is not chained
 
     def _rerun(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], step: Kept | None, exc: Exception
@@ -412,20 +422,24 @@ class Replayer:
         """At a step's start, when a floor may have moved (:meth:`step` looks; the :attr:`ceiling`, nothing ahead
         of the steps taken, it moves itself): the engine may restore only what the kept steps can replay from (a
         floor, in each ledger's window); the kept steps older than every floor are dropped, unless a recovery,
-        possibly chosen against the previous floor, is under way."""
-        lowest = index
+        possibly chosen against the previous floor, is under way (they go at the step after it is taken in: the
+        run it adopts moves the floors again). Looks again at the next step while a save is not answered yet (it
+        may still fail)."""
+        self.stale = False  # first: a save from now on marks it again
+        lowest, pending = index, False
         for lane in self.lanes:
             floor = min(lane.floor(self.start), index) if self.replay else None  # no replay: the module's to do
             if floor != lane.ledger.book.floor:
                 lane.ledger.window(floor=floor)
             if floor is not None and floor < lowest:
                 lowest = floor
+            pending = pending or lane.pending
         kept = self.kept
-        self._drop = bool(kept) and kept[0].index < lowest
-        if self._drop and all(lane.handle.settled for lane in self.lanes):
+        if kept and kept[0].index < lowest and all(lane.handle.settled for lane in self.lanes):
             while kept and kept[0].index < lowest:
                 kept.popleft()
-            self._drop = False
+        if pending:
+            self.stale = True
 
     def step_of(self, ledger: Ledger) -> Callable[[Checkpoint], int | None]:
         """The engine's ``step_of`` for a lane: the ledger's rule, and no step beyond :attr:`ceiling`. Any thread:
