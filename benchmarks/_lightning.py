@@ -5,9 +5,10 @@ client needs) and saves a checkpoint every 10 steps, so the callback's replay bu
 in real use. Each fit is timed from ``on_train_start`` to ``on_train_end`` in CPU time of the training thread;
 fits with and without the callback alternate, and the best of each is kept. Beside the difference of fits, the
 callback's own per-batch cost is timed inside a fit (``_TimedRecovery``): the CPU time of its wrapper around
-``training_step`` minus that of the module's own step, plus what its proxy (the ledger's observed client,
-recording for replay) adds to the module's own Tinker calls in the fit: the CPU time of those calls with the
-callback, less without (best fit of each). The replay figure is the wall time of replaying 10 buffered batches
+``training_step`` minus that of the module's own step, less the same measure of the module's step alone
+(``_TimedBare``: what the timing itself charges), plus what its proxy (the ledger's observed client, recording
+for replay) adds to the module's own Tinker calls in the fit: the CPU time of those calls with the callback,
+less without (best fit of each). The replay figure is the wall time of replaying 10 buffered batches
 after a loss found by a poll (``_TimedReplay``), median over several recoveries.
 ``ledger_bytes_per_buffered_batch`` is what the callback holds per kept batch (batches of 8 items): the
 containers of its record (references), never the items.
@@ -87,6 +88,19 @@ class _Timer(pl.Callback):
         self.elapsed = time.thread_time_ns() - self.start
 
 
+def _timed(counter: Any, step: Any) -> Any:
+    """``step`` with the training-thread CPU time of each call added to ``counter.outer_ns``."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.thread_time_ns()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            counter.outer_ns += time.thread_time_ns() - start
+
+    return timed
+
+
 class _TimedRecovery(TinkexRecovery):
     """TinkexRecovery with the training-thread CPU time of its ``training_step`` wrapper counted: its own cost per
     batch (the wrapper's time less the module's), free of the fit-to-fit noise of the difference of two fits."""
@@ -95,20 +109,25 @@ class _TimedRecovery(TinkexRecovery):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self._wrapper = wrapper = pl_module.training_step
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.thread_time_ns()
-            try:
-                return wrapper(*args, **kwargs)
-            finally:
-                self.outer_ns += time.thread_time_ns() - start
-
-        pl_module.training_step = timed  # type: ignore[method-assign]
+        self._wrapper = pl_module.training_step
+        pl_module.training_step = _timed(self, self._wrapper)  # type: ignore[method-assign]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.training_step = self._wrapper  # type: ignore[method-assign]  # so the callback can undo its own
         super().teardown(trainer, pl_module, stage)
+
+
+class _TimedBare(pl.Callback):
+    """The same timing around the module's own ``training_step``, no callback's wrapper between: what the timing
+    itself charges a wrapper (its frame, the timer's calls, the module's frame outside its own clock)."""
+
+    outer_ns = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.training_step = _timed(self, pl_module.training_step)  # type: ignore[method-assign]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        del pl_module.training_step
 
 
 class _TimedReplay(TinkexRecovery):
@@ -208,16 +227,6 @@ def _fit(batches: int, extra: pl.Callback | None) -> tuple[float, RemoteModule]:
     return timer.elapsed / batches / 1e3, module
 
 
-def _timer_pair_ns() -> float:
-    """What one pair of thread_time_ns() calls costs (the module's own timing, counted in the wrapper's time)."""
-    n = 20000
-    start = time.thread_time_ns()
-    for _ in range(n):
-        time.thread_time_ns()
-        time.thread_time_ns()
-    return (time.thread_time_ns() - start) / n
-
-
 def _replay_seconds(policy: RecoveryPolicy, fits: int) -> list[float]:
     """Wall time of each replay of 10 buffered batches: with a checkpoint every 20 steps, the run is lost 10
     batches after one, 4 times a fit."""
@@ -246,26 +255,29 @@ def bench(quick: bool) -> dict[str, float]:
         "noop": _Noop,
         "recovery": lambda: TinkexRecovery(policy),
         "timed": lambda: _TimedRecovery(policy),
+        "timed_bare": _TimedBare,
     }
     batches, repeats = (1000, 10) if quick else (2000, 15)
     for make in variants.values():
         _fit(50, make())  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
     calls: dict[str, list[float]] = {name: [] for name in variants}  # the module's Tinker calls, µs per batch
-    hooks: list[float] = []
-    pair = _timer_pair_ns()
+    outside: dict[str, list[float]] = {"timed": [], "timed_bare": []}  # µs per batch timed outside the module's own
     for _ in range(repeats):
         for name, make in variants.items():
             callback = make()
             per_batch, module = _fit(batches, callback)
             times[name].append(per_batch)
             calls[name].append(module.calls_ns / batches / 1e3)
-            if isinstance(callback, _TimedRecovery):
-                hooks.append((callback.outer_ns - module.own_ns - pair * batches) / batches / 1e3)
+            if name in outside:
+                outside[name].append((callback.outer_ns - module.own_ns) / batches / 1e3)  # type: ignore[union-attr]
     best = {name: min(values) for name, values in times.items()}
+    # The wrapper: what the timing counts outside the module's own step with the callback, less what it counts with
+    # no wrapper at all (best fit of each)
+    wrapper = min(outside["timed"]) - min(outside["timed_bare"])
     # The proxy's cost in the fit: the module's Tinker calls through it, less the same calls on the raw client (what
     # Lightning charges for one more callback, e.g. in optimizers().step(), falls outside the calls)
-    observed = min(calls["recovery"] + calls["timed"]) - min(calls["bare"] + calls["noop"])
+    observed = min(calls["recovery"] + calls["timed"]) - min(calls["bare"] + calls["noop"] + calls["timed_bare"])
     replays = _replay_seconds(policy, 3 if quick else 8)
     ledger_bytes, kept = _ledger_bytes(policy)
     assert kept == 200, kept
@@ -274,8 +286,8 @@ def bench(quick: bool) -> dict[str, float]:
         "lightning_bare_us_per_batch": best["bare"],
         "lightning_noop_callback_us_per_batch": best["noop"] - best["bare"],
         "lightning_overhead_us_per_batch": best["recovery"] - best["bare"],
-        "lightning_hook_us_per_batch": min(hooks) + observed,
-        "lightning_wrapper_us_per_batch": min(hooks),
+        "lightning_hook_us_per_batch": wrapper + observed,
+        "lightning_wrapper_us_per_batch": wrapper,
         "lightning_observed_calls_us_per_batch": observed,
         "lightning_replay_seconds_per_recovery": statistics.median(replays),
         "lightning_replay_samples": float(len(replays)),
