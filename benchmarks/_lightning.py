@@ -7,8 +7,9 @@ fits with and without the callback alternate, and the best of each is kept. Besi
 callback's own per-batch cost is timed inside a fit (``_TimedRecovery``): the CPU time of its wrapper around
 ``training_step`` minus that of the module's own step, less the same measure of the module's step alone
 (``_TimedBare``: what the timing itself charges), plus what its proxy (the ledger's observed client, recording
-for replay) adds to the module's own Tinker calls in the fit: the CPU time of those calls with the callback,
-less without (best fit of each). The replay figure is the wall time of replaying 10 buffered batches
+for replay) adds to the module's own Tinker calls in the fit. That is a paired measure: in the timed fits each
+call is made again on a raw client of another run right after (the module's ``twin``), and the proxy's cost is
+the difference of the two, less the same difference in fits without the proxy (median of the fits). The replay figure is the wall time of replaying 10 buffered batches
 after a loss found by a poll (``_TimedReplay``), median over several recoveries.
 ``ledger_bytes_per_buffered_batch`` is what the callback holds per kept batch (batches of 8 items): the
 containers of its record (references), never the items.
@@ -35,18 +36,28 @@ SAVE_EVERY = 10
 
 class RemoteModule(pl.LightningModule):
     """Zero local parameters; every batch is a forward_backward and an optim_step on the Tinker client, and a
-    checkpoint every ``save_every`` steps. ``own_ns`` is the training-thread CPU time of its own steps, ``calls_ns``
-    that of its Tinker calls alone (through the callback's proxy when the callback is there)."""
+    checkpoint every ``save_every`` steps. ``own_ns`` is the training-thread CPU time of its own steps. With a
+    ``twin`` (a raw client of another run), each call is made on the twin too, right after, and the two are timed
+    apart: ``calls_ns`` is the time of the module's own calls (through the callback's proxy when the callback is
+    there), ``twin_ns`` that of the same calls on the raw twin, under the same conditions of the same fit."""
 
-    def __init__(self, sim: SimulatedTinker, save_every: int = SAVE_EVERY, lose_after: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        sim: SimulatedTinker,
+        save_every: int = SAVE_EVERY,
+        lose_after: frozenset[int] = frozenset(),
+        twin: bool = False,
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.service_client = sim
         self.training_client: Any = sim.create_lora_training_client(base_model="bench/model")
+        self.twin = sim.create_lora_training_client(base_model="bench/model") if twin else None
         self.save_every = save_every
         self.lose_after = set(lose_after)  # batch indices after which the run is lost (once each)
         self.cb: TinkexRecovery | None = None
-        self._ns = [0, 0]  # own, calls: a list, as setting a module's attribute costs ~1.4 µs (torch's __setattr__)
+        # own, calls, twin: a list, as setting a module's attribute costs ~1.4 µs (torch's __setattr__)
+        self._ns = [0, 0, 0]
 
     @property
     def own_ns(self) -> int:
@@ -56,20 +67,41 @@ class RemoteModule(pl.LightningModule):
     def calls_ns(self) -> int:
         return self._ns[1]
 
+    @property
+    def twin_ns(self) -> int:
+        return self._ns[2]
+
     def training_step(self, batch: list[int], batch_idx: int) -> None:
-        clock, ns = time.thread_time_ns, self._ns
+        clock, ns, twin = time.thread_time_ns, self._ns, self.twin
         start = clock()
         client = self.training_client
-        client.forward_backward(batch, "cross_entropy").result()
-        client.optim_step().result()
-        calls = clock() - start
+        if twin is None:
+            client.forward_backward(batch, "cross_entropy").result()
+            client.optim_step().result()
+        else:  # each call, then the same on the twin, each timed: a clock read falls half on either side
+            client.forward_backward(batch, "cross_entropy").result()
+            t1 = clock()
+            twin.forward_backward(batch, "cross_entropy").result()
+            t2 = clock()
+            client.optim_step().result()
+            t3 = clock()
+            twin.optim_step().result()
+            t4 = clock()
+            ns[1] += t1 - start + t3 - t2
+            ns[2] += t2 - t1 + t4 - t3
         self.optimizers().step()  # advances global_step
         if self.global_step % self.save_every == 0:
-            saving = clock()
-            client.save_state(f"step-{self.global_step:06d}", user_metadata={"step": str(self.global_step)}).result()
-            calls += clock() - saving
+            name, metadata = f"step-{self.global_step:06d}", {"step": str(self.global_step)}
+            if twin is None:
+                client.save_state(name, user_metadata=metadata).result()
+            else:
+                t0 = clock()
+                client.save_state(name, user_metadata=metadata).result()
+                t1 = clock()
+                twin.save_state(name, user_metadata=metadata).result()
+                ns[1] += t1 - t0
+                ns[2] += clock() - t1
         ns[0] += clock() - start
-        ns[1] += calls
         if batch_idx in self.lose_after:
             self.lose_after.discard(batch_idx)
             self.service_client.corrupt(client.model_id)
@@ -217,12 +249,12 @@ def _trainer(callbacks: list[pl.Callback]) -> pl.Trainer:
     )
 
 
-def _fit(batches: int, extra: pl.Callback | None) -> tuple[float, RemoteModule]:
+def _fit(batches: int, extra: pl.Callback | None, twin: bool = False) -> tuple[float, RemoteModule]:
     """Microseconds of training-thread CPU per batch, and the module."""
     timer = _Timer()
     trainer = _trainer([timer] if extra is None else [timer, extra])
     loader = DataLoader(list(range(batches)), batch_size=1, collate_fn=list)
-    module = RemoteModule(SimulatedTinker())
+    module = RemoteModule(SimulatedTinker(), twin=twin)
     trainer.fit(module, loader)
     return timer.elapsed / batches / 1e3, module
 
@@ -261,23 +293,24 @@ def bench(quick: bool) -> dict[str, float]:
     for make in variants.values():
         _fit(50, make())  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
-    calls: dict[str, list[float]] = {name: [] for name in variants}  # the module's Tinker calls, µs per batch
-    outside: dict[str, list[float]] = {"timed": [], "timed_bare": []}  # µs per batch timed outside the module's own
+    # The timed fits (their module has a twin): µs per batch the timing counts outside the module's own step, and
+    # the module's calls less the same calls on its raw twin in the same batches
+    outside: dict[str, list[float]] = {"timed": [], "timed_bare": []}
+    proxied: dict[str, list[float]] = {"timed": [], "timed_bare": []}
     for _ in range(repeats):
         for name, make in variants.items():
             callback = make()
-            per_batch, module = _fit(batches, callback)
+            per_batch, module = _fit(batches, callback, twin=name in outside)
             times[name].append(per_batch)
-            calls[name].append(module.calls_ns / batches / 1e3)
             if name in outside:
                 outside[name].append((callback.outer_ns - module.own_ns) / batches / 1e3)  # type: ignore[union-attr]
+                proxied[name].append((module.calls_ns - module.twin_ns) / batches / 1e3)
     best = {name: min(values) for name, values in times.items()}
-    # The wrapper: what the timing counts outside the module's own step with the callback, less what it counts with
-    # no wrapper at all (best fit of each)
+    # The wrapper: what the timing counts outside the module's own step with the callback, less with no wrapper at
+    # all (best fit of each). The proxy: what it adds to the module's calls over the raw twin's, less the same
+    # difference with no proxy (the order of the calls' own), median of the fits: a paired difference
     wrapper = min(outside["timed"]) - min(outside["timed_bare"])
-    # The proxy's cost in the fit: the module's Tinker calls through it, less the same calls on the raw client (what
-    # Lightning charges for one more callback, e.g. in optimizers().step(), falls outside the calls)
-    observed = min(calls["recovery"] + calls["timed"]) - min(calls["bare"] + calls["noop"] + calls["timed_bare"])
+    observed = statistics.median(proxied["timed"]) - statistics.median(proxied["timed_bare"])
     replays = _replay_seconds(policy, 3 if quick else 8)
     ledger_bytes, kept = _ledger_bytes(policy)
     assert kept == 200, kept
