@@ -344,6 +344,8 @@ def test_bad_input_is_refused_at_once(sim: SimulatedTinker) -> None:
         Ledger(position=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="recorded must be callable"):
         Ledger(recorded="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on_change must be callable, got str"):
+        Ledger(on_change="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="step must be"):
         Ledger().adopt(sim.create_lora_training_client(base_model="m"), step=-1)
 
@@ -438,10 +440,11 @@ def test_keep_from_counts_only_saves_that_succeeded(sim: SimulatedTinker) -> Non
 def test_the_version_moves_with_every_save_and_adopted_checkpoint_and_unanswered_saves_are_told(
     sim: SimulatedTinker,
 ) -> None:
-    """What a replaying front-end looks at each step to know whether its floor may have moved: the ledger's
-    version (a save sent, a run adopted at a checkpoint's step) and whether a newest save is still unanswered."""
-    loop = Loop()
-    ledger = Ledger(position=loop)
+    """What a replaying front-end looks at to know whether its floor may have moved: the ledger's version (a
+    save sent, a run adopted at a checkpoint's step), told to ``on_change`` at each move, and whether a newest
+    save is still unanswered."""
+    loop, changes = Loop(), []
+    ledger = Ledger(position=loop, on_change=lambda: changes.append(ledger.version))
     client = ledger.adopt(sim.create_lora_training_client(base_model="m"))
     start = ledger.version
     train(client, loop, 0)
@@ -458,6 +461,7 @@ def test_the_version_moves_with_every_save_and_adopted_checkpoint_and_unanswered
     slow.save_state("s1-once-more")
     client.save_state("through-the-lost-runs-proxy")  # not counted: no save of this run, no version
     assert ledger.version == start + 4 and ledger.unanswered() and not ledger.unanswered(newest=0)
+    assert changes == [start + 1, start + 2, start + 3, start + 4]  # told after each move, once each
 
 
 def test_a_recovery_reports_the_step_its_checkpoint_was_chosen_on_though_the_book_changes_meanwhile(
