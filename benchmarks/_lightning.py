@@ -9,8 +9,9 @@ callback's own per-batch cost is timed inside a fit (``_TimedRecovery``): the CP
 (``_TimedBare``: what the timing itself charges), plus what its proxy (the ledger's observed client, recording
 for replay) adds to the module's own Tinker calls in the fit. That is a paired measure: in the timed fits each
 call is made again on a raw client of another run right after (the module's ``twin``), and the proxy's cost is
-the difference of the two, less the same difference in fits without the proxy (median of the fits). The replay figure is the wall time of replaying 10 buffered batches
-after a loss found by a poll (``_TimedReplay``), median over several recoveries.
+the difference of the two, less the same difference in fits without the proxy (median of the fits). The replay
+figure is the wall time of replaying 10 buffered batches after a loss found by a poll (``_TimedReplay``), median
+over several recoveries.
 ``ledger_bytes_per_buffered_batch`` is what the callback holds per kept batch (batches of 8 items): the
 containers of its record (references), never the items.
 """
