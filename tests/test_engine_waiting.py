@@ -116,3 +116,67 @@ def test_watch_refuses_a_status_source_without_the_methods(sim: SimulatedTinker,
     client = sim.create_lora_training_client(base_model="m")
     with pytest.raises(TypeError, match="get_training_run"):
         engine.watch(client.model_id, sim, status=object())
+
+
+def test_on_unsettled_is_told_on_the_polling_thread_before_any_event_is_delivered(
+    sim: SimulatedTinker, engine: RecoveryEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop that reads ``settled`` only when told: the poll worker that finds the run lost tells it at once,
+    while the events (delivered on the notifier, after any slow subscriber) are held back."""
+    client = run_with_checkpoints(sim)
+    told: list[tuple[str, bool]] = []
+    handle: Any = None
+
+    def on_unsettled() -> None:
+        told.append((threading.current_thread().name, handle.settled))
+
+    handle = engine.watch(client.model_id, sim, on_unsettled=on_unsettled)
+    detected, release = threading.Event(), threading.Event()
+
+    def hold(event: Any) -> None:  # a subscriber slow on "detected": every later delivery waits behind it
+        if event.kind.value == "detected":
+            detected.set()
+            release.wait(WAIT)
+
+    engine.subscribe(hold)
+    sim.corrupt(client.model_id)
+    checked = handle.check_soon()
+    try:
+        assert detected.wait(WAIT)
+        assert len(told) == 1 and told[0][0].startswith("tinkex-recovery-poll-") and told[0][1] is False
+        assert not checked.done()  # the poll's answer waits behind the event: only on_unsettled has been told
+    finally:
+        release.set()
+    assert checked.result(timeout=WAIT) is True
+    handle.wait_for_recovery(timeout=WAIT)
+    assert handle.settled and len(told) == 1  # a recovery taken in tells nothing: it is the loop's own doing
+
+    sim.corrupt(handle.run_id)
+    sim.fail_restores(5, status_code=400)  # every checkpoint rejected: the lineage gives up
+    handle.check_now()
+    with pytest.raises(RecoveryExhausted):
+        handle.wait_for_recovery(timeout=WAIT)
+    assert [settled for _, settled in told] == [False, False, False]  # recovering, recovering, exhausted
+
+    healthy = engine.watch(sim.create_lora_training_client(base_model="m").model_id, sim, on_unsettled=on_unsettled)
+    handle = healthy
+    healthy.unwatch()
+    assert len(told) == 4 and told[-1][1] is False  # unwatched: not settled either
+
+
+def test_a_raising_on_unsettled_is_logged_and_the_recovery_goes_on(
+    sim: SimulatedTinker, engine: RecoveryEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = run_with_checkpoints(sim)
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    handle = engine.watch(client.model_id, sim, on_unsettled=broken)
+    sim.corrupt(client.model_id)
+    with caplog.at_level("ERROR", logger="tinkex_recovery"):
+        assert handle.check_now()
+    assert handle.wait_for_recovery(timeout=WAIT).old_run_id == client.model_id
+    assert "on_unsettled callback raised; ignored" in caplog.text
+    with pytest.raises(TypeError, match="on_unsettled must be callable, got int"):
+        engine.watch("other:train:0", sim, on_unsettled=3)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ in-memory simulated Tinker; the engine's clock is a fake one nobody advances (no
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -36,8 +37,10 @@ class Loop:
 def lane_of(sim: SimulatedTinker, clock: FakeClock) -> Iterator[Any]:
     lanes: list[Lane] = []
 
-    def make(loop: Loop, client: Any, fallback_depth: int = 2) -> tuple[Replayer, Lane]:
-        replayer = Replayer(loop.train, start=0, counter=lambda: loop.steps, set_counter=lambda n: None)
+    def make(loop: Loop, client: Any, fallback_depth: int = 2, retry: bool = True) -> tuple[Replayer, Lane]:
+        replayer = Replayer(
+            loop.train, start=0, counter=lambda: loop.steps, set_counter=lambda n: None, retry_failed_step=retry
+        )
         lane = Lane.watch(
             replayer,
             client,
@@ -118,6 +121,41 @@ def test_nothing_is_let_go_while_a_recovery_is_under_way(sim: SimulatedTinker, l
     replayer.step(5)  # takes the recovery in (from after-3, step 4), replays step 4, runs step 5
     assert sim.lineage(loop.client.model_id) == list(range(6))
     assert [k.index for k in replayer.kept] == [4, 5]
+
+
+def test_a_loss_the_engine_found_is_taken_in_before_the_next_step_though_its_events_are_late(
+    sim: SimulatedTinker, lane_of: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The poller (on its own thread) finds the run lost between two steps; the events are delivered later (a slow
+    log handler, here, before every subscriber). The next step still starts on the new run: with
+    retry_failed_step=False a step sent to the lost run would end the loop."""
+    loop = Loop(save_at={0, 1, 2})
+    replayer, lane = lane_of(loop, sim.create_lora_training_client(base_model="m"), retry=False)
+    for index in range(3):
+        replayer.step(index)
+    detected, release = threading.Event(), threading.Event()
+
+    class Slow(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if ": detected" in record.getMessage():
+                detected.set()
+                release.wait(10)
+
+    slow, lost = Slow(), loop.client.model_id
+    logging.getLogger("tinkex_recovery").addHandler(slow)
+    sim.corrupt(lost)
+    try:
+        with caplog.at_level(logging.INFO, logger="tinkex_recovery"):
+            checked = lane.handle.check_soon()  # the poll, on the engine's poll worker
+            assert detected.wait(10)
+            assert replayer.alarm  # told by the poll itself, not by an event
+            release.set()
+            checked.result(timeout=10)
+    finally:
+        release.set()
+        logging.getLogger("tinkex_recovery").removeHandler(slow)
+    replayer.step(3)
+    assert loop.client.model_id != lost and sim.lineage(loop.client.model_id) == [0, 1, 2, 3]
 
 
 def test_a_closed_lane_leaves_its_replayer_and_hands_back_the_raw_client(sim: SimulatedTinker, lane_of: Any) -> None:

@@ -236,6 +236,7 @@ class _Lineage:
     rejected: set[str] = field(default_factory=set)
     inherited: list[Checkpoint] = field(default_factory=list)
     step_of: StepOf | None = None
+    on_unsettled: Callable[[], None] | None = None  # told, under the lock, when the lineage stops being settled
     observed: str | None = None  # observe mode: the corrupted run already reported (it stays corrupted)
     observation: RecoveryEvent | None = None  # observe mode: what a recovery of `observed` would do
     history: History = field(default_factory=History)  # what the safety budgets count (merged with run metadata)
@@ -643,6 +644,7 @@ class RecoveryEngine:
         inherited: Iterable[Checkpoint] = (),
         step_of: StepOf | None = None,
         status: Any = None,
+        on_unsettled: Callable[[], None] | None = None,
     ) -> RunHandle:
         """Start watching ``run_id``; ``service`` restores it (anything with the two
         ``create_training_client_from_state*`` methods). ``metadata`` is added to every recovered run's
@@ -651,10 +653,15 @@ class RecoveryEngine:
         ``step_of(checkpoint)`` is for callers that must know where to resume: checkpoints for which it is
         None are skipped before any restore call, and each :class:`Recovery` carries the restored one's step.
         ``status`` reads this run (default: the engine's ``status``, else the service's REST client), so one
-        engine can watch runs of callers that each bring their own status source."""
+        engine can watch runs of callers that each bring their own status source. ``on_unsettled()`` is called
+        whenever the handle stops being :attr:`RunHandle.settled` (a recovery starts, the lineage gives up or is
+        unwatched), on the thread that changed it and under the engine's lock, before anything else can see the
+        change: a loop that must not read ``settled`` at every step raises a flag there, and reads it only once
+        the flag is up. It must be quick and must not call the engine (what it raises is logged and ignored)."""
         run_id = validate_run_id(run_id)
-        if step_of is not None and not callable(step_of):
-            raise TypeError(f"step_of must be callable, got {type(step_of).__name__}")
+        for name, hook in (("step_of", step_of), ("on_unsettled", on_unsettled)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
         if not self.policy.enabled:
             raise RecoveryDisabled("the policy has enabled=False; pass RecoveryPolicy(enabled=True) to opt in")
         require_methods(service, SERVICE_METHODS, "service")
@@ -680,6 +687,7 @@ class RecoveryEngine:
             metadata=meta,
             inherited=fallback,
             step_of=step_of,
+            on_unsettled=on_unsettled,
             uses_rest_client=made,
         )
         with self._cond:
@@ -853,6 +861,7 @@ class RecoveryEngine:
                 lineage.observed, lineage.observation = lineage.run_id, None
             else:
                 lineage.state = RunState.RECOVERING
+                self._unsettled(lineage)
             job = RecoveryJob(
                 run_id=lineage.run_id,
                 run=run,
@@ -881,6 +890,12 @@ class RecoveryEngine:
             with self._cond:
                 if lineage.state is RunState.RECOVERING:
                     lineage.state = RunState.WATCHING
+
+    @staticmethod
+    def _unsettled(lineage: _Lineage) -> None:
+        """``lineage`` was just moved (under the lock) to a state in which its handle is not settled: say so."""
+        if lineage.on_unsettled is not None:
+            call_safely(lineage.on_unsettled, what="on_unsettled callback")
 
     def _completed(self, lineage: _Lineage, job: RecoveryJob, recovery: Recovery) -> None:
         restored = recovery.checkpoint
@@ -963,6 +978,7 @@ class RecoveryEngine:
                 return
             unwatched = lineage.state is RunState.UNWATCHED
             lineage.state = RunState.EXHAUSTED
+            self._unsettled(lineage)
             if job is not None:
                 lineage.rejected = job.rejected
         if unwatched:
@@ -998,5 +1014,6 @@ class RecoveryEngine:
             recovering = lineage.state is RunState.RECOVERING
             if lineage.state is not RunState.EXHAUSTED:
                 lineage.state = RunState.UNWATCHED  # a recovery under way still finishes, unwatched
+                self._unsettled(lineage)
         if not recovering:  # else released when that recovery ends: it reads the run through the client
             self._release_status(lineage)

@@ -18,9 +18,9 @@ never copies of tensors or data), so a step that pops or replaces items is repla
 that mutates an item in place cannot be undone and must not.
 
 Threads: everything here runs on the loop's thread, except :meth:`Ledger.step_of` (see the ledger) and the two
-flags the other threads raise: :meth:`Replayer.ring` (an engine's event: the loop looks at the runs before its
-next step) and :meth:`Replayer.floors_moved` (a save: it recomputes the floors). The loop lowers a flag before it
-looks, so a flag raised meanwhile is seen at the next step.
+flags the other threads raise: :meth:`Replayer.ring` (a run's recovery began or gave up: the loop looks at the
+runs before its next step) and :meth:`Replayer.floors_moved` (a save: it recomputes the floors). The loop lowers
+a flag before it looks, so a flag raised meanwhile is seen at the next step.
 """
 
 from __future__ import annotations
@@ -204,8 +204,9 @@ class Lane:
         ledger = Ledger(position=functools.partial(getattr, replayer, "at"), on_change=replayer.floors_moved)
         engine = RecoveryEngine(policy, status=status, poll_concurrency=1, clock=clock)
         try:
-            handle = engine.watch(client.model_id, service, step_of=replayer.step_of(ledger))
-            engine.subscribe(replayer.ring)  # every event of the run's recovery (detected, ..., completed, exhausted)
+            handle = engine.watch(
+                client.model_id, service, step_of=replayer.step_of(ledger), on_unsettled=replayer.ring
+            )
             engine.start()
         except BaseException:
             engine.close()
@@ -278,7 +279,7 @@ class Replayer:
         self.train = train
         self.at = self.start = start  #: the index of the step under way, or of the next one between steps
         self.ceiling = start  #: the highest step a checkpoint may hold: one past the furthest step begun
-        self.alarm = False  #: an engine event came since the last settle (:meth:`ring`): a run may need recovery
+        self.alarm = False  #: a run stopped being settled since the last settle (:meth:`ring`): it may need recovery
         self.stale = True  #: a floor may have moved (:meth:`floors_moved`, or a save not answered yet)
         self.counter, self.set_counter = counter, set_counter
         self.replay, self.retry = replay, retry_failed_step
@@ -329,19 +330,20 @@ class Replayer:
         return self._attempt(fn, args, kwargs)
 
     def settle(self, check: bool = False) -> None:
-        """Between steps: take in (and replay for) what a poll found lost, if an engine event came since;
-        ``check``: poll every run first."""
+        """Between steps: take in (and replay for) what a poll found lost, if a run stopped being settled since
+        (:meth:`ring`); ``check``: poll every run first."""
         if not (check or self.alarm):  # the common case: nothing happened to any run
             return
-        self.alarm = False  # first: an event from now on rings again
+        self.alarm = False  # first: a run unsettled from now on rings again
         lost = [lane for lane in self.lanes if (check and lane.lost()) or not lane.handle.settled]
         if lost and not self.stopped:
             counter = self.counter()
             self._take(lost, None, None, {})
             self.set_counter(counter)
 
-    def ring(self, event: Any = None) -> None:
-        """An engine's event (any thread): :meth:`settle` looks at the runs at the next step or call."""
+    def ring(self) -> None:
+        """A lane's run stopped being settled (a recovery started, or recovery gave up), on the thread that changed
+        it, before anything else can see it: :meth:`settle` looks at the runs at the next step or call."""
         self.alarm = True
 
     def floors_moved(self) -> None:
