@@ -655,9 +655,10 @@ class RecoveryEngine:
         ``status`` reads this run (default: the engine's ``status``, else the service's REST client), so one
         engine can watch runs of callers that each bring their own status source. ``on_unsettled()`` is called
         whenever the handle stops being :attr:`RunHandle.settled` (a recovery starts, the lineage gives up or is
-        unwatched), on the thread that changed it and under the engine's lock, before anything else can see the
-        change: a loop that must not read ``settled`` at every step raises a flag there, and reads it only once
-        the flag is up. It must be quick and must not call the engine (what it raises is logged and ignored)."""
+        unwatched), on the thread that changed it and under the engine's lock, before any event of it is
+        delivered: a loop that must not read ``settled`` at every step raises a flag there, and reads it only once
+        the flag is up. It must be quick, must not block, call the engine or take a lock that a thread calling
+        the engine may hold (a deadlock); an ``Exception`` it raises is logged and ignored."""
         run_id = validate_run_id(run_id)
         for name, hook in (("step_of", step_of), ("on_unsettled", on_unsettled)):
             if hook is not None and not callable(hook):
