@@ -158,6 +158,56 @@ def test_a_loss_the_engine_found_is_taken_in_before_the_next_step_though_its_eve
     assert loop.client.model_id != lost and sim.lineage(loop.client.model_id) == [0, 1, 2, 3]
 
 
+def test_a_run_found_lost_during_another_runs_replay_is_taken_in_before_the_next_step(
+    sim: SimulatedTinker, clock: FakeClock
+) -> None:
+    """Two runs trained in one step. A's loss is taken in at step 5 and steps 3 and 4 replayed; between them B's
+    poll finds B lost. Step 5 starts on B's new run too (with retry_failed_step=False, a step sent to B's lost
+    run would end the loop), and each run holds every step once."""
+    clients: dict[str, Any] = {}
+    steps, lose_b_after = [0], [3]
+
+    def train(index: int) -> None:
+        for name in ("a", "b"):
+            clients[name].forward_backward([index]).result()
+            clients[name].optim_step().result()
+            if index == 2:
+                clients[name].save_state(f"{name}-after-2").result()
+        steps[0] += 1
+        if index in lose_b_after:  # at the end of step 3's replay: B's poll finds B lost
+            lose_b_after.clear()
+            sim.corrupt(lanes["b"].handle.run_id)
+            lanes["b"].handle.check_now()
+
+    replayer = Replayer(train, start=0, counter=lambda: steps[0], set_counter=lambda n: None, retry_failed_step=False)
+    lanes: dict[str, Lane] = {}
+    try:
+        for name in ("a", "b"):
+            lanes[name] = Lane.watch(
+                replayer,
+                sim.create_lora_training_client(base_model="m"),
+                sim,
+                policy=RecoveryPolicy(enabled=True, poll_interval=3600.0),
+                clock=clock,
+                install=lambda tape, name=name: clients.__setitem__(name, tape),
+                on_recovery=lambda recovery, steps: None,
+                on_exhausted=lambda error, cause: None,
+            )
+        lose_b_after.clear()
+        for index in range(5):
+            replayer.step(index)
+        lose_b_after.append(3)
+        sim.corrupt(lanes["a"].handle.run_id)
+        lanes["a"].handle.check_now()
+        replayer.step(5)
+        assert len(sim.run_ids) == 4  # each run lost once, each restored once
+        for name in ("a", "b"):
+            assert sim.lineage(clients[name].model_id) == list(range(6)), name
+    finally:
+        for lane in lanes.values():
+            lane.close()
+
+
 def test_a_closed_lane_leaves_its_replayer_and_hands_back_the_raw_client(sim: SimulatedTinker, lane_of: Any) -> None:
     raw = sim.create_lora_training_client(base_model="m")
     loop = Loop(save_at=set())

@@ -331,15 +331,16 @@ class Replayer:
 
     def settle(self, check: bool = False) -> None:
         """Between steps: take in (and replay for) what a poll found lost, if a run stopped being settled since
-        (:meth:`ring`); ``check``: poll every run first."""
-        if not (check or self.alarm):  # the common case: nothing happened to any run
-            return
-        self.alarm = False  # first: a run unsettled from now on rings again
-        lost = [lane for lane in self.lanes if (check and lane.lost()) or not lane.handle.settled]
-        if lost and not self.stopped:
-            counter = self.counter()
-            self._take(lost, None, None, {})
-            self.set_counter(counter)
+        (:meth:`ring`); ``check``: poll every run first. Again while one rings meanwhile (another lane's run found
+        lost during a replay): the step that follows is sent to no run known to be lost."""
+        while (check or self.alarm) and not self.stopped:  # the common case: nothing happened to any run
+            self.alarm = False  # first: a run unsettled from now on rings again
+            lost = [lane for lane in self.lanes if (check and lane.lost()) or not lane.handle.settled]
+            check = False
+            if lost:
+                counter = self.counter()
+                self._take(lost, None, None, {})
+                self.set_counter(counter)
 
     def ring(self) -> None:
         """A lane's run stopped being settled (a recovery started, or recovery gave up), on the thread that changed
