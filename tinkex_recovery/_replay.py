@@ -303,20 +303,10 @@ class Replayer:
             self.ceiling = index + 1
         if self.stale:
             self._bound(index)
-        lanes = self.lanes
-        several = len(lanes) > 1  # only then may a replay need this step's record
-        for lane in lanes:
-            lane.recording.begin(None, several)
-        failure = None
-        try:
-            output = self.train(*args, **kwargs)
-        except Exception as exc:
-            failure = exc
-        if failure is not None:  # outside the handler: a rerun's error is not chained to the first one
-            output = self._rerun(self.train, args, kwargs, current, failure)
+        output = self._attempt(self.train, args, kwargs, current)
         if self.replay:
-            if several:
-                current.tapes = {lane: lane.recording.calls for lane in lanes}
+            if len(self.lanes) > 1:
+                current.tapes = {lane: lane.recording.calls for lane in self.lanes}
             self.kept.append(current)
         self.at = index + 1
         return output
@@ -327,13 +317,13 @@ class Replayer:
         self.settle()
         if self.stopped:
             return None
-        return self._attempt(fn, args, kwargs)
+        return self._attempt(fn, args, kwargs, None)
 
     def settle(self, check: bool = False) -> None:
         """Between steps: take in (and replay for) what a poll found lost, if a run stopped being settled since
         (:meth:`ring`); ``check``: poll every run first. Again while one rings meanwhile (another lane's run found
         lost during a replay): the step that follows is sent to no run known to be lost."""
-        while (check or self.alarm) and not self.stopped:  # the common case: nothing happened to any run
+        while (check or self.alarm) and not self.stopped:  # the common case, nothing happened to any run, skips it
             self.alarm = False  # first: a run unsettled from now on rings again
             lost = [lane for lane in self.lanes if (check and lane.lost()) or not lane.handle.settled]
             check = False
@@ -343,8 +333,9 @@ class Replayer:
                 self.set_counter(counter)
 
     def ring(self) -> None:
-        """A lane's run stopped being settled (a recovery started, or recovery gave up), on the thread that changed
-        it, before anything else can see it: :meth:`settle` looks at the runs at the next step or call."""
+        """A lane's run stopped being settled (a recovery started, or recovery gave up), told on the thread that
+        changed it, before any of its events is delivered: :meth:`settle` looks at the runs at the next step or
+        call."""
         self.alarm = True
 
     def floors_moved(self) -> None:
@@ -352,16 +343,15 @@ class Replayer:
         self.stale = True
 
     # -- inside -----------------------------------------------------------------------------------------------
-    def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``fn`` between two steps (:meth:`call`), recovered as a step is (:meth:`step`, which inlines this)."""
-        several = len(self.lanes) > 1
+    def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], step: Kept | None) -> Any:
+        keep = len(self.lanes) > 1  # only then may a replay need this step's record
         for lane in self.lanes:
-            lane.recording.begin(None, several)
+            lane.recording.begin(None, keep)
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
             failure = exc
-        return self._rerun(fn, args, kwargs, None, failure)  # outside the handler: a rerun's error is not chained
+        return self._rerun(fn, args, kwargs, step, failure)  # outside the handler: a rerun's error is not chained
 
     def _rerun(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], step: Kept | None, exc: Exception
