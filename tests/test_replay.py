@@ -7,12 +7,15 @@ import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from tinkex_recovery import FakeClock, RecoveryPolicy
-from tinkex_recovery._replay import Lane, Replayer
+from tinkex_recovery._ledger import Ledger
+from tinkex_recovery._models import Checkpoint
+from tinkex_recovery._replay import Lane, Replayer, frozen
 from tinkex_recovery.simulated import SimulatedTinker
 
 
@@ -214,3 +217,73 @@ def test_a_closed_lane_leaves_its_replayer_and_hands_back_the_raw_client(sim: Si
     replayer, lane = lane_of(loop, raw)
     replayer.step(0)
     assert lane.close() is raw and replayer.lanes == [] and lane.close() is raw  # idempotent
+
+
+def test_frozen_copies_every_list_tuple_and_dict_and_keeps_their_types() -> None:
+    item = object()
+    value = [item, (1, [2]), {"a": [3], "b": (4,)}]
+    copy = frozen(value)
+    assert copy == value and copy is not value and copy[0] is item  # items referenced, never copied
+    assert type(copy[1]) is tuple and type(copy[1][1]) is list and copy[1][1] is not value[1][1]
+    assert type(copy[2]) is dict and copy[2] is not value[2] and copy[2]["a"] is not value[2]["a"]
+    assert type(copy[2]["b"]) is tuple and frozen((item,)) == (item,) and type(frozen((item,))) is tuple
+
+
+def test_a_step_given_keyword_arguments_is_replayed_with_them_and_one_lane_keeps_no_tapes(
+    sim: SimulatedTinker, lane_of: Any
+) -> None:
+    loop = Loop(save_at={1})
+    replayer, lane = lane_of(loop, sim.create_lora_training_client(base_model="m"))
+    for index in range(4):
+        replayer.step(index=index)
+    assert [k.kwargs for k in replayer.kept] == [{"index": 2}, {"index": 3}]
+    assert all(k.tapes is None for k in replayer.kept)  # one run: no other run's answers to play back
+    sim.corrupt(loop.client.model_id)
+    lane.handle.check_now()
+    replayer.step(index=4)  # restored from the save after step 1: steps 2 and 3 replayed with their keywords
+    assert sim.lineage(loop.client.model_id) == [0, 1, 2, 3, 4]
+
+
+def test_only_checkpoints_the_kept_steps_can_replay_from_are_resumed_from(sim: SimulatedTinker, lane_of: Any) -> None:
+    """The ceiling: a checkpoint may hold every step begun (a save at the end of the step under way), never more.
+    The floor: with no fallback allowed, none older than the newest save, whose steps before it are let go."""
+    loop = Loop(save_at={0, 2})  # the saves hold steps 1 and 3
+    replayer, lane = lane_of(loop, sim.create_lora_training_client(base_model="m"), fallback_depth=0)
+    for index in range(4):
+        replayer.step(index)
+    step_of = replayer.step_of(lane.ledger)
+
+    def checkpoint(step: int) -> Checkpoint:
+        return Checkpoint(
+            checkpoint_id=f"weights/s{step}",
+            checkpoint_type="training",
+            time=datetime.now(UTC),
+            tinker_path=f"tinker://r/weights/s{step}",
+            user_metadata={"step": str(step)},
+        )
+
+    assert [step_of(checkpoint(step)) for step in (1, 2, 3, 4, 5)] == [None, None, 3, 4, None]
+    assert [k.index for k in replayer.kept] == [3]
+
+
+def test_a_step_with_no_save_since_the_last_one_looks_at_no_floor(
+    sim: SimulatedTinker, lane_of: Any, mocker: Any
+) -> None:
+    """The common step reads the replayer's own flags only: the floors are computed again after a save."""
+    loop = Loop(save_at={1})
+    replayer, _ = lane_of(loop, sim.create_lora_training_client(base_model="m"))
+    bound, keep_from = mocker.spy(Replayer, "_bound"), mocker.spy(Ledger, "keep_from")
+    for index in range(6):
+        replayer.step(index)
+    assert bound.call_count == keep_from.call_count == 2  # at the first step, and at the step after the save
+
+
+def test_the_async_methods_of_the_tape_are_observed_not_recorded(sim: SimulatedTinker, lane_of: Any) -> None:
+    """A coroutine cannot be awaited twice, so a replay could not play one back: the tape passes them through."""
+    loop = Loop(save_at=set())
+    replayer, lane = lane_of(loop, sim.create_lora_training_client(base_model="m"))
+    replayer.step(0)
+    assert [name for name, _ in lane.recording.calls] == ["forward_backward", "optim_step"]
+    pending = lane.tape.optim_step_async()
+    pending.close()  # never sent: a coroutine not awaited
+    assert [name for name, _ in lane.recording.calls] == ["forward_backward", "optim_step"]
