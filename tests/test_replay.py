@@ -36,6 +36,22 @@ class Loop:
             self.client.save_state(f"after-{index}")  # not waited for: the answer may come later
 
 
+def answer_later(raw: Any, name: str) -> list[tuple[Future[Any], Any]]:
+    """The save of ``name`` is answered only when the test sets the future it returns (the SDK answers from its own
+    thread): the server has the checkpoint at once. Returns the (future, result) pairs to answer."""
+    answers: list[tuple[Future[Any], Any]] = []
+    save = raw.save_state
+
+    def answered_later(saved: str, *args: Any, **kwargs: Any) -> Any:
+        if saved != name:
+            return save(saved, *args, **kwargs)
+        answers.append((Future(), save(saved, *args, **kwargs).result()))
+        return answers[-1][0]
+
+    raw.save_state = answered_later
+    return answers
+
+
 @pytest.fixture
 def lane_of(sim: SimulatedTinker, clock: FakeClock) -> Iterator[Any]:
     lanes: list[Lane] = []
@@ -69,14 +85,7 @@ def test_kept_steps_are_let_go_at_the_first_step_after_the_save_that_holds_them_
     are kept until the answer is in (the save may yet fail), and let go at the next step's start, not at the
     next save's."""
     raw = sim.create_lora_training_client(base_model="m")
-    answers: list[tuple[Future[Any], Any]] = []
-    save = raw.save_state
-
-    def answered_later(name: str, *args: Any, **kwargs: Any) -> Future[Any]:
-        answers.append((Future(), save(name, *args, **kwargs).result()))  # the server has it; the loop waits
-        return answers[-1][0]
-
-    raw.save_state = answered_later  # type: ignore[method-assign]
+    answers = answer_later(raw, "after-4")
     loop = Loop(save_at={4})
     replayer, lane = lane_of(loop, raw)
     for index in range(6):
@@ -93,16 +102,7 @@ def test_nothing_is_let_go_while_a_recovery_is_under_way(sim: SimulatedTinker, l
     """A recovery chooses its checkpoint against the floor of the moment; a save answered meanwhile moves the
     floor, but the steps the recovery may replay stay until it is taken in."""
     raw = sim.create_lora_training_client(base_model="m")
-    answers: list[tuple[Future[Any], Any]] = []
-    save = raw.save_state
-
-    def answered_later(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name != "after-3":
-            return save(name, *args, **kwargs)
-        answers.append((Future(), save(name, *args, **kwargs).result()))
-        return answers[-1][0]
-
-    raw.save_state = answered_later  # type: ignore[method-assign]
+    answers = answer_later(raw, "after-3")
     loop = Loop(save_at={1, 3})  # after-1 holds step 2; after-3 holds step 4, answered later
     replayer, lane = lane_of(loop, raw, fallback_depth=0)
     for index in range(5):
